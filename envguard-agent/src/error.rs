@@ -1,0 +1,60 @@
+//! The library's error type. Every message says what went wrong and, where
+//! there is one, what to do about it.
+use std::{fmt, path::PathBuf};
+
+/// One problem in a policy file, located by line when the parser knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}", self.path.display(), self.message),
+            None => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("reading policy {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Diagnostic>),
+    #[error("policy needs {needed} {what} entries in the kernel, more than the {max} envguard allocates")]
+    TooLarge {
+        what: &'static str,
+        needed: usize,
+        max: u32,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("envguard must run as root (it loads eBPF programs and attaches them to cgroups: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")]
+    NotRoot,
+    #[error("no cgroup v2 hierarchy is mounted (none in /proc/self/mountinfo); mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup`")]
+    NoCgroup2,
+    #[error("this envguard binary was built without its kernel programs (bpf-linker was missing at build time); run `cargo xtask build` or `cargo xtask setup` first")]
+    NoKernelObject,
+    #[error("cgroup {path} does not exist; --cgroup-root must name an existing cgroup below {mount}")]
+    NoSuchCgroup { path: String, mount: PathBuf },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("{context}: {message}")]
+    Bpf { context: String, message: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

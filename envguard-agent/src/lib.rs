@@ -1,0 +1,8 @@
+//! envguard's userspace: policy, loader, event stream. `main.rs` only parses
+//! the command line and calls into here.
+pub mod cmd;
+pub mod error;
+pub mod events;
+pub mod loader;
+pub mod policy;
+pub mod sys;

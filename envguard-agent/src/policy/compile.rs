@@ -1,0 +1,188 @@
+//! Policy → map entries. Pure: the loader writes these into the kernel.
+use std::net::IpAddr;
+
+use envguard_common::{
+    config::{MODE_AUDIT, MODE_ENFORCE},
+    maps::{MAX_CGROUPS, MAX_CIDRS, MAX_RULE_ENTRIES},
+    policy::{
+        ENV_HOST, ENV_WORLD, FIRST_DECLARED_ENV, RULE_PREFIX_PAIR, RULE_PREFIX_PORT,
+        RULE_PREFIX_PROTO, RuleKey,
+    },
+};
+
+use super::{Default, HOST, Mode, Policy, Rule, Selector, WORLD, cgroup_level};
+use crate::error::PolicyError;
+
+/// Rule ids of the entries that the `[defaults]` section produces; ids below
+/// are indexes into `Policy::rules`.
+pub const RULE_DEFAULT_HOST: u32 = u32::MAX - 1;
+pub const RULE_DEFAULT_WORLD: u32 = u32::MAX - 2;
+
+/// Everything the kernel maps hold for one policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compiled {
+    /// Env names by id: `host`, `world`, then the declared envs.
+    pub env_names: Vec<String>,
+    pub mode: u32,
+    /// (cgroup path relative to the mount, env id).
+    pub cgroups: Vec<(String, u32)>,
+    pub min_level: u32,
+    pub max_level: u32,
+    /// (prefix length, address, env id).
+    pub cidrs_v4: Vec<(u32, [u8; 4], u32)>,
+    pub cidrs_v6: Vec<(u32, [u8; 16], u32)>,
+    /// (prefix length, key, rule id).
+    pub rules: Vec<(u32, RuleKey, u32)>,
+}
+
+impl Compiled {
+    pub fn env_name(&self, id: u32) -> &str {
+        self.env_names
+            .get(id as usize)
+            .map_or("unknown", String::as_str)
+    }
+}
+
+pub fn compile(policy: &Policy) -> Result<Compiled, PolicyError> {
+    let mut env_names = vec![HOST.to_owned(), WORLD.to_owned()];
+    env_names.extend(policy.envs.iter().map(|e| e.name.clone()));
+    let id_of = |name: &str| -> u32 {
+        env_names
+            .iter()
+            .position(|n| n == name)
+            .expect("validated env name") as u32
+    };
+    let all_ids: Vec<u32> = (0..env_names.len() as u32).collect();
+
+    let mut cgroups = Vec::new();
+    let mut cidrs_v4 = Vec::new();
+    let mut cidrs_v6 = Vec::new();
+    for (i, env) in policy.envs.iter().enumerate() {
+        let id = FIRST_DECLARED_ENV + i as u32;
+        cgroups.extend(env.cgroups.iter().map(|c| (c.clone(), id)));
+        for net in &env.cidrs {
+            match net.network() {
+                IpAddr::V4(a) => cidrs_v4.push((u32::from(net.prefix()), a.octets(), id)),
+                IpAddr::V6(a) => cidrs_v6.push((u32::from(net.prefix()), a.octets(), id)),
+            }
+        }
+    }
+    let levels = cgroups.iter().map(|(p, _)| cgroup_level(p));
+    // With no cgroup listed the walk is empty: min above max.
+    let min_level = levels.clone().min().unwrap_or(1);
+    let max_level = levels.max().unwrap_or(0);
+
+    let mut rules = Vec::new();
+    for (index, rule) in policy.rules.iter().enumerate() {
+        for src in expand(&rule.from, &all_ids, &id_of) {
+            for dst in expand(&rule.to, &all_ids, &id_of) {
+                rule_entries(rule, src, dst, index as u32, &mut rules);
+            }
+        }
+    }
+    // Defaults: pair-wide entries, so a more specific rule still names itself.
+    for (env, default, rule_id) in [
+        (ENV_HOST, policy.default_host, RULE_DEFAULT_HOST),
+        (ENV_WORLD, policy.default_world, RULE_DEFAULT_WORLD),
+    ] {
+        if default == Default::Deny {
+            continue;
+        }
+        for &other in &all_ids {
+            if other == env {
+                continue;
+            }
+            // host <-> world is allowed only if neither side's default denies it.
+            let other_default = match other {
+                ENV_HOST => policy.default_host,
+                ENV_WORLD => policy.default_world,
+                _ => Default::Allow,
+            };
+            if other_default == Default::Deny {
+                continue;
+            }
+            for (s, d) in [(env, other), (other, env)] {
+                rules.push((RULE_PREFIX_PAIR, RuleKey::new(s, d, 0, 0), rule_id));
+            }
+        }
+    }
+    // Keep the first entry for a key: explicit rules come before defaults, and
+    // earlier rules before later ones, which is the attribution operators expect.
+    let mut seen = std::collections::HashSet::new();
+    rules.retain(|(prefix, key, _)| seen.insert((*prefix, *key)));
+
+    check_size("cgroup", cgroups.len(), MAX_CGROUPS)?;
+    check_size("IPv4 CIDR", cidrs_v4.len(), MAX_CIDRS)?;
+    check_size("IPv6 CIDR", cidrs_v6.len(), MAX_CIDRS)?;
+    check_size("rule", rules.len(), MAX_RULE_ENTRIES)?;
+
+    Ok(Compiled {
+        env_names,
+        mode: match policy.mode {
+            Mode::Audit => MODE_AUDIT,
+            Mode::Enforce => MODE_ENFORCE,
+        },
+        cgroups,
+        min_level,
+        max_level,
+        cidrs_v4,
+        cidrs_v6,
+        rules,
+    })
+}
+
+fn check_size(what: &'static str, needed: usize, max: u32) -> Result<(), PolicyError> {
+    if needed > max as usize {
+        return Err(PolicyError::TooLarge { what, needed, max });
+    }
+    Ok(())
+}
+
+fn expand(sel: &Selector, all: &[u32], id_of: &impl Fn(&str) -> u32) -> Vec<u32> {
+    match sel {
+        Selector::Any => all.to_vec(),
+        Selector::Env(name) => vec![id_of(name)],
+    }
+}
+
+fn rule_entries(rule: &Rule, src: u32, dst: u32, id: u32, out: &mut Vec<(u32, RuleKey, u32)>) {
+    // Same-env flows are allowed in the kernel without a lookup.
+    if src == dst {
+        return;
+    }
+    let Some(ports) = &rule.ports else {
+        out.push((RULE_PREFIX_PAIR, RuleKey::new(src, dst, 0, 0), id));
+        return;
+    };
+    for spec in ports {
+        match spec.ports {
+            None => out.push((RULE_PREFIX_PROTO, RuleKey::new(src, dst, spec.proto, 0), id)),
+            Some((lo, hi)) => {
+                for (port, bits) in port_prefixes(lo, hi) {
+                    out.push((
+                        RULE_PREFIX_PORT - 16 + bits,
+                        RuleKey::new(src, dst, spec.proto, port),
+                        id,
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Splits an inclusive port range into aligned blocks: (first port, prefix bits
+/// of the 16-bit port). At most 30 blocks for any range.
+pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
+    while lo <= hi {
+        // Largest aligned block starting at `lo` that stays inside the range.
+        let mut size_log = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
+        while lo + (1 << size_log) - 1 > hi {
+            size_log -= 1;
+        }
+        out.push((lo as u16, 16 - size_log));
+        lo += 1 << size_log;
+    }
+    out
+}

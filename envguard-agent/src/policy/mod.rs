@@ -1,0 +1,417 @@
+//! The policy: parsed from TOML, validated into a model, compiled into map entries.
+//!
+//! Everything here is pure: no file system beyond reading the file, no kernel.
+pub mod compile;
+mod file;
+pub mod ports;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use ipnetwork::IpNetwork;
+use sha2::{Digest as _, Sha256};
+use toml::Spanned;
+
+pub use ports::PortSpec;
+
+use crate::error::{Diagnostic, PolicyError};
+
+/// Names of the implicit envs; a policy cannot declare them.
+pub const HOST: &str = "host";
+pub const WORLD: &str = "world";
+/// The wildcard of a rule's `from` or `to`.
+pub const ANY: &str = "*";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Audit,
+    Enforce,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Audit => "audit",
+            Mode::Enforce => "enforce",
+        })
+    }
+}
+
+/// What happens to a flow involving `host` or `world` that no rule allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Default {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Env {
+    pub name: String,
+    /// Normalised: absolute, no trailing slash, relative to the cgroup2 mount.
+    pub cgroups: Vec<String>,
+    pub cidrs: Vec<IpNetwork>,
+}
+
+/// One side of a rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    Any,
+    Env(String),
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Any => f.write_str(ANY),
+            Selector::Env(e) => f.write_str(e),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub from: Selector,
+    pub to: Selector,
+    /// `None`: any port and protocol.
+    pub ports: Option<Vec<PortSpec>>,
+    /// 1-based line of the rule in the file, for attribution.
+    pub line: usize,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "allow {} -> {}", self.from, self.to)?;
+        if let Some(ports) = &self.ports {
+            let ports: Vec<String> = ports.iter().map(ToString::to_string).collect();
+            write!(f, " [{}]", ports.join(", "))?;
+        }
+        write!(f, " (line {})", self.line)
+    }
+}
+
+/// A validated policy.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub path: PathBuf,
+    /// `sha256:<hex>` of the file's bytes.
+    pub revision: String,
+    pub mode: Mode,
+    pub default_host: Default,
+    pub default_world: Default,
+    /// Sorted by name.
+    pub envs: Vec<Env>,
+    pub rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// Reads and validates a policy file.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Policy::parse(path, &text)
+    }
+
+    /// Validates policy text; `path` only names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Policy, PolicyError> {
+        let mut v = Validator {
+            path,
+            text,
+            errors: Vec::new(),
+        };
+        let file: file::PolicyFile = match toml::from_str(text) {
+            Ok(f) => f,
+            Err(e) => {
+                v.error(e.span(), e.message().to_owned());
+                return Err(v.finish());
+            }
+        };
+        let policy = v.validate(file);
+        if v.errors.is_empty() {
+            Ok(policy)
+        } else {
+            Err(v.finish())
+        }
+    }
+
+    pub fn env_names(&self) -> Vec<&str> {
+        self.envs.iter().map(|e| e.name.as_str()).collect()
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+    errors: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: Option<Range<usize>>, message: String) {
+        let line = span.map(|s| line_of(self.text, s.start));
+        self.errors.push(Diagnostic {
+            path: self.path.to_owned(),
+            line,
+            message,
+        });
+    }
+
+    fn at<T>(&mut self, item: &Spanned<T>, message: String) {
+        self.error(Some(item.span()), message);
+    }
+
+    fn finish(self) -> PolicyError {
+        PolicyError::Invalid(self.errors)
+    }
+
+    fn validate(&mut self, file: file::PolicyFile) -> Policy {
+        let mode = match file.mode.as_ref() {
+            None => Mode::Audit,
+            Some(m) => match m.get_ref().as_str() {
+                "audit" => Mode::Audit,
+                "enforce" => Mode::Enforce,
+                other => {
+                    self.at(
+                        m,
+                        format!("mode must be \"audit\" or \"enforce\", not {other:?}"),
+                    );
+                    Mode::Audit
+                }
+            },
+        };
+        let (default_host, default_world) = match &file.defaults {
+            None => (Default::Allow, Default::Allow),
+            Some(d) => (self.default(d.host.as_ref()), self.default(d.world.as_ref())),
+        };
+
+        let mut envs = Vec::new();
+        let mut cidr_owner: HashMap<IpNetwork, String> = HashMap::new();
+        let mut cgroup_owner: HashMap<String, String> = HashMap::new();
+        for (name, env) in &file.envs {
+            let n = name.get_ref();
+            if n.is_empty() {
+                self.at(name, "an env name must not be empty".to_owned());
+                continue;
+            }
+            if n == HOST || n == WORLD || n == ANY {
+                self.at(
+                    name,
+                    format!("\"{n}\" is reserved (host: untagged local workloads, world: addresses in no CIDR, *: any env); choose another name"),
+                );
+                continue;
+            }
+            if !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                self.at(
+                    name,
+                    format!("env name {n:?} may only use letters, digits, '-', '_' and '.'"),
+                );
+                continue;
+            }
+            let mut cidrs = Vec::new();
+            for c in &env.cidrs {
+                let Some(net) = self.cidr(c) else { continue };
+                match cidr_owner.get(&net) {
+                    Some(owner) if owner == n => {
+                        self.at(c, format!("CIDR {net} is listed twice in env {n}"))
+                    }
+                    Some(owner) => self.at(
+                        c,
+                        format!("CIDR {net} is already in env {owner}; a CIDR belongs to one env"),
+                    ),
+                    None => {
+                        cidr_owner.insert(net, n.clone());
+                        cidrs.push(net);
+                    }
+                }
+            }
+            let mut cgroups = Vec::new();
+            for c in &env.cgroups {
+                let Some(path) = self.cgroup(c) else { continue };
+                match cgroup_owner.get(&path) {
+                    Some(owner) if owner == n => {
+                        self.at(c, format!("cgroup {path} is listed twice in env {n}"))
+                    }
+                    Some(owner) => self.at(
+                        c,
+                        format!("cgroup {path} is already in env {owner}; a cgroup belongs to one env"),
+                    ),
+                    None => {
+                        cgroup_owner.insert(path.clone(), n.clone());
+                        cgroups.push(path);
+                    }
+                }
+            }
+            envs.push(Env {
+                name: n.clone(),
+                cgroups,
+                cidrs,
+            });
+        }
+
+        let known: BTreeMap<&str, ()> = file
+            .envs
+            .keys()
+            .map(|k| (k.get_ref().as_str(), ()))
+            .chain([(HOST, ()), (WORLD, ())])
+            .collect();
+        let mut rules = Vec::new();
+        for rule in &file.allow {
+            let line = line_of(self.text, rule.span().start);
+            let r = rule.get_ref();
+            let from = self.selector(&r.from, &known);
+            let to = self.selector(&r.to, &known);
+            let ports = r.ports.as_ref().map(|ports| {
+                if ports.is_empty() {
+                    self.error(
+                        Some(rule.span()),
+                        "ports = [] allows nothing; remove the rule, or remove `ports` to allow any port".to_owned(),
+                    );
+                }
+                let mut specs = Vec::new();
+                for p in ports {
+                    match PortSpec::parse_entry(p.get_ref()) {
+                        Ok(parsed) => specs.extend(parsed),
+                        Err(e) => self.at(p, e),
+                    }
+                }
+                specs
+            });
+            if let (Some(from), Some(to)) = (from, to) {
+                rules.push(Rule {
+                    from,
+                    to,
+                    ports,
+                    line,
+                });
+            }
+        }
+
+        Policy {
+            path: self.path.to_owned(),
+            revision: format!("sha256:{:x}", Sha256::digest(self.text.as_bytes())),
+            mode,
+            default_host,
+            default_world,
+            envs,
+            rules,
+        }
+    }
+
+    fn default(&mut self, value: Option<&Spanned<String>>) -> Default {
+        match value.map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "allow")) => Default::Allow,
+            Some((_, "deny")) => Default::Deny,
+            Some((v, other)) => {
+                self.at(
+                    v,
+                    format!("a default must be \"allow\" or \"deny\", not {other:?}"),
+                );
+                Default::Allow
+            }
+        }
+    }
+
+    fn cidr(&mut self, c: &Spanned<String>) -> Option<IpNetwork> {
+        let s = c.get_ref();
+        let net: IpNetwork = match s.parse() {
+            Ok(n) => n,
+            Err(e) => {
+                self.at(c, format!("invalid CIDR {s:?}: {e}"));
+                return None;
+            }
+        };
+        if net.network() != net.ip() {
+            self.at(
+                c,
+                format!(
+                    "CIDR {s} has host bits set; did you mean {}/{}?",
+                    net.network(),
+                    net.prefix()
+                ),
+            );
+            return None;
+        }
+        Some(net)
+    }
+
+    fn cgroup(&mut self, c: &Spanned<String>) -> Option<String> {
+        let s = c.get_ref();
+        if !s.starts_with('/') {
+            self.at(
+                c,
+                format!("cgroup {s:?} must be an absolute path below the cgroup2 mount, e.g. \"/prod.slice\""),
+            );
+            return None;
+        }
+        if s.split('/').any(|part| part == "." || part == "..") {
+            self.at(c, format!("cgroup {s:?} must not contain '.' or '..'"));
+            return None;
+        }
+        let trimmed = s.trim_end_matches('/');
+        let mut normal = String::from("/");
+        normal.push_str(
+            &trimmed
+                .split('/')
+                .filter(|p| !p.is_empty())
+                .collect::<Vec<_>>()
+                .join("/"),
+        );
+        let depth = cgroup_level(&normal);
+        if depth > envguard_common::config::MAX_CGROUP_LEVEL {
+            self.at(
+                c,
+                format!(
+                    "cgroup {s:?} is {depth} levels deep; envguard resolves at most {} levels",
+                    envguard_common::config::MAX_CGROUP_LEVEL
+                ),
+            );
+            return None;
+        }
+        Some(normal)
+    }
+
+    fn selector(
+        &mut self,
+        s: &Spanned<String>,
+        known: &BTreeMap<&str, ()>,
+    ) -> Option<Selector> {
+        let name = s.get_ref();
+        if name == ANY {
+            return Some(Selector::Any);
+        }
+        if known.contains_key(name.as_str()) {
+            return Some(Selector::Env(name.clone()));
+        }
+        let mut names: Vec<&str> = known.keys().copied().collect();
+        names.push(ANY);
+        self.at(
+            s,
+            format!("unknown env {name:?} in rule; known: {}", names.join(", ")),
+        );
+        None
+    }
+}
+
+/// Level of a cgroup path below the root, which is level 0.
+pub fn cgroup_level(path: &str) -> u32 {
+    path.split('/').filter(|p| !p.is_empty()).count() as u32
+}
+
+/// 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,62 @@
+//! The violation record the kernel sends through the `EVENTS` ring buffer.
+
+/// Which program saw the flow.
+pub const HOOK_CONNECT4: u8 = 1;
+pub const HOOK_CONNECT6: u8 = 2;
+pub const HOOK_SENDMSG4: u8 = 3;
+pub const HOOK_SENDMSG6: u8 = 4;
+pub const HOOK_SKB_INGRESS: u8 = 5;
+pub const HOOK_SKB_EGRESS: u8 = 6;
+
+pub const DIRECTION_EGRESS: u8 = 1;
+pub const DIRECTION_INGRESS: u8 = 2;
+
+pub const VERDICT_DENIED: u8 = 1;
+pub const VERDICT_AUDITED: u8 = 2;
+
+/// How a side's env was found.
+pub const ENV_FROM_DEFAULT: u8 = 0;
+pub const ENV_FROM_CGROUP: u8 = 1;
+pub const ENV_FROM_CIDR: u8 = 2;
+pub const ENV_FROM_SOCKET: u8 = 3;
+
+/// Address families, as in `<sys/socket.h>`.
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+
+/// One violation. Addresses are IPv4-mapped IPv6 when `family` is `AF_INET`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViolationEvent {
+    /// `bpf_ktime_get_boot_ns`: CLOCK_BOOTTIME, which keeps counting in suspend.
+    pub boot_ns: u64,
+    /// The local socket's cgroup.
+    pub cgroup_id: u64,
+    /// The peer socket's cgroup for a same-host peer (`ENV_FROM_SOCKET`), else 0.
+    pub peer_cgroup_id: u64,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// The calling task's name; zeros when not known (skb hooks).
+    pub comm: [u8; 16],
+    /// Thread group id; 0 when not known (skb hooks).
+    pub pid: u32,
+    /// `u32::MAX` when not known.
+    pub uid: u32,
+    pub src_env: u32,
+    pub dst_env: u32,
+    /// Host byte order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub hook: u8,
+    pub verdict: u8,
+    pub direction: u8,
+    pub src_env_from: u8,
+    pub dst_env_from: u8,
+    /// `config::MODE_*` in force when the decision was taken.
+    pub mode: u8,
+    /// The deciding rule (`policy::RULE_NONE` when no rule decided).
+    pub rule: u32,
+}
+const _: () = assert!(core::mem::size_of::<ViolationEvent>() == 104);

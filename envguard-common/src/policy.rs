@@ -1,0 +1,61 @@
+//! Keys and values of the policy maps.
+
+/// Env ids 0 and 1 are reserved; declared envs start at `FIRST_DECLARED_ENV`.
+pub const ENV_HOST: u32 = 0;
+pub const ENV_WORLD: u32 = 1;
+pub const FIRST_DECLARED_ENV: u32 = 2;
+
+/// Value of `CGROUP_ENVS`, `CIDR_ENVS_V4` and `CIDR_ENVS_V6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnvValue {
+    pub env: u32,
+}
+const _: () = assert!(core::mem::size_of::<EnvValue>() == 4);
+
+/// Data part of a `RULES` key. The trie matches its bytes most significant first,
+/// so a rule for "any port" is a prefix of 64 bits (both envs), a rule for any port
+/// of one protocol is 72 bits, and a port range is split into prefixes of the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleKey {
+    /// Big-endian env ids, so that prefix bits follow the byte order.
+    pub src_env: [u8; 4],
+    pub dst_env: [u8; 4],
+    /// IP protocol number.
+    pub proto: u8,
+    /// Big-endian port: the port's high bits come first in the prefix.
+    pub port: [u8; 2],
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<RuleKey>() == 12);
+
+/// Bits of `RuleKey` that a rule for any port and protocol matches on.
+pub const RULE_PREFIX_PAIR: u32 = 64;
+/// Bits up to and including the protocol.
+pub const RULE_PREFIX_PROTO: u32 = 72;
+/// Bits up to and including the whole port.
+pub const RULE_PREFIX_PORT: u32 = 88;
+
+impl RuleKey {
+    pub const fn new(src_env: u32, dst_env: u32, proto: u8, port: u16) -> Self {
+        Self {
+            src_env: src_env.to_be_bytes(),
+            dst_env: dst_env.to_be_bytes(),
+            proto,
+            port: port.to_be_bytes(),
+            _pad: 0,
+        }
+    }
+}
+
+/// Rule id for a decision no rule took (same env, or no rule matched).
+pub const RULE_NONE: u32 = u32::MAX;
+
+/// Value of `RULES`: the rule that allowed the flow, for attribution.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleValue {
+    pub rule: u32,
+}
+const _: () = assert!(core::mem::size_of::<RuleValue>() == 4);

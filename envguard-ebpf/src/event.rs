@@ -1,0 +1,84 @@
+//! Violation records into the ring buffer.
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated};
+use envguard_common::{
+    config::{Counter, MODE_ENFORCE},
+    event::{DIRECTION_EGRESS, VERDICT_AUDITED, VERDICT_DENIED, ViolationEvent},
+};
+
+use crate::{
+    classify::{Decision, Side, count},
+    maps::EVENTS,
+};
+
+/// Reserves a record, zeroes it, lets `fill` write the flow's fields, stamps the
+/// common ones and submits it. The record is written in place: building it on
+/// the 512-byte BPF stack first would not fit beside the callers' state.
+/// A full ring buffer is counted, never silent.
+#[inline(always)]
+pub fn emit(mode: u32, in_task: bool, fill: impl FnOnce(&mut ViolationEvent)) {
+    let Some(mut entry) = EVENTS.reserve::<ViolationEvent>(0) else {
+        count(Counter::EventsLost);
+        return;
+    };
+    let slot = entry.as_mut_ptr();
+    // SAFETY: the reservation is ours and sized for one record; zeroing it first
+    // makes every field initialised before a reference is taken.
+    let ev = unsafe {
+        core::ptr::write_bytes(slot, 0, 1);
+        &mut *slot
+    };
+    ev.boot_ns = unsafe { generated::bpf_ktime_get_boot_ns() };
+    ev.mode = mode as u8;
+    ev.verdict = if mode == MODE_ENFORCE {
+        VERDICT_DENIED
+    } else {
+        VERDICT_AUDITED
+    };
+    ev.uid = u32::MAX;
+    if in_task {
+        ev.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        ev.uid = bpf_get_current_uid_gid() as u32;
+        unsafe { generated::bpf_get_current_comm((&raw mut ev.comm).cast(), 16) };
+    }
+    fill(ev);
+    entry.submit(0);
+}
+
+/// Writes the two sides into source and destination according to the direction:
+/// for egress the local side is the source, for ingress the destination.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn set_sides(
+    ev: &mut ViolationEvent,
+    direction: u8,
+    local: &Side,
+    local_addr: &[u8; 16],
+    local_port: u16,
+    remote: &Side,
+    remote_addr: &[u8; 16],
+    remote_port: u16,
+    decision: &Decision,
+) {
+    ev.direction = direction;
+    ev.peer_cgroup_id = remote.cgroup_id;
+    ev.rule = decision.rule;
+    if direction == DIRECTION_EGRESS {
+        ev.src_addr = *local_addr;
+        ev.src_port = local_port;
+        ev.src_env = local.env;
+        ev.src_env_from = local.from;
+        ev.dst_addr = *remote_addr;
+        ev.dst_port = remote_port;
+        ev.dst_env = remote.env;
+        ev.dst_env_from = remote.from;
+    } else {
+        ev.src_addr = *remote_addr;
+        ev.src_port = remote_port;
+        ev.src_env = remote.env;
+        ev.src_env_from = remote.from;
+        ev.dst_addr = *local_addr;
+        ev.dst_port = local_port;
+        ev.dst_env = local.env;
+        ev.dst_env_from = local.from;
+    }
+}

@@ -1,0 +1,27 @@
+//! envguard's kernel programs.
+//!
+//! Every program is a thin wrapper around a `try_` function; the wrapper holds
+//! the fallback verdict for the rare error path and says why it was chosen.
+#![no_std]
+#![no_main]
+
+mod bind;
+mod classify;
+mod connect;
+mod event;
+mod maps;
+mod net;
+mod sendmsg;
+mod skb;
+mod sock_addr;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

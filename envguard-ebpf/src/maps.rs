@@ -1,0 +1,51 @@
+//! The maps, named by the statics (userspace finds them by the same names,
+//! which `envguard_common::maps` spells out).
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use envguard_common::{
+    config::{Config, NUM_COUNTERS},
+    flow::{BoundKey, BoundValue, FlowKey, FlowVerdict, TupleKey},
+    maps::*,
+    policy::{EnvValue, RuleKey, RuleValue},
+};
+
+#[map]
+pub static CGROUP_ENVS: HashMap<u64, EnvValue> = HashMap::with_max_entries(MAX_CGROUPS, 0);
+
+#[map]
+pub static CIDR_ENVS_V4: LpmTrie<[u8; 4], EnvValue> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+
+#[map]
+pub static CIDR_ENVS_V6: LpmTrie<[u8; 16], EnvValue> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+
+#[map]
+pub static RULES: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
+
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static FLOW_VERDICTS: LruHashMap<FlowKey, FlowVerdict> =
+    LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+#[map]
+pub static INBOUND_TUPLES: LruHashMap<TupleKey, FlowVerdict> =
+    LruHashMap::with_max_entries(MAX_INBOUND_TUPLES, 0);
+
+#[map]
+pub static BOUND_SOCKETS: HashMap<BoundKey, BoundValue> =
+    HashMap::with_max_entries(MAX_BOUND_SOCKETS, 0);
+
+/// Reverse index of `BOUND_SOCKETS`: the release hook cannot read a socket's
+/// bound address, only its cookie.
+#[map]
+pub static BOUND_BY_COOKIE: HashMap<u64, BoundKey> =
+    HashMap::with_max_entries(MAX_BOUND_SOCKETS, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);

@@ -1,0 +1,55 @@
+//! Address helpers. Every address is kept as 16 bytes, IPv4 as IPv4-mapped IPv6,
+//! so one key type serves both families.
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// `::ffff:a.b.c.d` from the four bytes of an IPv4 address in network order.
+#[inline(always)]
+pub fn mapped_v4(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address.
+#[inline(always)]
+pub fn unmapped_v4(addr: &[u8; 16]) -> Option<[u8; 4]> {
+    let prefix = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]])
+        | u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]);
+    if prefix == 0 && addr[8] == 0 && addr[9] == 0 && addr[10] == 0xff && addr[11] == 0xff {
+        Some([addr[12], addr[13], addr[14], addr[15]])
+    } else {
+        None
+    }
+}
+
+/// Reads a network-order IPv6 address given as four `u32` words from a context.
+/// Each word is read on its own (volatile) because the verifier rejects the wider
+/// loads the compiler would otherwise merge them into.
+///
+/// # Safety
+/// `words` must point into a readable context or socket structure.
+#[inline(always)]
+pub unsafe fn read_v6_words(words: *const [u32; 4]) -> [u8; 16] {
+    let w = words as *const u32;
+    let a = unsafe { core::ptr::read_volatile(w) }.to_ne_bytes();
+    let b = unsafe { core::ptr::read_volatile(w.add(1)) }.to_ne_bytes();
+    let c = unsafe { core::ptr::read_volatile(w.add(2)) }.to_ne_bytes();
+    let d = unsafe { core::ptr::read_volatile(w.add(3)) }.to_ne_bytes();
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// Converts 16 bytes into the four network-order words of a `bpf_sock_tuple`.
+#[inline(always)]
+pub fn v6_words(addr: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
+        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
+        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
+        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+    ]
+}

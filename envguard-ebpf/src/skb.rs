@@ -1,0 +1,261 @@
+//! cgroup_skb/ingress and cgroup_skb/egress: inbound connections, and packets of
+//! flows the sock_addr hooks did not see start (accepted connections, sockets
+//! older than the agent). A flow is classified once and its decision cached.
+use aya_ebpf::{
+    helpers::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, generated},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use envguard_common::{
+    config::{Config, Counter, MODE_ENFORCE},
+    event::{
+        AF_INET, AF_INET6, DIRECTION_EGRESS, DIRECTION_INGRESS, HOOK_SKB_EGRESS, HOOK_SKB_INGRESS,
+    },
+    flow::{DECISION_VIOLATION, FlowKey, FlowVerdict, TupleKey},
+};
+
+use crate::{
+    classify::{cidr_env, config, count, decide, local_env, remember},
+    event::{emit, set_sides},
+    maps::INBOUND_TUPLES,
+    net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4},
+};
+
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+/// Every network namespace's loopback device has this index.
+const LOOPBACK_IFINDEX: u32 = 1;
+const IPPROTO_FRAGMENT: u8 = 44;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+// On an unreadable header: drop in enforce mode, pass in audit mode. Enforce
+// promises that nothing unjudged crosses envs; audit promises never to break
+// traffic. Both are counted.
+#[cgroup_skb(ingress)]
+pub fn skb_ingress(ctx: SkBuffContext) -> i32 {
+    try_skb(&ctx, DIRECTION_INGRESS).unwrap_or_else(|()| fallback())
+}
+
+// Same fallback as ingress.
+#[cgroup_skb(egress)]
+pub fn skb_egress(ctx: SkBuffContext) -> i32 {
+    try_skb(&ctx, DIRECTION_EGRESS).unwrap_or_else(|()| fallback())
+}
+
+#[inline(always)]
+fn fallback() -> i32 {
+    count(Counter::Unparsable);
+    if config().mode == MODE_ENFORCE {
+        DROP
+    } else {
+        PASS
+    }
+}
+
+/// What the program reads of a packet.
+struct Packet {
+    family: u8,
+    proto: u8,
+    tcp_flags: u8,
+    sport: u16,
+    dport: u16,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// Copies packet bytes straight into `dst`, without a stack temporary: the
+/// program's state is close to the 512-byte BPF stack limit.
+#[inline(always)]
+fn load_into<const N: usize>(
+    ctx: &SkBuffContext,
+    offset: usize,
+    dst: &mut [u8; N],
+) -> Result<(), ()> {
+    let ret = unsafe {
+        generated::bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset as u32,
+            dst.as_mut_ptr().cast(),
+            N as u32,
+        )
+    };
+    if ret == 0 { Ok(()) } else { Err(()) }
+}
+
+/// Parses the network header and the first bytes of TCP or UDP. `false` for a
+/// non-first fragment: it carries no ports, and without its first fragment
+/// (which is judged) the datagram cannot be reassembled anyway; `false` too for
+/// what is not IP.
+#[inline(always)]
+fn parse(ctx: &SkBuffContext, pkt: &mut Packet) -> Result<bool, ()> {
+    let mut b = [0u8; 8];
+    load_into(ctx, 0, &mut b)?;
+    let l4 = match b[0] >> 4 {
+        4 => {
+            if u16::from_be_bytes([b[6], b[7]]) & 0x1fff != 0 {
+                return Ok(false);
+            }
+            let mut addrs = [0u8; 8];
+            load_into(ctx, 12, &mut addrs)?;
+            pkt.family = AF_INET;
+            pkt.src = mapped_v4([addrs[0], addrs[1], addrs[2], addrs[3]]);
+            pkt.dst = mapped_v4([addrs[4], addrs[5], addrs[6], addrs[7]]);
+            let mut proto = [0u8; 1];
+            load_into(ctx, 9, &mut proto)?;
+            pkt.proto = proto[0];
+            ((b[0] & 0x0f) as usize) * 4
+        }
+        6 => {
+            pkt.family = AF_INET6;
+            pkt.proto = b[6];
+            load_into(ctx, 8, &mut pkt.src)?;
+            load_into(ctx, 24, &mut pkt.dst)?;
+            if pkt.proto == IPPROTO_FRAGMENT {
+                load_into(ctx, 40, &mut b)?;
+                if u16::from_be_bytes([b[2], b[3]]) & 0xfff8 != 0 {
+                    return Ok(false);
+                }
+                pkt.proto = b[0];
+                48
+            } else {
+                40
+            }
+        }
+        _ => return Ok(false),
+    };
+    match pkt.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let mut h = [0u8; 4];
+            load_into(ctx, l4, &mut h)?;
+            pkt.sport = u16::from_be_bytes([h[0], h[1]]);
+            pkt.dport = u16::from_be_bytes([h[2], h[3]]);
+            if pkt.proto == IPPROTO_TCP {
+                let mut flags = [0u8; 1];
+                load_into(ctx, l4 + 13, &mut flags)?;
+                pkt.tcp_flags = flags[0];
+            }
+        }
+        // Other protocols have no ports; only pair-wide rules match them.
+        _ => {}
+    }
+    Ok(true)
+}
+
+#[inline(always)]
+fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
+    let raw = ctx.skb.skb;
+    // Same-host traffic crosses the loopback device; the sender's connect or
+    // sendmsg hook has judged it with the receiving socket's env.
+    if unsafe { (*raw).ifindex } == LOOPBACK_IFINDEX {
+        return Ok(PASS);
+    }
+    let mut pkt = Packet {
+        family: 0,
+        proto: 0,
+        tcp_flags: 0,
+        sport: 0,
+        dport: 0,
+        src: [0; 16],
+        dst: [0; 16],
+    };
+    if !parse(ctx, &mut pkt)? {
+        return Ok(PASS);
+    }
+    let ingress = direction == DIRECTION_INGRESS;
+    let (local_addr, local_port, remote_addr, remote_port) = if ingress {
+        (&pkt.dst, pkt.dport, &pkt.src, pkt.sport)
+    } else {
+        (&pkt.src, pkt.sport, &pkt.dst, pkt.dport)
+    };
+    let cfg = config();
+    let cookie = unsafe { bpf_get_socket_cookie(raw.cast()) };
+    let flow = FlowKey::new(cookie, *remote_addr, remote_port, pkt.proto);
+    if let Some(decision) = crate::classify::cached(&flow, cfg.generation) {
+        return Ok(verdict(&cfg, decision));
+    }
+
+    let is_tcp = pkt.proto == IPPROTO_TCP;
+    // An accepted connection: its listener judged (and reported) the SYN.
+    if is_tcp
+        && let Some(v) = unsafe {
+            INBOUND_TUPLES.get(&TupleKey::new(
+                *local_addr,
+                *remote_addr,
+                local_port,
+                remote_port,
+            ))
+        }
+        && v.generation == cfg.generation
+    {
+        let decision = v.decision;
+        remember(&flow, cfg.generation, decision);
+        return Ok(verdict(&cfg, decision));
+    }
+
+    let local = local_env(&cfg, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(raw, level)
+    });
+    let remote = cidr_env(remote_addr);
+    let mut decision = if ingress {
+        decide(remote.env, local.env, pkt.proto, local_port)
+    } else {
+        decide(local.env, remote.env, pkt.proto, remote_port)
+    };
+    let syn_only = is_tcp && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    // A packet that does not start a connection may be the answer within a flow
+    // that started the other way before envguard could see it.
+    if decision.is_violation() && !syn_only {
+        let reverse = if ingress {
+            decide(local.env, remote.env, pkt.proto, remote_port)
+        } else {
+            decide(remote.env, local.env, pkt.proto, local_port)
+        };
+        if !reverse.is_violation() {
+            decision = reverse;
+        }
+    }
+    if is_tcp && ingress && syn_only {
+        let tuple = TupleKey::new(*local_addr, *remote_addr, local_port, remote_port);
+        let _ = INBOUND_TUPLES.insert(
+            &tuple,
+            &FlowVerdict::new(cfg.generation, decision.decision),
+            0,
+        );
+    }
+    remember(&flow, cfg.generation, decision.decision);
+    if decision.is_violation() {
+        emit(cfg.mode, false, |ev| {
+            ev.hook = if ingress {
+                HOOK_SKB_INGRESS
+            } else {
+                HOOK_SKB_EGRESS
+            };
+            ev.family = pkt.family;
+            ev.proto = pkt.proto;
+            ev.cgroup_id = unsafe { bpf_skb_cgroup_id(raw) };
+            ev.uid = ctx.get_socket_uid();
+            set_sides(
+                ev,
+                direction,
+                &local,
+                local_addr,
+                local_port,
+                &remote,
+                remote_addr,
+                remote_port,
+                &decision,
+            );
+        });
+    }
+    Ok(verdict(&cfg, decision.decision))
+}
+
+#[inline(always)]
+fn verdict(cfg: &Config, decision: u32) -> i32 {
+    if decision == DECISION_VIOLATION && cfg.mode == MODE_ENFORCE {
+        DROP
+    } else {
+        PASS
+    }
+}

@@ -1,0 +1,136 @@
+//! The decision shared by the connect and sendmsg hooks.
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_socket_cookie,
+    },
+    programs::SockAddrContext,
+};
+use envguard_common::{
+    config::MODE_ENFORCE,
+    event::{AF_INET, AF_INET6, DIRECTION_EGRESS},
+    flow::{DECISION_ALLOW, FlowKey},
+};
+
+use crate::{
+    classify::{Decision, Side, cidr_env, config, decide, local_env, local_peer_env, remember},
+    event::{emit, set_sides},
+    net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4, read_v6_words, unmapped_v4},
+};
+
+/// Verdicts of a sock_addr program: 1 lets the call proceed, 0 fails it with EPERM.
+pub const ALLOW: i32 = 1;
+pub const REFUSE: i32 = 0;
+
+/// Judges the destination of a connect() or sendmsg() call.
+///
+/// `reply_rule`: a datagram is also allowed when the policy allows the reverse
+/// flow to this socket's bound port, so a UDP server can answer its clients.
+#[inline(always)]
+pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8, reply_rule: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    let proto = unsafe { (*sa).protocol } as u8;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return ALLOW;
+    }
+    let remote_addr = if family == AF_INET {
+        mapped_v4(unsafe { core::ptr::read_volatile(&(*sa).user_ip4) }.to_ne_bytes())
+    } else {
+        unsafe { read_v6_words(&raw const (*sa).user_ip6) }
+    };
+    let remote_port = u16::from_be(unsafe { core::ptr::read_volatile(&(*sa).user_port) } as u16);
+
+    let cfg = config();
+    let local = local_env(&cfg, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    });
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    let remote = match local_peer_env(
+        ctx.sock_addr.cast(),
+        netns,
+        &remote_addr,
+        remote_port,
+        proto,
+    ) {
+        Some(peer) => peer,
+        None => cidr_env(&remote_addr),
+    };
+    let mut decision = decide(local.env, remote.env, proto, remote_port);
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    let local_port = if sk.is_null() {
+        0
+    } else {
+        (unsafe { (*sk).src_port }) as u16
+    };
+    if decision.is_violation() && reply_rule && local_port != 0 {
+        let reverse = decide(remote.env, local.env, proto, local_port);
+        if !reverse.is_violation() {
+            decision = reverse;
+        }
+    }
+
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    remember(
+        &FlowKey::new(cookie, remote_addr, remote_port, proto),
+        cfg.generation,
+        decision.decision,
+    );
+    if decision.decision == DECISION_ALLOW {
+        return ALLOW;
+    }
+    report(
+        &cfg,
+        hook,
+        family,
+        proto,
+        &local,
+        &remote,
+        &remote_addr,
+        remote_port,
+        local_port,
+        &decision,
+    );
+    if cfg.mode == MODE_ENFORCE {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn report(
+    cfg: &envguard_common::config::Config,
+    hook: u8,
+    family: u8,
+    proto: u8,
+    local: &Side,
+    remote: &Side,
+    remote_addr: &[u8; 16],
+    remote_port: u16,
+    local_port: u16,
+    decision: &Decision,
+) {
+    emit(cfg.mode, true, |ev| {
+        ev.hook = hook;
+        ev.proto = proto;
+        ev.family = if family == AF_INET6 && unmapped_v4(remote_addr).is_some() {
+            AF_INET
+        } else {
+            family
+        };
+        ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        // The local address is not chosen yet when connect() runs.
+        set_sides(
+            ev,
+            DIRECTION_EGRESS,
+            local,
+            &[0; 16],
+            local_port,
+            remote,
+            remote_addr,
+            remote_port,
+            decision,
+        );
+    });
+}

@@ -1,0 +1,299 @@
+//! `Agent`: a running `envguard run`, its stdout JSON lines collected by a
+//! reader thread, stopped with SIGTERM (SIGKILL after 5 s) on drop.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::policy::Mode;
+use crate::sys;
+
+/// How long the agent may take to print `policy_loaded`.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the agent may take to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct Stream {
+    /// Every stdout line that parsed as a JSON object, in order.
+    lines: Vec<Value>,
+    /// Protocol errors: lines that are not JSON objects, non-increasing seq.
+    bad: Vec<String>,
+    last_seq: Option<u64>,
+    eof: bool,
+}
+
+struct Shared {
+    stream: Mutex<Stream>,
+    cond: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Stream> {
+        self.stream.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running agent. See the module docs.
+pub struct Agent {
+    child: Option<Child>,
+    shared: Arc<Shared>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+    ready: Value,
+}
+
+impl Agent {
+    /// Starts `envguard run --policy POLICY --cgroup-root CGROUP_ROOT` and
+    /// waits (at most [`READY_TIMEOUT`]) for its first stdout line, which
+    /// must be a well-formed `policy_loaded` for `mode`.
+    pub fn start(policy: &Path, cgroup_root: &str, mode: Mode) -> Agent {
+        let bin = sys::envguard_bin();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .arg("--policy")
+            .arg(policy)
+            .arg("--cgroup-root")
+            .arg(cgroup_root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Should the test process die, the agent still detaches and exits.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {} run: {e}", bin.display()));
+        let shared = Arc::new(Shared { stream: Mutex::new(Stream::default()), cond: Condvar::new() });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let out = child.stdout.take().expect("piped stdout");
+        let err = child.stderr.take().expect("piped stderr");
+        let mut readers = Vec::new();
+        {
+            let shared = Arc::clone(&shared);
+            readers.push(std::thread::spawn(move || read_stdout(out, &shared)));
+        }
+        {
+            let stderr = Arc::clone(&stderr);
+            readers.push(std::thread::spawn(move || read_stderr(err, &stderr)));
+        }
+        let mut agent = Agent { child: Some(child), shared, stderr, readers, ready: Value::Null };
+        agent.await_ready(policy, mode);
+        agent
+    }
+
+    fn await_ready(&mut self, policy: &Path, mode: Mode) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let first = {
+            let mut s = self.shared.lock();
+            loop {
+                if let Some(first) = s.lines.first() {
+                    break first.clone();
+                }
+                if s.eof {
+                    drop(s);
+                    let status = self.child.as_mut().and_then(|c| c.wait().ok());
+                    panic!(
+                        "envguard run exited (status {status:?}) before printing policy_loaded; bad stdout lines: {:?}; stderr:\n{}",
+                        self.shared.lock().bad,
+                        self.stderr()
+                    );
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    let bad = s.bad.clone();
+                    drop(s);
+                    panic!(
+                        "envguard run printed no policy_loaded line within {READY_TIMEOUT:?}; bad stdout lines: {bad:?}; stderr:\n{}",
+                        self.stderr()
+                    );
+                }
+                s = self.shared.cond.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
+            }
+        };
+        let mut errs = Vec::new();
+        let want = |errs: &mut Vec<String>, field: &str, got: &Value, exp: Value| {
+            if *got != exp {
+                errs.push(format!("{field}: expected {exp}, got {got}"));
+            }
+        };
+        want(&mut errs, "kind", &first["kind"], "policy_loaded".into());
+        want(&mut errs, "seq", &first["seq"], 0.into());
+        want(&mut errs, "host", &first["host"], sys::hostname().into());
+        want(&mut errs, "policy", &first["policy"], policy.display().to_string().into());
+        want(&mut errs, "mode", &first["mode"], mode.name().into());
+        want(&mut errs, "envs", &first["envs"], crate::policy::STANDARD_ENVS.to_vec().into());
+        if let Err(e) = crate::event::check_time(&first["time"]) {
+            errs.push(format!("time: {e}"));
+        }
+        match first["revision"].as_str() {
+            Some(r) if !r.is_empty() && r.chars().all(|c| c.is_ascii_hexdigit()) => {}
+            _ => errs.push(format!("revision: expected a hex string, got {}", first["revision"])),
+        }
+        assert!(
+            errs.is_empty(),
+            "malformed policy_loaded line {first}:\n  {}\nagent stderr:\n{}",
+            errs.join("\n  "),
+            self.stderr()
+        );
+        self.ready = first;
+    }
+
+    /// The `policy_loaded` line.
+    pub fn ready_line(&self) -> &Value {
+        &self.ready
+    }
+
+    /// Number of stdout lines received so far (`policy_loaded` included).
+    pub fn len(&self) -> usize {
+        self.shared.lock().lines.len()
+    }
+
+    /// Always false once started (`policy_loaded` was received).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of the lines `range` (clamped to what was received).
+    pub fn lines(&self, range: std::ops::Range<usize>) -> Vec<Value> {
+        let s = self.shared.lock();
+        let end = range.end.min(s.lines.len());
+        s.lines[range.start.min(end)..end].to_vec()
+    }
+
+    /// Everything the agent wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits (at most `timeout`) for the first line matching `pred` and
+    /// returns its index and the line. Panics naming `what`, with every line
+    /// received and the agent's stderr, if none appears.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> (usize, Value) {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.shared.lock();
+        let mut scanned = 0;
+        loop {
+            if let Some(i) = s.lines[scanned..].iter().position(&pred) {
+                return (scanned + i, s.lines[scanned + i].clone());
+            }
+            scanned = s.lines.len();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || s.eof {
+                let dump = dump_lines(&s.lines);
+                let bad = s.bad.clone();
+                let why = if s.eof { "the agent closed its stdout" } else { "timed out" };
+                drop(s);
+                panic!(
+                    "no agent event for {what} ({why} after {timeout:?}); lines received:\n{dump}\nbad lines: {bad:?}\nagent stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            s = self.shared.cond.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Stops the agent with SIGTERM and asserts the contract of a clean
+    /// stop: exit status 0 within [`STOP_TIMEOUT`], and every stdout line a
+    /// JSON object with increasing `seq`.
+    pub fn stop(mut self) {
+        let status = self.terminate();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let bad = self.shared.lock().bad.clone();
+        match status {
+            Some(st) if st.success() => {}
+            other => panic!(
+                "envguard run did not exit 0 within {STOP_TIMEOUT:?} of SIGTERM (status {other:?}); stderr:\n{}",
+                self.stderr()
+            ),
+        }
+        assert!(bad.is_empty(), "envguard run wrote malformed stdout lines: {bad:#?}");
+    }
+
+    /// SIGTERM, wait up to STOP_TIMEOUT, then SIGKILL. Returns the exit
+    /// status if it exited by itself after SIGTERM.
+    fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        sys::signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(st)) => return Some(st),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) => {
+                    eprintln!("envguard-tests: agent {} ignored SIGTERM for {STOP_TIMEOUT:?}; killing it", child.id());
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return None;
+                }
+                Err(e) => {
+                    eprintln!("envguard-tests: waiting for agent {}: {e}", child.id());
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            match self.terminate() {
+                Some(st) if st.success() => {}
+                other => eprintln!("envguard-tests: cleanup: agent stopped with status {other:?}"),
+            }
+        }
+    }
+}
+
+fn read_stdout(out: impl Read, shared: &Shared) {
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        let mut s = shared.lock();
+        match serde_json::from_str::<Value>(&line) {
+            Ok(v) if v.is_object() => {
+                match v["seq"].as_u64() {
+                    Some(seq) if s.last_seq.is_none_or(|last| seq > last) => s.last_seq = Some(seq),
+                    _ => {
+                        let msg = format!("seq not increasing after {:?}: {line}", s.last_seq);
+                        s.bad.push(msg);
+                    }
+                }
+                s.lines.push(v);
+            }
+            _ => s.bad.push(line),
+        }
+        shared.cond.notify_all();
+    }
+    shared.lock().eof = true;
+    shared.cond.notify_all();
+}
+
+fn read_stderr(err: impl Read, buf: &Mutex<String>) {
+    for line in BufReader::new(err).lines() {
+        let Ok(line) = line else { break };
+        let mut b = buf.lock().unwrap_or_else(|p| p.into_inner());
+        b.push_str(&line);
+        b.push('\n');
+    }
+}
+
+/// One line per event, numbered, for failure messages.
+pub fn dump_lines(lines: &[Value]) -> String {
+    lines.iter().enumerate().map(|(i, l)| format!("  [{i}] {l}\n")).collect()
+}
