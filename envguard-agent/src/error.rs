@@ -28,7 +28,9 @@ pub enum PolicyError {
     },
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Diagnostic>),
-    #[error("policy needs {needed} {what} entries in the kernel, more than the {max} envguard allocates")]
+    #[error(
+        "policy needs {needed} {what} entries in the kernel, more than the {max} envguard allocates"
+    )]
     TooLarge {
         what: &'static str,
         needed: usize,
@@ -40,13 +42,21 @@ pub enum PolicyError {
 pub enum Error {
     #[error(transparent)]
     Policy(#[from] PolicyError),
-    #[error("envguard must run as root (it loads eBPF programs and attaches them to cgroups: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")]
+    #[error(
+        "envguard must run as root (it loads eBPF programs and attaches them to cgroups: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
+    )]
     NotRoot,
-    #[error("no cgroup v2 hierarchy is mounted (none in /proc/self/mountinfo); mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup`")]
+    #[error(
+        "no cgroup v2 hierarchy is mounted (none in /proc/self/mountinfo); mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup`"
+    )]
     NoCgroup2,
-    #[error("this envguard binary was built without its kernel programs (bpf-linker was missing at build time); run `cargo xtask build` or `cargo xtask setup` first")]
+    #[error(
+        "this envguard binary was built without its kernel programs (bpf-linker was missing at build time); run `cargo xtask build` or `cargo xtask setup` first"
+    )]
     NoKernelObject,
-    #[error("cgroup {path} does not exist; --cgroup-root must name an existing cgroup below {mount}")]
+    #[error(
+        "cgroup {path} does not exist; --cgroup-root must name an existing cgroup below {mount}"
+    )]
     NoSuchCgroup { path: String, mount: PathBuf },
     #[error("{context}: {source}")]
     Io {

@@ -1,1 +1,310 @@
+//! The JSON-lines event stream. Field names are a contract with log pipelines
+//! (documented in the README); add fields, never rename or remove them.
+use std::{
+    io::Write,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
+use envguard_common::{
+    event::{self as ev, ViolationEvent},
+    policy::{ENV_HOST, ENV_WORLD, RULE_NONE},
+};
+use serde::Serialize;
+
+use crate::{
+    policy::{
+        Default, Policy,
+        compile::{Compiled, RULE_DEFAULT_HOST, RULE_DEFAULT_WORLD},
+        ports::proto_name,
+    },
+    sys::{self, CgroupNames},
+};
+
+#[derive(Serialize)]
+struct Header<'a> {
+    kind: &'static str,
+    time: String,
+    seq: u64,
+    host: &'a str,
+}
+
+#[derive(Serialize)]
+pub struct Endpoint<'a> {
+    /// `None` when not known yet (the local address at connect time).
+    pub ip: Option<String>,
+    pub port: Option<u16>,
+    pub env: &'a str,
+    pub env_from: &'static str,
+    /// The peer socket's cgroup when its env came from a local socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct Process {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub uid: Option<u32>,
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct Violation<'a> {
+    pub mode: &'static str,
+    pub verdict: &'static str,
+    pub direction: &'static str,
+    pub hook: &'static str,
+    pub proto: String,
+    pub source: Endpoint<'a>,
+    pub destination: Endpoint<'a>,
+    pub process: Process,
+    pub rule: String,
+}
+
+#[derive(Serialize)]
+pub struct PolicyLoaded<'a> {
+    pub policy: String,
+    pub revision: &'a str,
+    pub envs: Vec<&'a str>,
+    pub mode: String,
+    pub cgroup_root: String,
+    pub hooks: &'a [&'a str],
+}
+
+#[derive(Serialize)]
+pub struct LostEvents {
+    pub source: &'static str,
+    pub count: u64,
+}
+
+/// Writes records with a header (`kind`, `time`, `seq`, `host`) in front of the
+/// body's fields. `seq` counts every record of this run from 0 with no gaps, so
+/// a consumer can tell whether it missed any.
+pub struct Stream<W: Write> {
+    out: W,
+    seq: u64,
+    host: String,
+}
+
+impl<W: Write> Stream<W> {
+    pub fn new(out: W) -> Self {
+        Self {
+            out,
+            seq: 0,
+            host: sys::hostname(),
+        }
+    }
+
+    /// Emits one record; `boot_ns` is its CLOCK_BOOTTIME time, `None` for now.
+    pub fn emit<T: Serialize>(
+        &mut self,
+        kind: &'static str,
+        boot_ns: Option<u64>,
+        body: &T,
+    ) -> std::io::Result<()> {
+        let unix_ns = match boot_ns {
+            Some(ns) => sys::boot_ns_to_unix_ns(ns),
+            None => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i128),
+        };
+        let header = Header {
+            kind,
+            time: rfc3339_ns(unix_ns),
+            seq: self.seq,
+            host: &self.host,
+        };
+        let mut value = serde_json::to_value(&header).map_err(std::io::Error::other)?;
+        let body = serde_json::to_value(body).map_err(std::io::Error::other)?;
+        if let (Some(h), serde_json::Value::Object(b)) = (value.as_object_mut(), body) {
+            h.extend(b);
+        }
+        serde_json::to_writer(&mut self.out, &value).map_err(std::io::Error::other)?;
+        self.out.write_all(b"\n")?;
+        self.seq += 1;
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+fn rfc3339_ns(unix_ns: i128) -> String {
+    let secs = unix_ns.div_euclid(1_000_000_000);
+    let nanos = unix_ns.rem_euclid(1_000_000_000) as u32;
+    let t = std::time::UNIX_EPOCH + std::time::Duration::new(secs.max(0) as u64, nanos);
+    humantime::format_rfc3339_nanos(t).to_string()
+}
+
+fn ip(family: u8, addr: &[u8; 16]) -> Option<String> {
+    if addr.iter().all(|&b| b == 0) {
+        return None;
+    }
+    let v6 = Ipv6Addr::from(*addr);
+    let ip = match (family, v6.to_ipv4_mapped()) {
+        (ev::AF_INET, Some(v4)) | (_, Some(v4)) => IpAddr::V4(v4),
+        _ => IpAddr::V6(v6),
+    };
+    // An IPv4 wildcard arrives as ::ffff:0.0.0.0.
+    (ip != IpAddr::V4(Ipv4Addr::UNSPECIFIED)).then(|| ip.to_string())
+}
+
+fn env_from(from: u8) -> &'static str {
+    match from {
+        ev::ENV_FROM_CGROUP => "cgroup",
+        ev::ENV_FROM_CIDR => "cidr",
+        ev::ENV_FROM_SOCKET => "socket",
+        _ => "default",
+    }
+}
+
+fn hook(h: u8) -> &'static str {
+    match h {
+        ev::HOOK_CONNECT4 => "connect4",
+        ev::HOOK_CONNECT6 => "connect6",
+        ev::HOOK_SENDMSG4 => "sendmsg4",
+        ev::HOOK_SENDMSG6 => "sendmsg6",
+        ev::HOOK_SKB_INGRESS => "skb_ingress",
+        ev::HOOK_SKB_EGRESS => "skb_egress",
+        _ => "unknown",
+    }
+}
+
+/// Names the decision behind a violation: which rule (or default) decided.
+pub fn rule_label(policy: &Policy, compiled: &Compiled, e: &ViolationEvent) -> String {
+    match e.rule {
+        RULE_NONE => {
+            let involves = |env: u32| e.src_env == env || e.dst_env == env;
+            if involves(ENV_HOST) && policy.default_host == Default::Deny {
+                "default:host=deny".to_owned()
+            } else if involves(ENV_WORLD) && policy.default_world == Default::Deny {
+                "default:world=deny".to_owned()
+            } else {
+                format!(
+                    "default:cross-env (no allow rule for {} -> {})",
+                    compiled.env_name(e.src_env),
+                    compiled.env_name(e.dst_env)
+                )
+            }
+        }
+        RULE_DEFAULT_HOST => "default:host=allow".to_owned(),
+        RULE_DEFAULT_WORLD => "default:world=allow".to_owned(),
+        i => policy
+            .rules
+            .get(i as usize)
+            .map_or_else(|| format!("rule #{i}"), ToString::to_string),
+    }
+}
+
+/// Turns a kernel record into the documented JSON shape.
+pub fn violation<'a>(
+    policy: &Policy,
+    compiled: &'a Compiled,
+    names: &mut CgroupNames,
+    e: &ViolationEvent,
+) -> Violation<'a> {
+    let in_task = e.pid != 0;
+    let egress = e.direction == ev::DIRECTION_EGRESS;
+    let peer_cgroup = names.path(e.peer_cgroup_id);
+    let endpoint = |addr: &[u8; 16], port: u16, env: u32, from: u8, is_peer: bool| Endpoint {
+        ip: ip(e.family, addr),
+        port: (port != 0).then_some(port),
+        env: compiled.env_name(env),
+        env_from: env_from(from),
+        cgroup: if is_peer && from == ev::ENV_FROM_SOCKET {
+            peer_cgroup.clone()
+        } else {
+            None
+        },
+    };
+    let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
+    Violation {
+        mode: if e.mode == envguard_common::config::MODE_ENFORCE as u8 {
+            "enforce"
+        } else {
+            "audit"
+        },
+        verdict: if e.verdict == ev::VERDICT_DENIED {
+            "denied"
+        } else {
+            "audited"
+        },
+        direction: if egress { "egress" } else { "ingress" },
+        hook: hook(e.hook),
+        proto: proto_name(e.proto).map_or_else(|| e.proto.to_string(), str::to_owned),
+        source: endpoint(&e.src_addr, e.src_port, e.src_env, e.src_env_from, !egress),
+        destination: endpoint(&e.dst_addr, e.dst_port, e.dst_env, e.dst_env_from, egress),
+        process: Process {
+            pid: in_task.then_some(e.pid),
+            comm: in_task.then(|| String::from_utf8_lossy(&e.comm[..comm_len]).into_owned()),
+            uid: (e.uid != u32::MAX).then_some(e.uid),
+            cgroup_id: e.cgroup_id,
+            cgroup: names.path(e.cgroup_id),
+        },
+        rule: rule_label(policy, compiled, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_render_canonically() {
+        let mut v4 = [0u8; 16];
+        v4[10] = 0xff;
+        v4[11] = 0xff;
+        v4[12..].copy_from_slice(&[198, 18, 10, 1]);
+        assert_eq!(ip(ev::AF_INET, &v4).as_deref(), Some("198.18.10.1"));
+        assert_eq!(ip(ev::AF_INET6, &v4).as_deref(), Some("198.18.10.1"));
+        let v6: Ipv6Addr = "2001:db8:10::1".parse().unwrap();
+        assert_eq!(
+            ip(ev::AF_INET6, &v6.octets()).as_deref(),
+            Some("2001:db8:10::1")
+        );
+        assert_eq!(ip(ev::AF_INET, &[0; 16]), None);
+    }
+
+    #[test]
+    fn records_carry_header_then_body_with_gapless_seq() {
+        let mut out = Vec::new();
+        let mut s = Stream::new(&mut out);
+        s.emit(
+            "lost_events",
+            None,
+            &LostEvents {
+                source: "ringbuf",
+                count: 3,
+            },
+        )
+        .unwrap();
+        s.emit(
+            "lost_events",
+            Some(0),
+            &LostEvents {
+                source: "ringbuf",
+                count: 1,
+            },
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["kind"], "lost_events");
+        assert_eq!(lines[0]["seq"], 0);
+        assert_eq!(lines[1]["seq"], 1);
+        assert_eq!(lines[0]["count"], 3);
+        let t = lines[0]["time"].as_str().unwrap();
+        assert!(
+            t.ends_with('Z') && t.len() == "2026-11-23T10:00:00.123456789Z".len(),
+            "{t}"
+        );
+        let keys: Vec<&String> = lines[0].as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["kind", "time", "seq", "host", "source", "count"]);
+    }
+}

@@ -1,1 +1,39 @@
-fn main(){}
+//! `envguard`: the command line. Everything else lives in the library.
+use clap::{Parser, Subcommand};
+use envguard_agent::cmd::{check, run};
+
+/// envguard keeps workloads of different environments (dev, staging, prod…)
+/// on one host from talking to each other, enforced by eBPF programs on cgroup
+/// hooks; violations stream out as JSON lines.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Run(run::RunArgs),
+    Check(check::CheckArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Check(args) => check::check(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            for line in format!("{e:#}").lines() {
+                eprintln!("error: {line}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -10,6 +10,7 @@ pub mod event;
 pub mod flow;
 pub mod maps;
 pub mod policy;
+pub mod programs;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -9,10 +9,10 @@ use crate::sock_addr::judge;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    judge(&ctx, HOOK_CONNECT4, AF_INET, false)
+    judge(&ctx, HOOK_CONNECT4, AF_INET)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    judge(&ctx, HOOK_CONNECT6, AF_INET6, false)
+    judge(&ctx, HOOK_CONNECT6, AF_INET6)
 }

@@ -6,10 +6,10 @@ use crate::sock_addr::judge;
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    judge(&ctx, HOOK_SENDMSG4, AF_INET, true)
+    judge(&ctx, HOOK_SENDMSG4, AF_INET)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    judge(&ctx, HOOK_SENDMSG6, AF_INET6, true)
+    judge(&ctx, HOOK_SENDMSG6, AF_INET6)
 }

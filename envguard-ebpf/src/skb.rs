@@ -11,7 +11,7 @@ use envguard_common::{
     event::{
         AF_INET, AF_INET6, DIRECTION_EGRESS, DIRECTION_INGRESS, HOOK_SKB_EGRESS, HOOK_SKB_INGRESS,
     },
-    flow::{DECISION_VIOLATION, FlowKey, FlowVerdict, TupleKey},
+    flow::{DECISION_ALLOW, DECISION_VIOLATION, FlowKey, FlowVerdict, TupleKey},
 };
 
 use crate::{
@@ -145,11 +145,7 @@ fn parse(ctx: &SkBuffContext, pkt: &mut Packet) -> Result<bool, ()> {
 #[inline(always)]
 fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     let raw = ctx.skb.skb;
-    // Same-host traffic crosses the loopback device; the sender's connect or
-    // sendmsg hook has judged it with the receiving socket's env.
-    if unsafe { (*raw).ifindex } == LOOPBACK_IFINDEX {
-        return Ok(PASS);
-    }
+    let loopback = unsafe { (*raw).ifindex } == LOOPBACK_IFINDEX;
     let mut pkt = Packet {
         family: 0,
         proto: 0,
@@ -173,6 +169,15 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     let flow = FlowKey::new(cookie, *remote_addr, remote_port, pkt.proto);
     if let Some(decision) = crate::classify::cached(&flow, cfg.generation) {
         return Ok(verdict(&cfg, decision));
+    }
+    // Same-host traffic crosses the loopback device; the sender's connect or
+    // sendmsg hook has judged it with the receiving socket's env. Remember the
+    // datagram as allowed so this socket may answer it.
+    if loopback {
+        if ingress && pkt.proto == IPPROTO_UDP {
+            remember(&flow, cfg.generation, DECISION_ALLOW);
+        }
+        return Ok(PASS);
     }
 
     let is_tcp = pkt.proto == IPPROTO_TCP;

@@ -13,7 +13,9 @@ use envguard_common::{
 };
 
 use crate::{
-    classify::{Decision, Side, cidr_env, config, decide, local_env, local_peer_env, remember},
+    classify::{
+        Decision, Side, cached, cidr_env, config, decide, local_env, local_peer_env, remember,
+    },
     event::{emit, set_sides},
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4, read_v6_words, unmapped_v4},
 };
@@ -24,10 +26,11 @@ pub const REFUSE: i32 = 0;
 
 /// Judges the destination of a connect() or sendmsg() call.
 ///
-/// `reply_rule`: a datagram is also allowed when the policy allows the reverse
-/// flow to this socket's bound port, so a UDP server can answer its clients.
+/// A flow this socket already has an allowed verdict for passes at once: that
+/// is how a UDP server answers a client whose datagram the ingress hook
+/// allowed, without letting the server start flows the policy does not allow.
 #[inline(always)]
-pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8, reply_rule: bool) -> i32 {
+pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let sa = ctx.sock_addr;
     let proto = unsafe { (*sa).protocol } as u8;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
@@ -41,6 +44,11 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8, reply_rule: bool) -> i
     let remote_port = u16::from_be(unsafe { core::ptr::read_volatile(&(*sa).user_port) } as u16);
 
     let cfg = config();
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let flow = FlowKey::new(cookie, remote_addr, remote_port, proto);
+    if cached(&flow, cfg.generation) == Some(DECISION_ALLOW) {
+        return ALLOW;
+    }
     let local = local_env(&cfg, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     });
@@ -55,29 +63,17 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8, reply_rule: bool) -> i
         Some(peer) => peer,
         None => cidr_env(&remote_addr),
     };
-    let mut decision = decide(local.env, remote.env, proto, remote_port);
+    let decision = decide(local.env, remote.env, proto, remote_port);
+    remember(&flow, cfg.generation, decision.decision);
+    if decision.decision == DECISION_ALLOW {
+        return ALLOW;
+    }
     let sk = unsafe { (*sa).__bindgen_anon_1.sk };
     let local_port = if sk.is_null() {
         0
     } else {
         (unsafe { (*sk).src_port }) as u16
     };
-    if decision.is_violation() && reply_rule && local_port != 0 {
-        let reverse = decide(remote.env, local.env, proto, local_port);
-        if !reverse.is_violation() {
-            decision = reverse;
-        }
-    }
-
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    remember(
-        &FlowKey::new(cookie, remote_addr, remote_port, proto),
-        cfg.generation,
-        decision.decision,
-    );
-    if decision.decision == DECISION_ALLOW {
-        return ALLOW;
-    }
     report(
         &cfg,
         hook,

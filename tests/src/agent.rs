@@ -75,7 +75,10 @@ impl Agent {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {} run: {e}", bin.display()));
-        let shared = Arc::new(Shared { stream: Mutex::new(Stream::default()), cond: Condvar::new() });
+        let shared = Arc::new(Shared {
+            stream: Mutex::new(Stream::default()),
+            cond: Condvar::new(),
+        });
         let stderr = Arc::new(Mutex::new(String::new()));
         let out = child.stdout.take().expect("piped stdout");
         let err = child.stderr.take().expect("piped stderr");
@@ -88,7 +91,13 @@ impl Agent {
             let stderr = Arc::clone(&stderr);
             readers.push(std::thread::spawn(move || read_stderr(err, &stderr)));
         }
-        let mut agent = Agent { child: Some(child), shared, stderr, readers, ready: Value::Null };
+        let mut agent = Agent {
+            child: Some(child),
+            shared,
+            stderr,
+            readers,
+            ready: Value::Null,
+        };
         agent.await_ready(policy, mode);
         agent
     }
@@ -103,7 +112,8 @@ impl Agent {
                 }
                 if s.eof {
                     drop(s);
-                    let status = self.child.as_mut().and_then(|c| c.wait().ok());
+                    // Reap it and forget it: its pid must never be signalled again.
+                    let status = self.child.take().and_then(|mut c| c.wait().ok());
                     panic!(
                         "envguard run exited (status {status:?}) before printing policy_loaded; bad stdout lines: {:?}; stderr:\n{}",
                         self.shared.lock().bad,
@@ -119,7 +129,12 @@ impl Agent {
                         self.stderr()
                     );
                 }
-                s = self.shared.cond.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
+                s = self
+                    .shared
+                    .cond
+                    .wait_timeout(s, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         };
         let mut errs = Vec::new();
@@ -131,15 +146,28 @@ impl Agent {
         want(&mut errs, "kind", &first["kind"], "policy_loaded".into());
         want(&mut errs, "seq", &first["seq"], 0.into());
         want(&mut errs, "host", &first["host"], sys::hostname().into());
-        want(&mut errs, "policy", &first["policy"], policy.display().to_string().into());
+        want(
+            &mut errs,
+            "policy",
+            &first["policy"],
+            policy.display().to_string().into(),
+        );
         want(&mut errs, "mode", &first["mode"], mode.name().into());
-        want(&mut errs, "envs", &first["envs"], crate::policy::STANDARD_ENVS.to_vec().into());
+        want(
+            &mut errs,
+            "envs",
+            &first["envs"],
+            crate::policy::STANDARD_ENVS.to_vec().into(),
+        );
         if let Err(e) = crate::event::check_time(&first["time"]) {
             errs.push(format!("time: {e}"));
         }
         match first["revision"].as_str() {
             Some(r) if !r.is_empty() && r.chars().all(|c| c.is_ascii_hexdigit()) => {}
-            _ => errs.push(format!("revision: expected a hex string, got {}", first["revision"])),
+            _ => errs.push(format!(
+                "revision: expected a hex string, got {}",
+                first["revision"]
+            )),
         }
         assert!(
             errs.is_empty(),
@@ -174,13 +202,21 @@ impl Agent {
 
     /// Everything the agent wrote on stderr so far.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Waits (at most `timeout`) for the first line matching `pred` and
     /// returns its index and the line. Panics naming `what`, with every line
     /// received and the agent's stderr, if none appears.
-    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> (usize, Value) {
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> (usize, Value) {
         let deadline = Instant::now() + timeout;
         let mut s = self.shared.lock();
         let mut scanned = 0;
@@ -193,14 +229,23 @@ impl Agent {
             if left.is_zero() || s.eof {
                 let dump = dump_lines(&s.lines);
                 let bad = s.bad.clone();
-                let why = if s.eof { "the agent closed its stdout" } else { "timed out" };
+                let why = if s.eof {
+                    "the agent closed its stdout"
+                } else {
+                    "timed out"
+                };
                 drop(s);
                 panic!(
                     "no agent event for {what} ({why} after {timeout:?}); lines received:\n{dump}\nbad lines: {bad:?}\nagent stderr:\n{}",
                     self.stderr()
                 );
             }
-            s = self.shared.cond.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
+            s = self
+                .shared
+                .cond
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -220,7 +265,10 @@ impl Agent {
                 self.stderr()
             ),
         }
-        assert!(bad.is_empty(), "envguard run wrote malformed stdout lines: {bad:#?}");
+        assert!(
+            bad.is_empty(),
+            "envguard run wrote malformed stdout lines: {bad:#?}"
+        );
     }
 
     /// SIGTERM, wait up to STOP_TIMEOUT, then SIGKILL. Returns the exit
@@ -232,9 +280,14 @@ impl Agent {
         loop {
             match child.try_wait() {
                 Ok(Some(st)) => return Some(st),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 Ok(None) => {
-                    eprintln!("envguard-tests: agent {} ignored SIGTERM for {STOP_TIMEOUT:?}; killing it", child.id());
+                    eprintln!(
+                        "envguard-tests: agent {} ignored SIGTERM for {STOP_TIMEOUT:?}; killing it",
+                        child.id()
+                    );
                     let _ = child.kill();
                     let _ = child.wait();
                     return None;
@@ -295,5 +348,9 @@ fn read_stderr(err: impl Read, buf: &Mutex<String>) {
 
 /// One line per event, numbered, for failure messages.
 pub fn dump_lines(lines: &[Value]) -> String {
-    lines.iter().enumerate().map(|(i, l)| format!("  [{i}] {l}\n")).collect()
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| format!("  [{i}] {l}\n"))
+        .collect()
 }

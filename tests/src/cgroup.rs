@@ -30,7 +30,11 @@ impl CgroupTree {
     /// Path relative to the cgroup2 mount of `sub` (`""` = the tree's root),
     /// e.g. `/envguard-t-1234-0/dev/late`.
     pub fn rel(&self, sub: &str) -> String {
-        if sub.is_empty() { self.rel.clone() } else { format!("{}/{sub}", self.rel) }
+        if sub.is_empty() {
+            self.rel.clone()
+        } else {
+            format!("{}/{sub}", self.rel)
+        }
     }
 
     /// Absolute directory of `sub` (`""` = the tree's root).
@@ -42,14 +46,17 @@ impl CgroupTree {
     /// Creates the child cgroup `sub` (e.g. `"dev"`, `"dev/late"`).
     pub fn mkdir(&self, sub: &str) {
         let dir = self.abs(sub);
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", dir.display()));
+        std::fs::create_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", dir.display()));
     }
 
     /// The cgroup id of `sub`: on cgroup v2 it is the directory's inode number.
     pub fn id(&self, sub: &str) -> u64 {
         use std::os::unix::fs::MetadataExt;
         let dir = self.abs(sub);
-        std::fs::metadata(&dir).unwrap_or_else(|e| panic!("cannot stat cgroup {}: {e}", dir.display())).ino()
+        std::fs::metadata(&dir)
+            .unwrap_or_else(|e| panic!("cannot stat cgroup {}: {e}", dir.display()))
+            .ino()
     }
 }
 
@@ -57,7 +64,10 @@ impl Drop for CgroupTree {
     fn drop(&mut self) {
         let root = self.abs("");
         if let Err(e) = remove_tree(&root) {
-            eprintln!("envguard-tests: cleanup: cannot remove cgroup tree {}: {e}", root.display());
+            eprintln!(
+                "envguard-tests: cleanup: cannot remove cgroup tree {}: {e}",
+                root.display()
+            );
         }
     }
 }
@@ -108,7 +118,10 @@ fn empty_cgroup(dir: &Path) {
         procs.split_whitespace().collect::<Vec<_>>().join(" ")
     );
     if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
-        for pid in procs.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+        for pid in procs
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
             sys::signal(pid, libc::SIGKILL);
         }
     }

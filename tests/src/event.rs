@@ -43,34 +43,61 @@ impl Expected {
     /// Every way `ev` differs from this expectation (empty: it matches).
     pub fn mismatches(&self, ev: &Value) -> Vec<String> {
         let mut errs = Vec::new();
-        let mut eq = |path: &str, got: &Value, want: Value| {
+        fn eq_in(errs: &mut Vec<String>, path: &str, got: &Value, want: Value) {
             if *got != want {
                 errs.push(format!("{path}: expected {want}, got {got}"));
             }
-        };
-        eq("kind", &ev["kind"], "violation".into());
-        eq("host", &ev["host"], sys::hostname().into());
-        eq("mode", &ev["mode"], self.mode.name().into());
-        eq("verdict", &ev["verdict"], self.mode.verdict().into());
-        eq("direction", &ev["direction"], self.direction.into());
-        eq("hook", &ev["hook"], self.hook.into());
-        eq("proto", &ev["proto"], self.proto.into());
+        }
+        eq_in(&mut errs, "kind", &ev["kind"], "violation".into());
+        eq_in(&mut errs, "host", &ev["host"], sys::hostname().into());
+        eq_in(&mut errs, "mode", &ev["mode"], self.mode.name().into());
+        eq_in(
+            &mut errs,
+            "verdict",
+            &ev["verdict"],
+            self.mode.verdict().into(),
+        );
+        eq_in(
+            &mut errs,
+            "direction",
+            &ev["direction"],
+            self.direction.into(),
+        );
+        eq_in(&mut errs, "hook", &ev["hook"], self.hook.into());
+        eq_in(&mut errs, "proto", &ev["proto"], self.proto.into());
         let p = &ev["process"];
-        eq("process.pid", &p["pid"], self.pid.map_or(Value::Null, Value::from));
-        eq("process.cgroup_id", &p["cgroup_id"], self.cgroup_id.into());
-        eq("process.cgroup", &p["cgroup"], self.cgroup.as_str().into());
+        eq_in(
+            &mut errs,
+            "process.pid",
+            &p["pid"],
+            self.pid.map_or(Value::Null, Value::from),
+        );
+        eq_in(
+            &mut errs,
+            "process.cgroup_id",
+            &p["cgroup_id"],
+            self.cgroup_id.into(),
+        );
+        eq_in(
+            &mut errs,
+            "process.cgroup",
+            &p["cgroup"],
+            self.cgroup.as_str().into(),
+        );
         match self.comm {
-            Some(c) => eq("process.comm", &p["comm"], c.into()),
-            None if !(p["comm"].is_string() || p["comm"].is_null()) => {
-                errs.push(format!("process.comm: expected a string or null, got {}", p["comm"]))
-            }
+            Some(c) => eq_in(&mut errs, "process.comm", &p["comm"], c.into()),
+            None if !(p["comm"].is_string() || p["comm"].is_null()) => errs.push(format!(
+                "process.comm: expected a string or null, got {}",
+                p["comm"]
+            )),
             None => {}
         }
         match self.uid {
-            Some(u) => eq("process.uid", &p["uid"], u.into()),
-            None if !(p["uid"].is_u64() || p["uid"].is_null()) => {
-                errs.push(format!("process.uid: expected a number or null, got {}", p["uid"]))
-            }
+            Some(u) => eq_in(&mut errs, "process.uid", &p["uid"], u.into()),
+            None if !(p["uid"].is_u64() || p["uid"].is_null()) => errs.push(format!(
+                "process.uid: expected a number or null, got {}",
+                p["uid"]
+            )),
             None => {}
         }
         for (name, want) in [("source", &self.source), ("destination", &self.destination)] {
@@ -84,7 +111,10 @@ impl Expected {
         }
         match ev["rule"].as_str() {
             Some(r) if !r.is_empty() => {}
-            _ => errs.push(format!("rule: expected a non-empty string, got {}", ev["rule"])),
+            _ => errs.push(format!(
+                "rule: expected a non-empty string, got {}",
+                ev["rule"]
+            )),
         }
         errs
     }
@@ -103,33 +133,49 @@ impl Expected {
 fn endpoint(errs: &mut Vec<String>, name: &str, got: &Value, want: &Endpoint) {
     match want.ip {
         Some(ip) => {
-            if got["ip"] != Value::from(ip.to_string()) {
+            if got["ip"] != ip.to_string().as_str() {
                 errs.push(format!("{name}.ip: expected \"{ip}\", got {}", got["ip"]));
             }
         }
         None => {
-            if got["ip"].as_str().and_then(|s| s.parse::<IpAddr>().ok()).is_none() {
-                errs.push(format!("{name}.ip: expected an IP address string, got {}", got["ip"]));
+            if got["ip"]
+                .as_str()
+                .and_then(|s| s.parse::<IpAddr>().ok())
+                .is_none()
+            {
+                errs.push(format!(
+                    "{name}.ip: expected an IP address string, got {}",
+                    got["ip"]
+                ));
             }
         }
     }
     match want.port {
         Some(port) => {
-            if got["port"] != Value::from(port) {
+            if got["port"] != port {
                 errs.push(format!("{name}.port: expected {port}, got {}", got["port"]));
             }
         }
         None => {
             if got["port"].as_u64().is_none_or(|p| p > 65535) {
-                errs.push(format!("{name}.port: expected a port number, got {}", got["port"]));
+                errs.push(format!(
+                    "{name}.port: expected a port number, got {}",
+                    got["port"]
+                ));
             }
         }
     }
-    if got["env"] != Value::from(want.env) {
-        errs.push(format!("{name}.env: expected \"{}\", got {}", want.env, got["env"]));
+    if got["env"] != want.env {
+        errs.push(format!(
+            "{name}.env: expected \"{}\", got {}",
+            want.env, got["env"]
+        ));
     }
-    if got["env_from"] != Value::from(want.env_from) {
-        errs.push(format!("{name}.env_from: expected \"{}\", got {}", want.env_from, got["env_from"]));
+    if got["env_from"] != want.env_from {
+        errs.push(format!(
+            "{name}.env_from: expected \"{}\", got {}",
+            want.env_from, got["env_from"]
+        ));
     }
 }
 
@@ -141,9 +187,13 @@ pub fn is_violation(v: &Value) -> bool {
 /// Checks that `v` is an RFC 3339 timestamp (`YYYY-MM-DDTHH:MM:SS[.f{1,9}](Z|±HH:MM)`)
 /// within ten minutes of now.
 pub fn check_time(v: &Value) -> Result<(), String> {
-    let s = v.as_str().ok_or_else(|| format!("expected an RFC 3339 string, got {v}"))?;
+    let s = v
+        .as_str()
+        .ok_or_else(|| format!("expected an RFC 3339 string, got {v}"))?;
     let t = parse_rfc3339(s).ok_or_else(|| format!("not an RFC 3339 timestamp: {s:?}"))?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
     if (t - now).abs() > 600 {
         return Err(format!("{s:?} is more than 10 minutes away from now"));
     }
@@ -160,7 +210,13 @@ fn parse_rfc3339(s: &str) -> Option<i64> {
         }
         std::str::from_utf8(part).ok()?.parse().ok()
     };
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
@@ -205,8 +261,14 @@ mod tests {
     #[test]
     fn rfc3339() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339("2024-02-29T12:34:56.123456789Z"), Some(1_709_210_096));
-        assert_eq!(parse_rfc3339("2024-02-29T13:34:56.5+01:00"), Some(1_709_210_096));
+        assert_eq!(
+            parse_rfc3339("2024-02-29T12:34:56.123456789Z"),
+            Some(1_709_210_096)
+        );
+        assert_eq!(
+            parse_rfc3339("2024-02-29T13:34:56.5+01:00"),
+            Some(1_709_210_096)
+        );
         assert_eq!(parse_rfc3339("2024-02-29T12:34:56.1234567891Z"), None);
         assert_eq!(parse_rfc3339("2024-02-29 12:34:56Z"), None);
         assert_eq!(parse_rfc3339("2024-02-29T12:34:56"), None);

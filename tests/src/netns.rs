@@ -97,7 +97,10 @@ impl Site {
 
     /// Every address of every site, both families.
     pub fn all_addrs() -> Vec<IpAddr> {
-        Family::ALL.iter().flat_map(|&f| Site::ALL.iter().map(move |s| s.addr(f))).collect()
+        Family::ALL
+            .iter()
+            .flat_map(|&f| Site::ALL.iter().map(move |s| s.addr(f)))
+            .collect()
     }
 }
 
@@ -156,25 +159,61 @@ impl Topology {
         let suffix = client.name().trim_start_matches("egc");
         let client_if = format!("ec{suffix}");
         let server_if = format!("es{suffix}");
-        let topo = Topology { client, server, client_if };
+        let topo = Topology {
+            client,
+            server,
+            client_if,
+        };
         let (c, s) = (topo.client.name(), topo.server.name());
         let cif = topo.client_if.as_str();
         let sif = server_if.as_str();
         // Both ends are born inside the namespaces: nothing appears in the root netns.
-        sys::ip(&["-n", c, "link", "add", cif, "type", "veth", "peer", "name", sif, "netns", s]);
+        sys::ip(&[
+            "-n", c, "link", "add", cif, "type", "veth", "peer", "name", sif, "netns", s,
+        ]);
         for fam in Family::ALL {
-            let ca = format!("{}/{}", client_addr(fam), if fam == Family::V4 { 24 } else { 64 });
+            let ca = format!(
+                "{}/{}",
+                client_addr(fam),
+                if fam == Family::V4 { 24 } else { 64 }
+            );
             add_addr(c, cif, &ca);
             for site in Site::ALL {
-                add_addr(s, sif, &format!("{}/{}", site.addr(fam), site.prefix_len(fam)));
+                add_addr(
+                    s,
+                    sif,
+                    &format!("{}/{}", site.addr(fam), site.prefix_len(fam)),
+                );
             }
         }
         sys::ip(&["-n", s, "link", "set", sif, "up"]);
         sys::ip(&["-n", c, "link", "set", cif, "up"]);
         let gw4 = Site::World.addr(Family::V4).to_string();
         let gw6 = Site::World.addr(Family::V6).to_string();
-        sys::ip(&["-n", c, "-4", "route", "add", "198.18.0.0/15", "via", &gw4, "dev", cif]);
-        sys::ip(&["-n", c, "-6", "route", "add", "2001:db8::/32", "via", &gw6, "dev", cif]);
+        sys::ip(&[
+            "-n",
+            c,
+            "-4",
+            "route",
+            "add",
+            "198.18.0.0/15",
+            "via",
+            &gw4,
+            "dev",
+            cif,
+        ]);
+        sys::ip(&[
+            "-n",
+            c,
+            "-6",
+            "route",
+            "add",
+            "2001:db8::/32",
+            "via",
+            &gw6,
+            "dev",
+            cif,
+        ]);
         topo
     }
 }

@@ -82,7 +82,8 @@ impl TempFile {
     /// Writes `contents` to `<tmp>/<prefix>-<pid>-<n><suffix>`.
     pub fn new(prefix: &str, suffix: &str, contents: &str) -> Self {
         let path = std::env::temp_dir().join(format!("{}{suffix}", sys::unique_name(prefix)));
-        std::fs::write(&path, contents).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        std::fs::write(&path, contents)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
         TempFile { path }
     }
 
@@ -94,7 +95,10 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_file(&self.path) {
-            eprintln!("envguard-tests: cleanup: cannot remove {}: {e}", self.path.display());
+            eprintln!(
+                "envguard-tests: cleanup: cannot remove {}: {e}",
+                self.path.display()
+            );
         }
     }
 }

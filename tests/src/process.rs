@@ -58,7 +58,10 @@ fn die_with_parent(cmd: &mut Command, sig: libc::c_int) {
     // SAFETY: prctl is async-signal-safe; nothing else runs in the hook.
     unsafe {
         cmd.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::c_ulong::try_from(sig).unwrap_or(9));
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::c_ulong::try_from(sig).unwrap_or(9),
+            );
             Ok(())
         });
     }
@@ -75,9 +78,22 @@ impl Server {
     /// Starts `egprobe serve PROTO ADDRS PORT` at `place` and waits (10 s at
     /// most) for its readiness line, printed after every socket is bound
     /// and listening.
-    pub fn spawn(egprobe: &Path, place: &Place, proto: Proto, addrs: &[IpAddr], port: u16) -> Server {
-        let list = addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-        let desc = format!("egprobe server {} {list} port {port} at {place:?}", proto.name());
+    pub fn spawn(
+        egprobe: &Path,
+        place: &Place,
+        proto: Proto,
+        addrs: &[IpAddr],
+        port: u16,
+    ) -> Server {
+        let list = addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let desc = format!(
+            "egprobe server {} {list} port {port} at {place:?}",
+            proto.name()
+        );
         let mut cmd = Command::new(egprobe);
         cmd.args(place.args())
             .args(["serve", proto.name(), &list, &port.to_string()])
@@ -85,7 +101,9 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         die_with_parent(&mut cmd, libc::SIGKILL);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
         let pid = child.id();
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
@@ -106,7 +124,10 @@ impl Server {
         if !ready {
             let mut server = server;
             let stderr = server.kill_and_stderr();
-            panic!("{} did not report readiness (first stdout line: {first:?}); stderr: {stderr}", server.desc);
+            panic!(
+                "{} did not report readiness (first stdout line: {first:?}); stderr: {stderr}",
+                server.desc
+            );
         }
         server
     }
@@ -180,7 +201,9 @@ impl Probe {
         }
         cmd.stdin(Stdio::null());
         die_with_parent(&mut cmd, libc::SIGKILL);
-        let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {self:?}: {e}"));
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {self:?}: {e}"));
         let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let stderr = String::from_utf8_lossy(&out.stderr);
         let v: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
@@ -191,7 +214,9 @@ impl Probe {
             .and_then(|p| u32::try_from(p).ok())
             .unwrap_or_else(|| panic!("probe report without pid: {stdout}"));
         ProbeResult {
-            ok: v["ok"].as_bool().unwrap_or_else(|| panic!("probe report without ok: {stdout}")),
+            ok: v["ok"]
+                .as_bool()
+                .unwrap_or_else(|| panic!("probe report without ok: {stdout}")),
             errno: v["errno"].as_i64().and_then(|e| i32::try_from(e).ok()),
             error: v["error"].as_str().map(str::to_owned),
             stage: v["stage"].as_str().map(str::to_owned),
@@ -212,10 +237,16 @@ pub fn whoami(egprobe: &Path, place: &Place) -> (u32, String, u64) {
         .unwrap_or_else(|e| panic!("cannot run egprobe whoami: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("egprobe whoami at {place:?}: no JSON ({e}): {stdout:?} {:?}", String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "egprobe whoami at {place:?}: no JSON ({e}): {stdout:?} {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
     (
-        v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).expect("whoami pid"),
+        v["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .expect("whoami pid"),
         v["cgroup"].as_str().expect("whoami cgroup").to_owned(),
         v["netns_ino"].as_u64().expect("whoami netns_ino"),
     )

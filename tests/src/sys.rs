@@ -22,7 +22,10 @@ pub fn require_ip() {
     static OK: OnceLock<Result<(), String>> = OnceLock::new();
     let res = OK.get_or_init(|| match Command::new("ip").arg("-V").output() {
         Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(format!("`ip -V` failed: {}", String::from_utf8_lossy(&o.stderr))),
+        Ok(o) => Err(format!(
+            "`ip -V` failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )),
         Err(e) => Err(format!("cannot run `ip`: {e}")),
     });
     if let Err(e) = res {
@@ -45,7 +48,9 @@ fn find_cgroup2_mount() -> Result<PathBuf, String> {
         .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
     for line in info.lines() {
         // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS"
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         if right.split_whitespace().next() != Some("cgroup2") {
             continue;
         }
@@ -67,7 +72,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -155,7 +163,9 @@ pub fn hostname() -> String {
         panic!("uname failed: {}", std::io::Error::last_os_error());
     }
     // SAFETY: uname NUL-terminates nodename.
-    unsafe { std::ffi::CStr::from_ptr(u.nodename.as_ptr()) }.to_string_lossy().into_owned()
+    unsafe { std::ffi::CStr::from_ptr(u.nodename.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Sends `sig` to `pid`; errors (e.g. the process is gone) are ignored.

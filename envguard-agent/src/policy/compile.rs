@@ -177,7 +177,11 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
     let (mut lo, hi) = (u32::from(lo), u32::from(hi));
     while lo <= hi {
         // Largest aligned block starting at `lo` that stays inside the range.
-        let mut size_log = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
+        let mut size_log = if lo == 0 {
+            16
+        } else {
+            lo.trailing_zeros().min(16)
+        };
         while lo + (1 << size_log) - 1 > hi {
             size_log -= 1;
         }

@@ -185,7 +185,10 @@ impl Validator<'_> {
         };
         let (default_host, default_world) = match &file.defaults {
             None => (Default::Allow, Default::Allow),
-            Some(d) => (self.default(d.host.as_ref()), self.default(d.world.as_ref())),
+            Some(d) => (
+                self.default(d.host.as_ref()),
+                self.default(d.world.as_ref()),
+            ),
         };
 
         let mut envs = Vec::new();
@@ -240,7 +243,9 @@ impl Validator<'_> {
                     }
                     Some(owner) => self.at(
                         c,
-                        format!("cgroup {path} is already in env {owner}; a cgroup belongs to one env"),
+                        format!(
+                            "cgroup {path} is already in env {owner}; a cgroup belongs to one env"
+                        ),
                     ),
                     None => {
                         cgroup_owner.insert(path.clone(), n.clone());
@@ -377,11 +382,7 @@ impl Validator<'_> {
         Some(normal)
     }
 
-    fn selector(
-        &mut self,
-        s: &Spanned<String>,
-        known: &BTreeMap<&str, ()>,
-    ) -> Option<Selector> {
+    fn selector(&mut self, s: &Spanned<String>, known: &BTreeMap<&str, ()>) -> Option<Selector> {
         let name = s.get_ref();
         if name == ANY {
             return Some(Selector::Any);

@@ -73,9 +73,21 @@ fn bad_files_name_the_line() {
         ("mode = \"block\"\n", 1, "mode must be"),
         ("[envs.a]\ncidrz = []\n", 2, "unknown field"),
         ("colour = 1\n", 1, "unknown field"),
-        ("[envs.a]\n[[allow]]\nfrom = \"a\"\nto = \"b\"\n", 4, "unknown env \"b\""),
-        ("[envs.a]\ncidrs = [\"198.18.300.0/24\"]\n", 2, "invalid CIDR"),
-        ("[envs.a]\ncidrs = [\"198.18.1.1/24\"]\n", 2, "host bits set"),
+        (
+            "[envs.a]\n[[allow]]\nfrom = \"a\"\nto = \"b\"\n",
+            4,
+            "unknown env \"b\"",
+        ),
+        (
+            "[envs.a]\ncidrs = [\"198.18.300.0/24\"]\n",
+            2,
+            "invalid CIDR",
+        ),
+        (
+            "[envs.a]\ncidrs = [\"198.18.1.1/24\"]\n",
+            2,
+            "host bits set",
+        ),
         (
             "[envs.a]\ncidrs = [\"198.18.1.0/24\"]\n[envs.b]\ncidrs = [\"198.18.1.0/24\"]\n",
             4,
@@ -90,18 +102,41 @@ fn bad_files_name_the_line() {
         ("[envs.host]\n", 1, "reserved"),
         ("[envs.a]\ncgroups = [\"x\"]\n", 2, "absolute path"),
         ("[envs.a]\ncgroups = [\"/x/../y\"]\n", 2, "'..'"),
-        ("[envs.a]\n[[allow]]\nfrom = \"a\"\nto = \"world\"\nports = [\"0/tcp\"]\n", 5, "invalid port"),
-        ("[envs.a]\n[[allow]]\nfrom = \"a\"\nto = \"world\"\nports = [\"70000\"]\n", 5, "invalid port"),
-        ("[envs.a]\n[[allow]]\nfrom = \"a\"\nto = \"world\"\nports = [\"90-80/udp\"]\n", 5, "90 is above 80"),
-        ("[envs.a]\n[[allow]]\nfrom = \"a\"\nto = \"world\"\nports = [\"53/sctp\"]\n", 5, "protocol \"sctp\""),
-        ("[envs.a]\n[[allow]]\nfrom = \"a\"\n", 2, "missing field `to`"),
+        (
+            "[envs.a]\n[[allow]]\nfrom = \"a\"\nto = \"world\"\nports = [\"0/tcp\"]\n",
+            5,
+            "invalid port",
+        ),
+        (
+            "[envs.a]\n[[allow]]\nfrom = \"a\"\nto = \"world\"\nports = [\"70000\"]\n",
+            5,
+            "invalid port",
+        ),
+        (
+            "[envs.a]\n[[allow]]\nfrom = \"a\"\nto = \"world\"\nports = [\"90-80/udp\"]\n",
+            5,
+            "90 is above 80",
+        ),
+        (
+            "[envs.a]\n[[allow]]\nfrom = \"a\"\nto = \"world\"\nports = [\"53/sctp\"]\n",
+            5,
+            "protocol \"sctp\"",
+        ),
+        (
+            "[envs.a]\n[[allow]]\nfrom = \"a\"\n",
+            2,
+            "missing field `to`",
+        ),
         ("[envs.a\n", 1, ""),
         ("[defaults]\nhost = \"maybe\"\n", 2, "allow\" or \"deny\""),
     ];
     for (text, line, needle) in cases {
         let (got_line, msg) = error(text);
         assert_eq!(got_line, Some(*line), "line for {text:?}: {msg}");
-        assert!(msg.contains(needle), "message for {text:?} lacks {needle:?}: {msg}");
+        assert!(
+            msg.contains(needle),
+            "message for {text:?} lacks {needle:?}: {msg}"
+        );
     }
 }
 
@@ -112,8 +147,14 @@ fn all_errors_are_reported_at_once() {
         Err(PolicyError::Invalid(errs)) => {
             let rendered: Vec<String> = errs.iter().map(ToString::to_string).collect();
             assert_eq!(rendered.len(), 2, "{rendered:?}");
-            assert!(rendered[0].starts_with("p.toml:2: invalid CIDR"), "{rendered:?}");
-            assert!(rendered[1].starts_with("p.toml:3: cgroup \"rel\""), "{rendered:?}");
+            assert!(
+                rendered[0].starts_with("p.toml:2: invalid CIDR"),
+                "{rendered:?}"
+            );
+            assert!(
+                rendered[1].starts_with("p.toml:3: cgroup \"rel\""),
+                "{rendered:?}"
+            );
         }
         other => panic!("expected two errors, got {other:?}"),
     }
@@ -132,7 +173,11 @@ fn port_ranges_split_into_aligned_prefixes() {
         assert_eq!(covered, u32::from(hi - lo) + 1, "{lo}-{hi}");
         for (start, bits) in blocks {
             let size = 1u32 << (16 - bits);
-            assert_eq!(u32::from(start) % size, 0, "block {start}/{bits} not aligned");
+            assert_eq!(
+                u32::from(start) % size,
+                0,
+                "block {start}/{bits} not aligned"
+            );
             assert!(start >= lo && u32::from(start) + size - 1 <= u32::from(hi));
         }
     }
@@ -143,29 +188,69 @@ fn compile_example() {
     let c = compile(&parse(EXAMPLE).unwrap()).unwrap();
     assert_eq!(c.env_names, ["host", "world", "dev", "prod", "shared"]);
     assert_eq!(c.mode, envguard_common::config::MODE_ENFORCE);
-    assert_eq!(c.cgroups, [("/dev.slice".to_owned(), 2), ("/prod.slice".to_owned(), 3)]);
+    assert_eq!(
+        c.cgroups,
+        [("/dev.slice".to_owned(), 2), ("/prod.slice".to_owned(), 3)]
+    );
     assert_eq!((c.min_level, c.max_level), (1, 1));
     assert_eq!(c.cidrs_v4.len(), 3);
-    assert_eq!(c.cidrs_v6, [(48, "2001:db8:10::".parse::<std::net::Ipv6Addr>().unwrap().octets(), 3)]);
+    assert_eq!(
+        c.cidrs_v6,
+        [(
+            48,
+            "2001:db8:10::"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            3
+        )]
+    );
     // * -> shared: from host, world, dev, prod (not shared itself) on 53/udp,
     // 53/tcp and 4 blocks of 8000-8100/tcp.
-    let to_shared: Vec<_> = c.rules.iter().filter(|(_, k, _)| k.dst_env == 4u32.to_be_bytes()).collect();
+    let to_shared: Vec<_> = c
+        .rules
+        .iter()
+        .filter(|(_, k, _)| k.dst_env == 4u32.to_be_bytes())
+        .collect();
     let explicit = to_shared.iter().filter(|(_, _, id)| *id == 0).count();
     assert_eq!(explicit, 4 * 6);
-    assert!(c.rules.contains(&(RULE_PREFIX_PORT, RuleKey::new(2, 4, 17, 53), 0)));
+    assert!(
+        c.rules
+            .contains(&(RULE_PREFIX_PORT, RuleKey::new(2, 4, 17, 53), 0))
+    );
     // Defaults allow host and world with everyone.
-    assert!(c.rules.contains(&(RULE_PREFIX_PAIR, RuleKey::new(0, 3, 0, 0), RULE_DEFAULT_HOST)));
-    assert!(c.rules.contains(&(RULE_PREFIX_PAIR, RuleKey::new(3, 0, 0, 0), RULE_DEFAULT_HOST)));
+    assert!(c.rules.contains(&(
+        RULE_PREFIX_PAIR,
+        RuleKey::new(0, 3, 0, 0),
+        RULE_DEFAULT_HOST
+    )));
+    assert!(c.rules.contains(&(
+        RULE_PREFIX_PAIR,
+        RuleKey::new(3, 0, 0, 0),
+        RULE_DEFAULT_HOST
+    )));
     // dev -> prod has no entry at all: a violation.
-    assert!(!c.rules.iter().any(|(_, k, _)| *k == RuleKey::new(2, 3, 0, 0)));
+    assert!(
+        !c.rules
+            .iter()
+            .any(|(_, k, _)| *k == RuleKey::new(2, 3, 0, 0))
+    );
 }
 
 #[test]
 fn deny_defaults_leave_no_pair_entries() {
     let text = "[defaults]\nhost = \"deny\"\n[envs.a]\ncidrs = [\"198.18.1.0/24\"]\n";
     let c = compile(&parse(text).unwrap()).unwrap();
-    assert!(!c.rules.iter().any(|(_, k, _)| k.src_env == 0u32.to_be_bytes() || k.dst_env == 0u32.to_be_bytes()));
-    assert!(c.rules.iter().any(|(_, k, _)| *k == RuleKey::new(1, 2, 0, 0)));
+    assert!(
+        !c.rules
+            .iter()
+            .any(|(_, k, _)| k.src_env == 0u32.to_be_bytes() || k.dst_env == 0u32.to_be_bytes())
+    );
+    assert!(
+        c.rules
+            .iter()
+            .any(|(_, k, _)| *k == RuleKey::new(1, 2, 0, 0))
+    );
 }
 
 #[test]

@@ -1,0 +1,261 @@
+//! Tests of the harness itself, without the agent: the topology routes every
+//! site in both families, probes run where they are placed and report
+//! errors faithfully, and every guard cleans up — also when a test panics.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use envguard_tests::process::{gone, whoami};
+use envguard_tests::{Client, Family, Lab, Mode, Probe, Proto, Site, client_addr, sys};
+
+const EGPROBE: &str = env!("CARGO_BIN_EXE_egprobe");
+
+/// Names of everything a lab created, to check it is gone afterwards.
+#[derive(Debug, Default)]
+struct Footprint {
+    netns: Vec<String>,
+    cgroup_dir: Option<PathBuf>,
+    policy: Option<PathBuf>,
+    pids: Vec<u32>,
+}
+
+fn footprint(lab: &Lab, pids: Vec<u32>) -> Footprint {
+    Footprint {
+        netns: vec![
+            lab.topo.client.name().to_owned(),
+            lab.topo.server.name().to_owned(),
+        ],
+        cgroup_dir: Some(lab.cg.abs("")),
+        policy: Some(lab.policy_path().to_owned()),
+        pids,
+    }
+}
+
+fn assert_cleaned_up(fp: &Footprint) {
+    let listed = sys::ip_output(&["netns", "list"]);
+    for ns in &fp.netns {
+        assert!(
+            !listed.split_whitespace().any(|w| w == ns),
+            "netns {ns} still exists after the lab was dropped:\n{listed}"
+        );
+        assert!(
+            !PathBuf::from("/run/netns").join(ns).exists(),
+            "/run/netns/{ns} still exists"
+        );
+    }
+    let dir = fp.cgroup_dir.as_ref().expect("cgroup dir recorded");
+    assert!(
+        !dir.exists(),
+        "cgroup {} still exists after the lab was dropped",
+        dir.display()
+    );
+    let policy = fp.policy.as_ref().expect("policy recorded");
+    assert!(
+        !policy.exists(),
+        "policy file {} still exists after the lab was dropped",
+        policy.display()
+    );
+    for &pid in &fp.pids {
+        assert!(
+            gone(pid),
+            "server process {pid} still exists after the lab was dropped"
+        );
+    }
+}
+
+#[test]
+fn topology_routes_every_site_and_cleans_up() {
+    let mut lab = Lab::new(EGPROBE, Mode::Enforce);
+    lab.mkdir_late();
+    lab.serve_remote_sites();
+    // A local server in prod, for the inbound direction.
+    let any: IpAddr = std::net::Ipv6Addr::UNSPECIFIED.into();
+    let local = lab.serve(&lab.client_place(Client::Prod), Proto::Tcp, &[any], 7000);
+
+    for fam in Family::ALL {
+        for client in Client::ALL {
+            for site in Site::ALL {
+                for (proto, port) in [(Proto::Tcp, 9000), (Proto::Udp, 53)] {
+                    let case = lab.remote_case(client, site, fam, proto, port);
+                    let r = lab.run(&case.probe);
+                    assert!(
+                        r.ok,
+                        "{} (no agent): must connect; probe said {}",
+                        case.desc, r.raw
+                    );
+                }
+            }
+        }
+        for site in Site::ALL {
+            let case = lab.inbound_case(site, fam, Client::Prod, 7000);
+            let r = lab.run(&case.probe);
+            assert!(
+                r.ok,
+                "{} (no agent): must connect; probe said {}",
+                case.desc, r.raw
+            );
+            let bound = r.local.expect("bound probe reports its address");
+            assert_eq!(
+                bound.ip(),
+                site.addr(fam),
+                "{}: probe must use its --bind address",
+                case.desc
+            );
+            assert_ne!(bound.port(), 0, "{}: bound port", case.desc);
+        }
+    }
+    let pids = lab.server_pids();
+    assert!(
+        pids.contains(&local) && pids.len() == 6,
+        "5 remote servers and 1 local: {pids:?}"
+    );
+    let fp = footprint(&lab, pids);
+    drop(lab);
+    assert_cleaned_up(&fp);
+}
+
+#[test]
+fn probes_run_in_their_cgroup_and_netns() {
+    let lab = Lab::new(EGPROBE, Mode::Enforce);
+    lab.mkdir_late();
+    let client_ino = std::fs::metadata(format!("/run/netns/{}", lab.topo.client.name()))
+        .unwrap()
+        .ino();
+    let server_ino = std::fs::metadata(format!("/run/netns/{}", lab.topo.server.name()))
+        .unwrap()
+        .ino();
+    for client in Client::ALL {
+        let (_, cgroup, ns) = whoami(lab.egprobe(), &lab.client_place(client));
+        assert_eq!(
+            cgroup,
+            lab.cg.rel(client.sub()),
+            "{client:?} probe's cgroup"
+        );
+        assert_eq!(ns, client_ino, "{client:?} probe's netns");
+    }
+    let own_cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .expect("own cgroup v2 path");
+    let (_, cgroup, ns) = whoami(lab.egprobe(), &lab.remote_place());
+    assert_eq!(
+        cgroup, own_cgroup,
+        "remote probes stay in the test runner's cgroup"
+    );
+    assert_eq!(ns, server_ino, "remote probe's netns");
+}
+
+#[test]
+fn probe_reports_errors_faithfully() {
+    let lab = Lab::new(EGPROBE, Mode::Enforce);
+    // Nothing listens there: refused at once.
+    let refused = Probe {
+        place: lab.client_place(Client::Dev),
+        proto: Proto::Tcp,
+        dst: SocketAddr::new(Site::Prod.addr(Family::V4), 9999),
+        bind: None,
+        timeout_ms: 1500,
+    };
+    let r = lab.run(&refused);
+    assert!(
+        !r.ok && r.errno == Some(libc::ECONNREFUSED) && r.stage.as_deref() == Some("connect"),
+        "{}",
+        r.raw
+    );
+    // The server netns has no route to 198.19.0.0/16 (only its connected
+    // subnets): a UDP send fails locally.
+    let unreachable = Probe {
+        place: lab.remote_place(),
+        dst: "198.19.0.1:9".parse().unwrap(),
+        proto: Proto::Udp,
+        ..refused.clone()
+    };
+    let r = lab.run(&unreachable);
+    assert!(
+        !r.ok && r.errno == Some(libc::ENETUNREACH) && r.stage.as_deref() == Some("send"),
+        "{}",
+        r.raw
+    );
+    // A UDP peer that never answers: recv times out, reported as ETIMEDOUT.
+    let silent = Probe {
+        dst: SocketAddr::new(Site::Prod.addr(Family::V6), 9999),
+        proto: Proto::Udp,
+        timeout_ms: 300,
+        ..refused.clone()
+    };
+    let r = lab.run(&silent);
+    assert!(
+        !r.ok && r.errno == Some(libc::ETIMEDOUT) && r.stage.as_deref() == Some("recv"),
+        "{}",
+        r.raw
+    );
+    // The client's own veth address is world; the lab's inbound port 7000 has no server: refused.
+    let inbound = Probe {
+        place: lab.remote_place(),
+        proto: Proto::Tcp,
+        dst: SocketAddr::new(client_addr(Family::V6), 7000),
+        bind: Some(Site::Dev.addr(Family::V6)),
+        timeout_ms: 1500,
+    };
+    let r = lab.run(&inbound);
+    assert!(!r.ok && r.errno == Some(libc::ECONNREFUSED), "{}", r.raw);
+}
+
+#[test]
+fn guards_clean_up_when_a_test_panics() {
+    let recorded = Mutex::new(Footprint::default());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut lab = Lab::new(EGPROBE, Mode::Enforce);
+        lab.mkdir_late();
+        let place = lab.client_place(Client::DevLate);
+        let pid = lab.serve(&place, Proto::Udp, &[Family::V4.loopback()], 7300);
+        *recorded.lock().unwrap() = footprint(&lab, vec![pid]);
+        panic!("deliberate panic with a live server in dev/late");
+    }));
+    assert!(result.is_err(), "the closure must have panicked");
+    assert_cleaned_up(&recorded.lock().unwrap());
+}
+
+#[test]
+fn cgroup_tree_kills_leftover_processes() {
+    let lab = Lab::new(EGPROBE, Mode::Enforce);
+    lab.mkdir_late();
+    // A server deliberately left without a guard: the cgroup tree's drop
+    // must kill it (it is in the tree) before removing the cgroups.
+    let mut cmd = std::process::Command::new(EGPROBE);
+    cmd.arg("--cgroup")
+        .arg(lab.cg.abs("dev/late"))
+        .args(["serve", "tcp", "127.0.0.1", "7400"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().expect("spawn egprobe");
+    let pid = child.id();
+    // Readiness is irrelevant here: only its membership matters, which
+    // holds as soon as it wrote cgroup.procs; wait for that.
+    let procs = lab.cg.abs("dev/late").join("cgroup.procs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&procs)
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|p| p == pid.to_string())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "egprobe {pid} never joined {}",
+            procs.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let dir = lab.cg.abs("");
+    drop(lab);
+    assert!(!dir.exists(), "cgroup {} still exists", dir.display());
+    let status = child.wait().expect("wait for the killed server");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "{status:?}"
+    );
+}
