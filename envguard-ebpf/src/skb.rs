@@ -159,6 +159,11 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         return Ok(PASS);
     }
     let ingress = direction == DIRECTION_INGRESS;
+    if loopback && !(ingress && pkt.proto == IPPROTO_UDP) {
+        // Same-host traffic crosses the loopback device; the sender's connect
+        // or sendmsg hook has judged it with the receiving socket's env.
+        return Ok(PASS);
+    }
     let (local_addr, local_port, remote_addr, remote_port) = if ingress {
         (&pkt.dst, pkt.dport, &pkt.src, pkt.sport)
     } else {
@@ -167,17 +172,17 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     let cfg = config();
     let cookie = unsafe { bpf_get_socket_cookie(raw.cast()) };
     let flow = FlowKey::new(cookie, *remote_addr, remote_port, pkt.proto);
-    if let Some(decision) = crate::classify::cached(&flow, cfg.generation) {
-        return Ok(verdict(&cfg, decision));
-    }
-    // Same-host traffic crosses the loopback device; the sender's connect or
-    // sendmsg hook has judged it with the receiving socket's env. Remember the
-    // datagram as allowed so this socket may answer it.
+    let cached = crate::classify::cached(&flow, cfg.generation);
+    // A same-host datagram, judged by its sender's sendmsg hook: remember it
+    // as allowed so that this socket may answer it.
     if loopback {
-        if ingress && pkt.proto == IPPROTO_UDP {
+        if cached.is_none() {
             remember(&flow, cfg.generation, DECISION_ALLOW);
         }
         return Ok(PASS);
+    }
+    if let Some(decision) = cached {
+        return Ok(verdict(&cfg, decision));
     }
 
     let is_tcp = pkt.proto == IPPROTO_TCP;

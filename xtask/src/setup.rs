@@ -1,0 +1,135 @@
+//! Installs the eBPF toolchain the way it is verified on this machine kind:
+//! stable Rust with rust-src (for `-Z build-std=core` under RUSTC_BOOTSTRAP=1)
+//! and bpf-linker built against the LLVM that rustc itself ships.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+const BPF_LINKER_VERSION: &str = "0.13";
+
+pub fn setup() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    test_tools()?;
+    Ok(())
+}
+
+fn output(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd} {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = output("rustup", &["component", "list", "--installed"])?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    crate::run(Command::new("rustup").args(["component", "add", "rust-src"]))
+}
+
+fn data_dir() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".local/share/envguard"))
+}
+
+/// rustc's own libLLVM, e.g. `libLLVM.so.22.1-rust-1.95.0-stable`, and the
+/// LLVM major version from `rustc -vV`.
+fn rustc_llvm() -> anyhow::Result<(PathBuf, String, String)> {
+    let sysroot = PathBuf::from(output("rustc", &["--print", "sysroot"])?.trim());
+    let lib = sysroot.join("lib");
+    let so = fs::read_dir(&lib)
+        .with_context(|| format!("listing {}", lib.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}: is this a rustup toolchain?",
+                lib.display()
+            )
+        })?;
+    let vv = output("rustc", &["-vV"])?;
+    let major = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc -vV names no LLVM version")?
+        .to_owned();
+    Ok((lib.join(&so), so, major))
+}
+
+fn symlink(target: &Path, link: &Path) -> anyhow::Result<()> {
+    if fs::read_link(link).ok().as_deref() == Some(target) {
+        return Ok(());
+    }
+    let _ = fs::remove_file(link);
+    std::os::unix::fs::symlink(target, link)
+        .with_context(|| format!("linking {} -> {}", link.display(), target.display()))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let (llvm_so, so_name, major) = rustc_llvm()?;
+    let prefix = data_dir()?.join("llvm");
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
+    symlink(&llvm_so, &lib.join("libLLVM.so"))?;
+    symlink(&llvm_so, &lib.join(&so_name))?;
+
+    // The stamp ties the installed linker to the LLVM it was built against:
+    // a toolchain update rebuilds it.
+    let stamp = data_dir()?.join("bpf-linker.stamp");
+    let want = format!("bpf-linker {BPF_LINKER_VERSION} against {so_name}\n");
+    let have_linker = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_linker && fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    crate::run(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                &format!("^{BPF_LINKER_VERSION}"),
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+                "--force",
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    fs::write(&stamp, want).with_context(|| format!("writing {}", stamp.display()))
+}
+
+/// The integration tests drive `ip` (iproute2) to make namespaces and veths.
+fn test_tools() -> anyhow::Result<()> {
+    if Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    crate::run(Command::new("apt-get").args([
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "iproute2",
+    ]))
+}
