@@ -162,10 +162,11 @@ impl Agent {
         if let Err(e) = crate::event::check_time(&first["time"]) {
             errs.push(format!("time: {e}"));
         }
-        match first["revision"].as_str() {
-            Some(r) if !r.is_empty() && r.chars().all(|c| c.is_ascii_hexdigit()) => {}
+        // The contract: `"revision":"sha256:<64 hex digits of the file>"`.
+        match first["revision"].as_str().and_then(|r| r.strip_prefix("sha256:")) {
+            Some(r) if r.len() == 64 && r.chars().all(|c| c.is_ascii_hexdigit()) => {}
             _ => errs.push(format!(
-                "revision: expected a hex string, got {}",
+                "revision: expected sha256:<64 hex digits>, got {}",
                 first["revision"]
             )),
         }

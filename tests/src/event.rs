@@ -11,9 +11,10 @@ use crate::sys;
 /// What one side (`source` / `destination`) of a violation must say.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    /// `None`: not asserted (must still be an IP address string).
+    /// `None`: not asserted — an IP address string, or null when the
+    /// socket is not bound yet (connect/sendmsg hooks).
     pub ip: Option<IpAddr>,
-    /// `None`: not asserted (must still be a port number).
+    /// `None`: not asserted — a port number, or null when not bound yet.
     pub port: Option<u16>,
     pub env: &'static str,
     pub env_from: &'static str,
@@ -138,13 +139,14 @@ fn endpoint(errs: &mut Vec<String>, name: &str, got: &Value, want: &Endpoint) {
             }
         }
         None => {
-            if got["ip"]
-                .as_str()
-                .and_then(|s| s.parse::<IpAddr>().ok())
-                .is_none()
+            if !got["ip"].is_null()
+                && got["ip"]
+                    .as_str()
+                    .and_then(|s| s.parse::<IpAddr>().ok())
+                    .is_none()
             {
                 errs.push(format!(
-                    "{name}.ip: expected an IP address string, got {}",
+                    "{name}.ip: expected an IP address string or null, got {}",
                     got["ip"]
                 ));
             }
@@ -157,9 +159,9 @@ fn endpoint(errs: &mut Vec<String>, name: &str, got: &Value, want: &Endpoint) {
             }
         }
         None => {
-            if got["port"].as_u64().is_none_or(|p| p > 65535) {
+            if !got["port"].is_null() && got["port"].as_u64().is_none_or(|p| p > 65535) {
                 errs.push(format!(
-                    "{name}.port: expected a port number, got {}",
+                    "{name}.port: expected a port number or null, got {}",
                     got["port"]
                 ));
             }

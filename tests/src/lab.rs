@@ -411,11 +411,14 @@ impl Lab {
             Side::Egress => Expected {
                 mode: self.mode,
                 direction: "egress",
-                hook: match (case.probe.proto, v4) {
-                    (Proto::Tcp, true) => "connect4",
-                    (Proto::Tcp, false) => "connect6",
-                    (Proto::Udp, true) => "sendmsg4",
-                    (Proto::Udp, false) => "sendmsg6",
+                // An AF_INET6 socket sending to an IPv4-mapped address runs
+                // connect6 for TCP (before tcp_v4_connect) but only sendmsg4
+                // for UDP (udpv6_sendmsg hands it to udp_sendmsg first).
+                hook: match (case.probe.proto, v4, dst.ip().to_canonical().is_ipv4()) {
+                    (Proto::Tcp, true, _) => "connect4",
+                    (Proto::Tcp, false, _) => "connect6",
+                    (Proto::Udp, _, true) => "sendmsg4",
+                    (Proto::Udp, _, false) => "sendmsg6",
                 },
                 proto: case.probe.proto.name(),
                 // At connect/sendmsg time the source may not be bound yet.

@@ -1,6 +1,8 @@
 //! The egress truth table: local clients in each cgroup of the test's tree
 //! against remote servers in each env, for every protocol/port, in enforce
-//! and audit mode, split by address family so the four run in parallel.
+//! and audit mode, once per destination address kind (IPv4, IPv6, and
+//! IPv4-mapped IPv6 from an AF_INET6 socket, which must be judged and
+//! reported as IPv4) so the tests run in parallel.
 //!
 //! Expected verdicts (V = violation, . = allowed), ports in [`REMOTE_PORTS`]
 //! order: 53/tcp 8080/tcp 9000/tcp 53/udp 9000/udp.
@@ -13,8 +15,10 @@
 //! dev/late          VVVVV   .....   ..V.V   .....
 //! ```
 
+use std::net::{IpAddr, SocketAddr};
+
 use envguard_tests::lab::REMOTE_PORTS;
-use envguard_tests::{Client, Family, Lab, Mode, Proto, Site};
+use envguard_tests::{Case, Client, Family, Lab, Mode, Proto, Site};
 
 const EGPROBE: &str = env!("CARGO_BIN_EXE_egprobe");
 
@@ -26,7 +30,29 @@ const TABLE: [[&str; 4]; 4] = [
     ["VVVVV", ".....", "..V.V", "....."],
 ];
 
-fn truth_table(mode: Mode, fam: Family) {
+/// How the client addresses the remote site.
+#[derive(Clone, Copy, Debug)]
+enum Dst {
+    V4,
+    V6,
+    /// `::ffff:a.b.c.d` from an AF_INET6 socket (hooks connect6/sendmsg6).
+    V4Mapped,
+}
+
+fn case(lab: &Lab, dst: Dst, client: Client, site: Site, proto: Proto, port: u16) -> Case {
+    let ip = match dst {
+        Dst::V4 => site.addr(Family::V4),
+        Dst::V6 => site.addr(Family::V6),
+        Dst::V4Mapped => match site.addr(Family::V4) {
+            IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+            IpAddr::V6(_) => unreachable!("site IPv4 address"),
+        },
+    };
+    let dst = SocketAddr::new(ip, port);
+    lab.egress_case(client, proto, dst, site.env(), site.env_from())
+}
+
+fn truth_table(mode: Mode, dst: Dst) {
     let mut lab = Lab::new(EGPROBE, mode);
     lab.serve_remote_sites();
     lab.start_agent();
@@ -35,7 +61,7 @@ fn truth_table(mode: Mode, fam: Family) {
     for (row, client) in Client::ALL.into_iter().enumerate() {
         for (col, site) in Site::ALL.into_iter().enumerate() {
             for (i, (proto, port)) in REMOTE_PORTS.into_iter().enumerate() {
-                let case = lab.remote_case(client, site, fam, proto, port);
+                let case = case(&lab, dst, client, site, proto, port);
                 let want = TABLE[row][col].as_bytes()[i] == b'V';
                 assert_eq!(
                     case.violation.is_some(),
@@ -51,27 +77,44 @@ fn truth_table(mode: Mode, fam: Family) {
     lab.stop_agent();
 
     if mode == Mode::Enforce {
-        lab.assert_detached(&lab.remote_case(Client::Dev, Site::Prod, fam, Proto::Tcp, 9000));
-        lab.assert_detached(&lab.remote_case(Client::DevLate, Site::Prod, fam, Proto::Udp, 9000));
+        lab.assert_detached(&case(&lab, dst, Client::Dev, Site::Prod, Proto::Tcp, 9000));
+        lab.assert_detached(&case(
+            &lab,
+            dst,
+            Client::DevLate,
+            Site::Prod,
+            Proto::Udp,
+            9000,
+        ));
     }
 }
 
 #[test]
 fn enforce_ipv4() {
-    truth_table(Mode::Enforce, Family::V4);
+    truth_table(Mode::Enforce, Dst::V4);
 }
 
 #[test]
 fn enforce_ipv6() {
-    truth_table(Mode::Enforce, Family::V6);
+    truth_table(Mode::Enforce, Dst::V6);
+}
+
+#[test]
+fn enforce_ipv4_mapped() {
+    truth_table(Mode::Enforce, Dst::V4Mapped);
 }
 
 #[test]
 fn audit_ipv4() {
-    truth_table(Mode::Audit, Family::V4);
+    truth_table(Mode::Audit, Dst::V4);
 }
 
 #[test]
 fn audit_ipv6() {
-    truth_table(Mode::Audit, Family::V6);
+    truth_table(Mode::Audit, Dst::V6);
+}
+
+#[test]
+fn audit_ipv4_mapped() {
+    truth_table(Mode::Audit, Dst::V4Mapped);
 }
