@@ -5,4 +5,5 @@ pub mod error;
 pub mod events;
 pub mod loader;
 pub mod policy;
+pub mod scan;
 pub mod sys;

@@ -9,6 +9,7 @@ use aya::{
 };
 use envguard_common::{
     config::{Config, Counter},
+    flow::{BoundKey, BoundValue},
     maps,
     policy::{EnvValue, RuleKey, RuleValue},
     programs,
@@ -214,6 +215,23 @@ pub fn attach(ebpf: &mut Ebpf, cgroup: &Path) -> Result<()> {
             _ => return Err(bpf_msg(context(), "unexpected program type")),
         };
         res.map_err(|e| bpf_err(context(), e))?;
+    }
+    Ok(())
+}
+
+/// Records local sockets bound before the programs were attached.
+pub fn record_bound(ebpf: &mut Ebpf, sockets: &[(BoundKey, BoundValue)]) -> Result<()> {
+    {
+        let mut m: HashMap<_, BoundKey, BoundValue> = map(ebpf, maps::BOUND_SOCKETS)?;
+        for (k, v) in sockets {
+            m.insert(k, v, 0)
+                .map_err(|e| bpf_err(format!("writing {}", maps::BOUND_SOCKETS), e))?;
+        }
+    }
+    let mut m: HashMap<_, u64, BoundKey> = map(ebpf, maps::BOUND_BY_COOKIE)?;
+    for (k, v) in sockets {
+        m.insert(v.cookie, k, 0)
+            .map_err(|e| bpf_err(format!("writing {}", maps::BOUND_BY_COOKIE), e))?;
     }
     Ok(())
 }

@@ -80,6 +80,23 @@ impl FlowVerdict {
     }
 }
 
+/// `::ffff:a.b.c.d`: how every key holds an IPv4 address.
+pub const fn mapped_v4(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+/// An IPv4 socket's bound address in `BoundKey` form: the wildcard is all
+/// zeros, as it is for IPv6, anything else IPv4-mapped.
+pub const fn bound_v4(v4: [u8; 4]) -> [u8; 16] {
+    if u32::from_ne_bytes(v4) == 0 {
+        [0; 16]
+    } else {
+        mapped_v4(v4)
+    }
+}
+
 /// `BOUND_SOCKETS` key: a local socket's bound address, per network namespace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

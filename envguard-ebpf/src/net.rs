@@ -4,13 +4,7 @@
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// `::ffff:a.b.c.d` from the four bytes of an IPv4 address in network order.
-#[inline(always)]
-pub fn mapped_v4(v4: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
-    ]
-}
+pub use envguard_common::flow::mapped_v4;
 
 /// The IPv4 address inside an IPv4-mapped IPv6 address.
 #[inline(always)]

@@ -163,7 +163,10 @@ impl Agent {
             errs.push(format!("time: {e}"));
         }
         // The contract: `"revision":"sha256:<64 hex digits of the file>"`.
-        match first["revision"].as_str().and_then(|r| r.strip_prefix("sha256:")) {
+        match first["revision"]
+            .as_str()
+            .and_then(|r| r.strip_prefix("sha256:"))
+        {
             Some(r) if r.len() == 64 && r.chars().all(|c| c.is_ascii_hexdigit()) => {}
             _ => errs.push(format!(
                 "revision: expected sha256:<64 hex digits>, got {}",

@@ -24,6 +24,7 @@ use crate::{
         Policy,
         compile::{Compiled, compile},
     },
+    scan,
     sys::{self, CgroupNames},
 };
 
@@ -91,6 +92,13 @@ async fn run_async(args: &RunArgs) -> anyhow::Result<()> {
     loader::fill_maps(&mut ebpf, &compiled, &tracker.present(), 1)
         .context("writing the policy into the kernel")?;
     loader::attach(&mut ebpf, &root_dir)?;
+    // After attaching: a socket bound from now on is recorded by the kernel,
+    // one bound before is found here; none falls in between.
+    let bound = scan::bound_sockets(&mount, &root_rel, |cgroup| {
+        scan::env_of_cgroup(cgroup, &compiled.cgroups)
+    });
+    loader::record_bound(&mut ebpf, &bound).context("recording sockets bound before start")?;
+    log::info!("recorded {} local sockets bound before start", bound.len());
     log::info!(
         "enforcing {} ({}) in {} mode at {}",
         args.policy.display(),
@@ -232,7 +240,7 @@ fn normalize_root(given: &str, mount: &Path) -> String {
     }
 }
 
-fn is_below(path: &str, root: &str) -> bool {
+pub fn is_below(path: &str, root: &str) -> bool {
     root == "/" || path == root || path.starts_with(&format!("{root}/"))
 }
 
