@@ -58,6 +58,14 @@ pub enum Error {
         "cgroup {path} does not exist; --cgroup-root must name an existing cgroup below {mount}"
     )]
     NoSuchCgroup { path: String, mount: PathBuf },
+    #[error(
+        "{pin_root} is not on a bpf filesystem; mount one (`mount -t bpf bpf /sys/fs/bpf`) or choose a --pin-root below one"
+    )]
+    NoBpffs { pin_root: PathBuf },
+    #[error(
+        "another envguard is already running with pin root {pin_root}; stop it first, or give this one its own --pin-root"
+    )]
+    AlreadyRunning { pin_root: PathBuf },
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -7,13 +7,13 @@ use std::{
 
 use envguard_common::{
     event::{self as ev, ViolationEvent},
-    policy::{ENV_HOST, ENV_WORLD, RULE_NONE},
+    policy::{ENV_HOST, ENV_WORLD, RULE_AGENT_LOSS_CLOSED, RULE_AGENT_LOSS_OPEN, RULE_NONE},
 };
 use serde::Serialize;
 
 use crate::{
     policy::{
-        Default, Policy,
+        Default, OnLoss, Policy,
         compile::{Compiled, RULE_DEFAULT_HOST, RULE_DEFAULT_WORLD},
         ports::proto_name,
     },
@@ -70,6 +70,34 @@ pub struct PolicyLoaded<'a> {
     pub mode: String,
     pub cgroup_root: String,
     pub hooks: &'a [&'a str],
+    pub pin_root: String,
+    /// Whether enforcement was already in place (pinned by an earlier agent).
+    pub adopted: bool,
+}
+
+/// How long no agent ran, and which envs' fail modes that gap triggered.
+#[derive(Serialize)]
+pub struct AgentGap {
+    pub gap_ms: u64,
+    pub envs_failed_open: Vec<String>,
+    pub envs_failed_closed: Vec<String>,
+}
+
+/// The gap record, judged with the current policy's fail modes.
+pub fn agent_gap(policy: &Policy, gap: std::time::Duration) -> AgentGap {
+    let failed = |mode: OnLoss| {
+        policy
+            .envs
+            .iter()
+            .filter(|e| e.on_agent_loss == mode && gap > e.agent_loss_timeout)
+            .map(|e| e.name.clone())
+            .collect()
+    };
+    AgentGap {
+        gap_ms: gap.as_millis() as u64,
+        envs_failed_open: failed(OnLoss::Open),
+        envs_failed_closed: failed(OnLoss::Closed),
+    }
 }
 
 #[derive(Serialize)]
@@ -190,6 +218,8 @@ pub fn rule_label(policy: &Policy, compiled: &Compiled, e: &ViolationEvent) -> S
             }
         }
         RULE_DEFAULT_HOST => "default:host=allow".to_owned(),
+        RULE_AGENT_LOSS_OPEN => "agent_loss:open".to_owned(),
+        RULE_AGENT_LOSS_CLOSED => "agent_loss:closed".to_owned(),
         RULE_DEFAULT_WORLD => "default:world=allow".to_owned(),
         i => policy
             .rules

@@ -1,5 +1,6 @@
 //! envguard's userspace: policy, loader, event stream. `main.rs` only parses
 //! the command line and calls into here.
+pub mod bpf_sys;
 pub mod cmd;
 pub mod error;
 pub mod events;

@@ -1,21 +1,32 @@
-//! The only part of envguard that touches the kernel: loads the programs,
-//! writes the compiled policy into the maps, attaches to a cgroup.
-use std::{fs::File, path::Path};
+//! The only part of envguard that touches the kernel: loads the programs, pins
+//! them under a bpffs directory, writes the compiled policy into the maps and
+//! attaches to a cgroup — or adopts what an earlier agent left pinned.
+//!
+//! Pin layout: `<pin root>/layout-<fingerprint>/maps/<MAP>` and
+//! `…/links/<program>`. The fingerprint changes with the maps' layout, so an
+//! agent never adopts maps it would misread.
+use std::{
+    fs::{self, File},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSkbAttachType, ProgramError},
+    programs::{CgroupAttachMode, CgroupSkbAttachType, Program, ProgramError, links::FdLink},
 };
 use envguard_common::{
-    config::{Config, Counter},
-    flow::{BoundKey, BoundValue},
+    config::{AgentState, Config, Counter, EnvLoss, PolicyMeta},
+    event::ViolationEvent,
+    flow::{BoundKey, BoundValue, FlowKey, FlowVerdict, TupleKey},
     maps,
     policy::{EnvValue, RuleKey, RuleValue},
     programs,
 };
 
 use crate::{
+    bpf_sys,
     error::{Error, Result},
     policy::compile::Compiled,
     sys,
@@ -27,7 +38,7 @@ static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envguard-ebpf")
 /// Programs in attach order: socket bookkeeping and packet hooks first, the
 /// hooks that refuse calls last, so that by the time a connect() is judged,
 /// every later packet of it will be too.
-const PROGRAMS: &[&str] = &[
+pub const PROGRAMS: &[&str] = &[
     programs::POST_BIND4,
     programs::POST_BIND6,
     programs::SOCK_RELEASE,
@@ -38,6 +49,19 @@ const PROGRAMS: &[&str] = &[
     programs::SENDMSG4,
     programs::SENDMSG6,
 ];
+
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/envguard";
+
+/// Knobs of the kernel side that change the maps' layout.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub pin_root: PathBuf,
+    pub verifier_log: bool,
+    /// Size of the event ring buffer in bytes (a power of two, ≥ 4096).
+    pub ringbuf_bytes: Option<u32>,
+    /// Capacity of the verdict cache.
+    pub flow_cache_entries: Option<u32>,
+}
 
 /// An error with its whole source chain: aya's errors keep the errno there.
 fn bpf_err(context: impl Into<String>, e: impl std::error::Error) -> Error {
@@ -58,28 +82,294 @@ fn bpf_msg(context: impl Into<String>, message: impl Into<String>) -> Error {
     }
 }
 
-/// Loads the object and every program into the kernel, without attaching.
-/// A verifier rejection names the program; its log is included on request.
-pub fn load(verifier_log: bool) -> Result<Ebpf> {
-    if OBJECT.is_empty() {
-        return Err(Error::NoKernelObject);
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+/// FNV-1a: stable across builds and Rust versions, unlike std's hasher.
+fn fnv1a(chunks: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for chunk in chunks {
+        for &b in *chunk {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
     }
-    sys::raise_memlock_limit();
-    let mut loader = EbpfLoader::new();
-    if verifier_log {
-        loader.verifier_log_level(VerifierLogLevel::VERBOSE | VerifierLogLevel::STATS);
+    h
+}
+
+/// Names the maps' layout: the version, every shared type's size and every
+/// capacity, including the ones options override.
+fn layout_name(opts: &Options) -> String {
+    let numbers: Vec<u64> = vec![
+        u64::from(maps::LAYOUT_VERSION),
+        size_of::<Config>() as u64,
+        size_of::<PolicyMeta>() as u64,
+        size_of::<EnvLoss>() as u64,
+        size_of::<AgentState>() as u64,
+        size_of::<EnvValue>() as u64,
+        size_of::<RuleKey>() as u64,
+        size_of::<RuleValue>() as u64,
+        size_of::<FlowKey>() as u64,
+        size_of::<FlowVerdict>() as u64,
+        size_of::<TupleKey>() as u64,
+        size_of::<BoundKey>() as u64,
+        size_of::<BoundValue>() as u64,
+        size_of::<ViolationEvent>() as u64,
+        u64::from(maps::MAX_CGROUPS),
+        u64::from(maps::MAX_CIDRS),
+        u64::from(maps::MAX_RULE_ENTRIES),
+        u64::from(maps::MAX_ENVS),
+        u64::from(opts.flow_cache_entries.unwrap_or(maps::MAX_FLOWS)),
+        u64::from(maps::MAX_INBOUND_TUPLES),
+        u64::from(maps::MAX_BOUND_SOCKETS),
+        u64::from(opts.ringbuf_bytes.unwrap_or(maps::EVENTS_BYTES)),
+    ];
+    let bytes: Vec<u8> = numbers.iter().flat_map(|n| n.to_le_bytes()).collect();
+    format!("layout-{:016x}", fnv1a(&[&bytes]))
+}
+
+/// The kernel side of a running agent: the object (maps and programs), the
+/// lock on the pin root, and what an earlier agent left there.
+pub struct Kernel {
+    ebpf: Ebpf,
+    layout_dir: PathBuf,
+    pin_root: PathBuf,
+    verifier_log: bool,
+    /// Held for the agent's lifetime: one agent per pin root.
+    _lock: File,
+    /// The previous agent's state, when its maps were adopted.
+    pub previous: Option<AgentState>,
+    object_hash: u64,
+    cgroup_id: u64,
+    config: Config,
+    /// Lost events reported so far, by this agent and its predecessors.
+    pub lost_reported: u64,
+}
+
+impl Kernel {
+    /// Mounts bpffs if needed, locks the pin root and loads the object, reusing
+    /// the maps an earlier agent of the same layout pinned. Attaches nothing.
+    pub fn open(opts: &Options) -> Result<Kernel> {
+        if OBJECT.is_empty() {
+            return Err(Error::NoKernelObject);
+        }
+        sys::raise_memlock_limit();
+        sys::ensure_bpffs(&opts.pin_root)?;
+        let lock = sys::lock_dir(&opts.pin_root)?;
+        let layout_dir = opts.pin_root.join(layout_name(opts));
+        let maps_dir = layout_dir.join("maps");
+        fs::create_dir_all(&maps_dir)
+            .map_err(io_err(format!("creating {}", maps_dir.display())))?;
+        fs::create_dir_all(layout_dir.join("links"))
+            .map_err(io_err(format!("creating {}/links", layout_dir.display())))?;
+        let adopting = maps_dir.join(maps::CONFIG).exists();
+
+        let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|&m| (m, maps_dir.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(n) = opts.ringbuf_bytes {
+            loader.map_max_entries(maps::EVENTS, n);
+        }
+        if let Some(n) = opts.flow_cache_entries {
+            loader.map_max_entries(maps::FLOW_VERDICTS, n);
+        }
+        if opts.verifier_log {
+            loader.verifier_log_level(VerifierLogLevel::VERBOSE | VerifierLogLevel::STATS);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| {
+            bpf_err(
+                format!(
+                    "loading the eBPF object (maps pinned in {})",
+                    maps_dir.display()
+                ),
+                e,
+            )
+        })?;
+
+        let state: AgentState = array_get(&mut ebpf, maps::AGENT_STATE)?;
+        let config: Config = array_get(&mut ebpf, maps::CONFIG)?;
+        Ok(Kernel {
+            ebpf,
+            layout_dir,
+            pin_root: opts.pin_root.clone(),
+            verifier_log: opts.verifier_log,
+            _lock: lock,
+            previous: (adopting && state.object_hash != 0).then_some(state),
+            object_hash: fnv1a(&[OBJECT]),
+            cgroup_id: 0,
+            config,
+            lost_reported: state.lost_reported,
+        })
     }
-    let mut ebpf = loader
-        .load(OBJECT)
-        .map_err(|e| bpf_err("loading the eBPF object (creating maps)", e))?;
-    for &name in PROGRAMS {
-        let prog = ebpf
+
+    pub fn adopted(&self) -> bool {
+        self.previous.is_some()
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        &self.pin_root
+    }
+
+    pub fn mode(&self) -> u32 {
+        self.config.mode
+    }
+
+    /// Writes a compiled policy into the inactive slot of the policy maps, then
+    /// makes it active with one update of CONFIG: no program ever sees a
+    /// half-written policy, and cached verdicts of the old one go stale.
+    pub fn apply_policy(&mut self, compiled: &Compiled, cgroup_ids: &[(u64, u32)]) -> Result<()> {
+        let next = Config::new(self.config.generation.wrapping_add(1), compiled.mode);
+        let slot = next.slot() as usize;
+        let ebpf = &mut self.ebpf;
+        {
+            let mut m: HashMap<_, u64, EnvValue> = map(ebpf, maps::CGROUP_ENVS[slot])?;
+            clear_hash(&mut m, maps::CGROUP_ENVS[slot])?;
+            for &(id, env) in cgroup_ids {
+                m.insert(id, EnvValue { env }, 0)
+                    .map_err(|e| bpf_err(format!("writing {}", maps::CGROUP_ENVS[slot]), e))?;
+            }
+        }
+        fill_trie(
+            ebpf,
+            maps::CIDR_ENVS_V4[slot],
+            compiled
+                .cidrs_v4
+                .iter()
+                .map(|&(p, a, env)| (Key::new(p, a), EnvValue { env })),
+        )?;
+        fill_trie(
+            ebpf,
+            maps::CIDR_ENVS_V6[slot],
+            compiled
+                .cidrs_v6
+                .iter()
+                .map(|&(p, a, env)| (Key::new(p, a), EnvValue { env })),
+        )?;
+        fill_trie(
+            ebpf,
+            maps::RULES[slot],
+            compiled
+                .rules
+                .iter()
+                .map(|&(p, k, rule)| (Key::new(p, k), RuleValue { rule })),
+        )?;
+        {
+            let mut m: Array<_, EnvLoss> = map(ebpf, maps::ENV_LOSS[slot])?;
+            for id in 0..maps::MAX_ENVS {
+                let loss = compiled
+                    .env_loss
+                    .get(id as usize)
+                    .copied()
+                    .unwrap_or(EnvLoss::new(0, 0));
+                m.set(id, loss, 0)
+                    .map_err(|e| bpf_err(format!("writing {}", maps::ENV_LOSS[slot]), e))?;
+            }
+        }
+        {
+            let mut m: Array<_, PolicyMeta> = map(ebpf, maps::POLICY_META[slot])?;
+            m.set(
+                0,
+                PolicyMeta::new(compiled.min_level, compiled.max_level),
+                0,
+            )
+            .map_err(|e| bpf_err(format!("writing {}", maps::POLICY_META[slot]), e))?;
+        }
+        self.set_config(next)
+    }
+
+    /// Switches audit/enforce without touching the policy.
+    pub fn set_mode(&mut self, mode: u32) -> Result<()> {
+        self.set_config(Config::new(self.config.generation, mode))
+    }
+
+    fn set_config(&mut self, config: Config) -> Result<()> {
+        let mut m: Array<_, Config> = map(&mut self.ebpf, maps::CONFIG)?;
+        m.set(0, config, 0)
+            .map_err(|e| bpf_err(format!("writing {}", maps::CONFIG), e))?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Adds or removes one cgroup of the active policy, as it appears or goes away.
+    pub fn set_cgroup(&mut self, id: u64, env: Option<u32>) -> Result<()> {
+        let name = maps::CGROUP_ENVS[self.config.slot() as usize];
+        let mut m: HashMap<_, u64, EnvValue> = map(&mut self.ebpf, name)?;
+        match env {
+            Some(env) => m.insert(id, EnvValue { env }, 0),
+            None => m.remove(&id),
+        }
+        .map_err(|e| bpf_err(format!("updating {name}"), e))
+    }
+
+    /// Attaches every program to `cgroup`, keeping what is already pinned:
+    /// - a link of this build on this cgroup stays as it is (same program);
+    /// - a link of another build gets the new program with one atomic
+    ///   BPF_LINK_UPDATE;
+    /// - a missing link (first start, another cgroup, another layout) is
+    ///   created and pinned, and only then are links of other layouts or
+    ///   cgroups removed, so the hook is never without a program.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<()> {
+        let dir =
+            File::open(cgroup).map_err(io_err(format!("opening cgroup {}", cgroup.display())))?;
+        self.cgroup_id = sys::cgroup_id(cgroup).unwrap_or(0);
+        let same_cgroup = self.previous.is_some_and(|p| p.cgroup_id == self.cgroup_id);
+        let same_build = self
+            .previous
+            .is_some_and(|p| p.object_hash == self.object_hash);
+        let links_dir = self.layout_dir.join("links");
+        let mut stale_links = Vec::new();
+        for &name in PROGRAMS {
+            let pin = links_dir.join(name);
+            let context = || format!("attaching {name} to {}", cgroup.display());
+            if pin.exists() && same_cgroup {
+                if same_build {
+                    continue;
+                }
+                let link = bpf_sys::obj_get(&pin)
+                    .map_err(io_err(format!("opening pinned link {}", pin.display())))?;
+                let prog = self.load_program(name)?;
+                let fd = prog.fd().map_err(|e| bpf_err(context(), e))?;
+                bpf_sys::link_update(link.as_fd(), fd.as_fd()).map_err(io_err(format!(
+                    "replacing the program of {}",
+                    pin.display()
+                )))?;
+                continue;
+            }
+            if pin.exists() {
+                // Attached to another cgroup: replace it once the new one is in.
+                let old = pin.with_extension("old");
+                fs::rename(&pin, &old).map_err(io_err(format!("moving {}", pin.display())))?;
+                stale_links.push(old);
+            }
+            let prog = self.load_program(name)?;
+            let link = attach_program(prog, name, &dir).map_err(|e| bpf_msg(context(), e))?;
+            link.pin(&pin)
+                .map_err(|e| bpf_err(format!("pinning {}", pin.display()), e))?;
+        }
+        for old in stale_links {
+            fs::remove_file(&old).map_err(io_err(format!("removing {}", old.display())))?;
+        }
+        remove_other_layouts(&self.pin_root, &self.layout_dir)?;
+        self.heartbeat()
+    }
+
+    fn load_program(&mut self, name: &str) -> Result<&mut Program> {
+        let verifier_log = self.verifier_log;
+        let prog = self
+            .ebpf
             .program_mut(name)
             .ok_or_else(|| bpf_msg(format!("loading {name}"), "program missing from the object"))?;
+        if prog.fd().is_ok() {
+            return Ok(prog);
+        }
         let res = match prog {
-            aya::programs::Program::CgroupSockAddr(p) => p.load(),
-            aya::programs::Program::CgroupSkb(p) => p.load(),
-            aya::programs::Program::CgroupSock(p) => p.load(),
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::CgroupSkb(p) => p.load(),
+            Program::CgroupSock(p) => p.load(),
             _ => {
                 return Err(bpf_msg(
                     format!("loading {name}"),
@@ -88,8 +378,99 @@ pub fn load(verifier_log: bool) -> Result<Ebpf> {
             }
         };
         res.map_err(|e| load_error(name, e, verifier_log))?;
+        Ok(prog)
     }
-    Ok(ebpf)
+
+    /// Tells the kernel the agent is alive (the watchdog's input), and records
+    /// how many lost events have been reported.
+    pub fn heartbeat(&mut self) -> Result<()> {
+        let state = AgentState {
+            heartbeat_ns: sys::boot_ns(),
+            object_hash: self.object_hash,
+            cgroup_id: self.cgroup_id,
+            lost_reported: self.lost_reported,
+        };
+        let mut m: Array<_, AgentState> = map(&mut self.ebpf, maps::AGENT_STATE)?;
+        m.set(0, state, 0)
+            .map_err(|e| bpf_err(format!("writing {}", maps::AGENT_STATE), e))
+    }
+
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let m = self
+            .ebpf
+            .take_map(maps::EVENTS)
+            .ok_or_else(|| bpf_msg(format!("opening map {}", maps::EVENTS), "missing"))?;
+        RingBuf::try_from(m).map_err(|e| bpf_err(format!("opening map {}", maps::EVENTS), e))
+    }
+
+    /// Sum over CPUs of one kernel counter.
+    pub fn counter(&mut self, which: Counter) -> Result<u64> {
+        let m: PerCpuArray<_, u64> = map(&mut self.ebpf, maps::COUNTERS)?;
+        let values = m
+            .get(&(which as u32), 0)
+            .map_err(|e| bpf_err(format!("reading {}", maps::COUNTERS), e))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Records local sockets bound before the programs were attached.
+    pub fn record_bound(&mut self, sockets: &[(BoundKey, BoundValue)]) -> Result<()> {
+        {
+            let mut m: HashMap<_, BoundKey, BoundValue> = map(&mut self.ebpf, maps::BOUND_SOCKETS)?;
+            for (k, v) in sockets {
+                m.insert(k, v, 0)
+                    .map_err(|e| bpf_err(format!("writing {}", maps::BOUND_SOCKETS), e))?;
+            }
+        }
+        let mut m: HashMap<_, u64, BoundKey> = map(&mut self.ebpf, maps::BOUND_BY_COOKIE)?;
+        for (k, v) in sockets {
+            m.insert(v.cookie, k, 0)
+                .map_err(|e| bpf_err(format!("writing {}", maps::BOUND_BY_COOKIE), e))?;
+        }
+        Ok(())
+    }
+}
+
+fn attach_program(
+    prog: &mut Program,
+    name: &str,
+    dir: &File,
+) -> std::result::Result<FdLink, String> {
+    // aya attaches through BPF links, which the kernel always treats as
+    // multi-attach (and refuses any flag for): whatever else is attached here
+    // (systemd's, other tools') stays in force, and a call or packet passes
+    // only if every program passes it.
+    let mode = CgroupAttachMode::Single;
+    let chain = |e: &dyn std::error::Error| {
+        let mut m = e.to_string();
+        let mut s = e.source();
+        while let Some(x) = s {
+            m.push_str(&format!(": {x}"));
+            s = x.source();
+        }
+        m
+    };
+    let prog_err = |e: ProgramError| chain(&e);
+    let link_err = |e: aya::programs::links::LinkError| chain(&e);
+    match prog {
+        Program::CgroupSockAddr(p) => {
+            let id = p.attach(dir, mode).map_err(prog_err)?;
+            FdLink::try_from(p.take_link(id).map_err(prog_err)?).map_err(link_err)
+        }
+        Program::CgroupSock(p) => {
+            let id = p.attach(dir, mode).map_err(prog_err)?;
+            FdLink::try_from(p.take_link(id).map_err(prog_err)?).map_err(link_err)
+        }
+        Program::CgroupSkb(p) => {
+            let ty = if name == programs::SKB_INGRESS {
+                CgroupSkbAttachType::Ingress
+            } else {
+                CgroupSkbAttachType::Egress
+            };
+            let id = p.attach(dir, ty, mode).map_err(prog_err)?;
+            FdLink::try_from(p.take_link(id).map_err(prog_err)?).map_err(link_err)
+        }
+        _ => Err("unexpected program type".to_owned()),
+    }
 }
 
 fn load_error(name: &str, e: ProgramError, verifier_log: bool) -> Error {
@@ -111,69 +492,6 @@ fn load_error(name: &str, e: ProgramError, verifier_log: bool) -> Error {
     }
 }
 
-/// Writes a compiled policy into the maps, the configuration last, so that the
-/// programs never see a mode or generation before its entries.
-pub fn fill_maps(
-    ebpf: &mut Ebpf,
-    compiled: &Compiled,
-    cgroup_ids: &[(u64, u32)],
-    generation: u32,
-) -> Result<()> {
-    {
-        let mut m: HashMap<_, u64, EnvValue> = map(ebpf, maps::CGROUP_ENVS)?;
-        for &(id, env) in cgroup_ids {
-            m.insert(id, EnvValue { env }, 0)
-                .map_err(|e| bpf_err(format!("writing {}", maps::CGROUP_ENVS), e))?;
-        }
-    }
-    {
-        let mut m: LpmTrie<_, [u8; 4], EnvValue> = map(ebpf, maps::CIDR_ENVS_V4)?;
-        for &(prefix, addr, env) in &compiled.cidrs_v4 {
-            m.insert(&Key::new(prefix, addr), EnvValue { env }, 0)
-                .map_err(|e| bpf_err(format!("writing {}", maps::CIDR_ENVS_V4), e))?;
-        }
-    }
-    {
-        let mut m: LpmTrie<_, [u8; 16], EnvValue> = map(ebpf, maps::CIDR_ENVS_V6)?;
-        for &(prefix, addr, env) in &compiled.cidrs_v6 {
-            m.insert(&Key::new(prefix, addr), EnvValue { env }, 0)
-                .map_err(|e| bpf_err(format!("writing {}", maps::CIDR_ENVS_V6), e))?;
-        }
-    }
-    {
-        let mut m: LpmTrie<_, RuleKey, RuleValue> = map(ebpf, maps::RULES)?;
-        for &(prefix, key, rule) in &compiled.rules {
-            m.insert(&Key::new(prefix, key), RuleValue { rule }, 0)
-                .map_err(|e| bpf_err(format!("writing {}", maps::RULES), e))?;
-        }
-    }
-    set_config(
-        ebpf,
-        Config::new(
-            compiled.mode,
-            generation,
-            compiled.min_level,
-            compiled.max_level,
-        ),
-    )
-}
-
-pub fn set_config(ebpf: &mut Ebpf, config: Config) -> Result<()> {
-    let mut m: Array<_, Config> = map(ebpf, maps::CONFIG)?;
-    m.set(0, config, 0)
-        .map_err(|e| bpf_err(format!("writing {}", maps::CONFIG), e))
-}
-
-/// Adds or removes one cgroup of the policy, as it appears or goes away.
-pub fn set_cgroup(ebpf: &mut Ebpf, id: u64, env: Option<u32>) -> Result<()> {
-    let mut m: HashMap<_, u64, EnvValue> = map(ebpf, maps::CGROUP_ENVS)?;
-    match env {
-        Some(env) => m.insert(id, EnvValue { env }, 0),
-        None => m.remove(&id),
-    }
-    .map_err(|e| bpf_err(format!("updating {}", maps::CGROUP_ENVS), e))
-}
-
 fn map<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<&'a mut aya::maps::Map>,
@@ -185,73 +503,101 @@ where
     T::try_from(m).map_err(|e| bpf_err(format!("opening map {name}"), e))
 }
 
-/// Attaches every program to `cgroup` (a directory under the cgroup2 mount).
-/// aya attaches through BPF links, which the kernel always treats as
-/// multi-attach (and refuses any flag for): whatever else is attached there
-/// (systemd's, other tools') stays in force, and a call or packet passes only
-/// if every program passes it.
-pub fn attach(ebpf: &mut Ebpf, cgroup: &Path) -> Result<()> {
-    let dir = File::open(cgroup).map_err(|source| Error::Io {
-        context: format!("opening cgroup {}", cgroup.display()),
-        source,
-    })?;
-    for &name in PROGRAMS {
-        let context = || format!("attaching {name} to {}", cgroup.display());
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or_else(|| bpf_msg(context(), "program missing"))?;
-        let mode = CgroupAttachMode::Single;
-        let res = match prog {
-            aya::programs::Program::CgroupSockAddr(p) => p.attach(&dir, mode).map(drop),
-            aya::programs::Program::CgroupSock(p) => p.attach(&dir, mode).map(drop),
-            aya::programs::Program::CgroupSkb(p) => {
-                let ty = if name == programs::SKB_INGRESS {
-                    CgroupSkbAttachType::Ingress
-                } else {
-                    CgroupSkbAttachType::Egress
-                };
-                p.attach(&dir, ty, mode).map(drop)
-            }
-            _ => return Err(bpf_msg(context(), "unexpected program type")),
-        };
-        res.map_err(|e| bpf_err(context(), e))?;
+fn array_get<T: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
+    let m: Array<_, T> = map(ebpf, name)?;
+    m.get(&0, 0)
+        .map_err(|e| bpf_err(format!("reading {name}"), e))
+}
+
+fn clear_hash<K: aya::Pod, V: aya::Pod>(
+    m: &mut HashMap<&mut MapData, K, V>,
+    name: &str,
+) -> Result<()> {
+    let keys: Vec<K> = m.keys().filter_map(std::result::Result::ok).collect();
+    for k in keys {
+        m.remove(&k)
+            .map_err(|e| bpf_err(format!("clearing {name}"), e))?;
     }
     Ok(())
 }
 
-/// Records local sockets bound before the programs were attached.
-pub fn record_bound(ebpf: &mut Ebpf, sockets: &[(BoundKey, BoundValue)]) -> Result<()> {
-    {
-        let mut m: HashMap<_, BoundKey, BoundValue> = map(ebpf, maps::BOUND_SOCKETS)?;
-        for (k, v) in sockets {
-            m.insert(k, v, 0)
-                .map_err(|e| bpf_err(format!("writing {}", maps::BOUND_SOCKETS), e))?;
+/// Empties an LPM trie, then fills it.
+fn fill_trie<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    entries: impl Iterator<Item = (Key<K>, V)>,
+) -> Result<()> {
+    let mut m: LpmTrie<_, K, V> = map(ebpf, name)?;
+    let keys: Vec<Key<K>> = m.keys().filter_map(std::result::Result::ok).collect();
+    for k in keys {
+        m.remove(&k)
+            .map_err(|e| bpf_err(format!("clearing {name}"), e))?;
+    }
+    for (k, v) in entries {
+        m.insert(&k, v, 0)
+            .map_err(|e| bpf_err(format!("writing {name}"), e))?;
+    }
+    Ok(())
+}
+
+/// Removes the pins of other layouts: their links first (which detaches their
+/// programs, the current layout's being attached already), then their maps.
+fn remove_other_layouts(pin_root: &Path, keep: &Path) -> Result<()> {
+    let entries =
+        fs::read_dir(pin_root).map_err(io_err(format!("listing {}", pin_root.display())))?;
+    for e in entries.filter_map(std::result::Result::ok) {
+        let path = e.path();
+        if path != keep && e.file_name().to_string_lossy().starts_with("layout-") {
+            log::info!(
+                "removing pinned state of another layout: {}",
+                path.display()
+            );
+            remove_layout(&path)?;
         }
     }
-    let mut m: HashMap<_, u64, BoundKey> = map(ebpf, maps::BOUND_BY_COOKIE)?;
-    for (k, v) in sockets {
-        m.insert(v.cookie, k, 0)
-            .map_err(|e| bpf_err(format!("writing {}", maps::BOUND_BY_COOKIE), e))?;
-    }
     Ok(())
 }
 
-pub fn attached_hooks() -> &'static [&'static str] {
-    PROGRAMS
+fn remove_layout(dir: &Path) -> Result<()> {
+    for sub in ["links", "maps"] {
+        let d = dir.join(sub);
+        if let Ok(entries) = fs::read_dir(&d) {
+            for e in entries.filter_map(std::result::Result::ok) {
+                fs::remove_file(e.path())
+                    .map_err(io_err(format!("removing {}", e.path().display())))?;
+            }
+            fs::remove_dir(&d).map_err(io_err(format!("removing {}", d.display())))?;
+        }
+    }
+    fs::remove_dir(dir).map_err(io_err(format!("removing {}", dir.display())))
 }
 
-pub fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
-    let m = ebpf
-        .take_map(maps::EVENTS)
-        .ok_or_else(|| bpf_msg(format!("opening map {}", maps::EVENTS), "missing"))?;
-    RingBuf::try_from(m).map_err(|e| bpf_err(format!("opening map {}", maps::EVENTS), e))
-}
-
-/// Sum over CPUs of one kernel counter.
-pub fn counter(ebpf: &mut Ebpf, which: Counter) -> Result<u64> {
-    let m: PerCpuArray<_, u64> = map(ebpf, maps::COUNTERS)?;
-    let values = m
-        .get(&(which as u32), 0)
-        .map_err(|e| bpf_err(format!("reading {}", maps::COUNTERS), e))?;
-    Ok(values.iter().sum())
+/// Removes everything envguard pinned under `pin_root`: every link (detaching
+/// its program), every map, the directories. Refuses while an agent holds it.
+pub fn detach(pin_root: &Path) -> Result<usize> {
+    if !pin_root.exists() {
+        return Ok(0);
+    }
+    let lock = sys::lock_dir(pin_root)?;
+    let mut removed = 0;
+    let entries =
+        fs::read_dir(pin_root).map_err(io_err(format!("listing {}", pin_root.display())))?;
+    for e in entries.filter_map(std::result::Result::ok) {
+        if e.file_name().to_string_lossy().starts_with("layout-") {
+            remove_layout(&e.path())?;
+            removed += 1;
+        }
+    }
+    drop(lock);
+    match fs::remove_dir(pin_root) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            log::warn!(
+                "{} holds files envguard did not make; left in place",
+                pin_root.display()
+            );
+        }
+        Err(e) => return Err(io_err(format!("removing {}", pin_root.display()))(e)),
+    }
+    Ok(removed)
 }

@@ -85,6 +85,11 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
 }
 
+/// CLOCK_BOOTTIME now, the clock of `bpf_ktime_get_boot_ns`.
+pub fn boot_ns() -> u64 {
+    clock_ns(libc::CLOCK_BOOTTIME) as u64
+}
+
 /// Wall-clock time of a CLOCK_BOOTTIME instant, in ns since the epoch.
 pub fn boot_ns_to_unix_ns(boot_ns: u64) -> i128 {
     let offset = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME);
@@ -165,6 +170,80 @@ impl CgroupNames {
         let rel = full.strip_prefix(&self.mount).ok()?;
         Some(format!("/{}", rel.display()))
     }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and buffer.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Makes sure `pin_root` can be created on a bpffs: mounts one at
+/// /sys/fs/bpf when the pin root is below it and nothing is mounted there.
+pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
+    let mut existing = pin_root;
+    while !existing.exists() {
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    if is_bpffs(existing) {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if pin_root.starts_with(default) && default.is_dir() {
+        // SAFETY: constant, valid C strings.
+        let r = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c"/sys/fs/bpf".as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if r == 0 {
+            log::info!("mounted bpffs at /sys/fs/bpf");
+            return Ok(());
+        }
+        return Err(Error::Io {
+            context: "mounting bpffs at /sys/fs/bpf (try `mount -t bpf bpf /sys/fs/bpf`)".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Err(Error::NoBpffs {
+        pin_root: pin_root.to_owned(),
+    })
+}
+
+/// Creates `dir` and takes an exclusive lock on it, held as long as the
+/// returned file is open: one agent per pin root.
+pub fn lock_dir(dir: &Path) -> Result<fs::File> {
+    fs::create_dir_all(dir).map_err(|source| Error::Io {
+        context: format!("creating {}", dir.display()),
+        source,
+    })?;
+    let f = fs::File::open(dir).map_err(|source| Error::Io {
+        context: format!("opening {}", dir.display()),
+        source,
+    })?;
+    // SAFETY: valid fd.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let source = std::io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::AlreadyRunning {
+                pin_root: dir.to_owned(),
+            });
+        }
+        return Err(Error::Io {
+            context: format!("locking {}", dir.display()),
+            source,
+        });
+    }
+    Ok(f)
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF maps against it

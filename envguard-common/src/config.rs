@@ -1,4 +1,4 @@
-//! The single-entry configuration map and the kernel's counters.
+//! The global configuration, the agent's state and the kernel's counters.
 
 /// Modes, as stored in `Config::mode`.
 pub const MODE_AUDIT: u32 = 0;
@@ -9,31 +9,94 @@ pub const MODE_ENFORCE: u32 = 1;
 /// stay well below it, and the agent refuses a policy that lists a deeper cgroup.
 pub const MAX_CGROUP_LEVEL: u32 = 32;
 
-/// Global settings, read by every program run.
+/// The single entry of `CONFIG`. Eight bytes, so that one update is one
+/// aligned 8-byte copy: a program never sees a new generation with an old mode.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
+    /// Bumped on every policy load. Its low bit selects the active slot of the
+    /// double-buffered policy maps (`*_A` for 0, `*_B` for 1); cached verdicts
+    /// of another generation are stale.
+    pub generation: u32,
     /// `MODE_AUDIT` or `MODE_ENFORCE`.
     pub mode: u32,
-    /// Bumped on every policy load; cached verdicts from another generation are stale.
-    pub generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 8);
+
+impl Config {
+    pub const fn new(generation: u32, mode: u32) -> Self {
+        Self { generation, mode }
+    }
+
+    /// 0 or 1: which set of policy maps is in force.
+    pub const fn slot(&self) -> u32 {
+        self.generation & 1
+    }
+}
+
+/// The single entry of `POLICY_META_A/B`: facts about one policy slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyMeta {
     /// Shallowest level of a listed cgroup (the walk starts there).
     pub min_level: u32,
     /// Deepest level of a listed cgroup (the walk stops there).
     pub max_level: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<PolicyMeta>() == 8);
 
-impl Config {
-    pub const fn new(mode: u32, generation: u32, min_level: u32, max_level: u32) -> Self {
+impl PolicyMeta {
+    pub const fn new(min_level: u32, max_level: u32) -> Self {
         Self {
-            mode,
-            generation,
             min_level,
             max_level,
         }
     }
 }
+
+/// What the kernel does with new flows of an env once the agent is gone.
+pub const ON_LOSS_KEEP: u32 = 0;
+pub const ON_LOSS_OPEN: u32 = 1;
+pub const ON_LOSS_CLOSED: u32 = 2;
+
+/// `ENV_LOSS_A/B` entry, indexed by env id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnvLoss {
+    /// Heartbeat age after which `mode` applies.
+    pub timeout_ns: u64,
+    /// `ON_LOSS_*`.
+    pub mode: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<EnvLoss>() == 16);
+
+impl EnvLoss {
+    pub const fn new(mode: u32, timeout_ns: u64) -> Self {
+        Self {
+            timeout_ns,
+            mode,
+            _pad: 0,
+        }
+    }
+}
+
+/// The single entry of `AGENT_STATE`, written by the agent only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentState {
+    /// CLOCK_BOOTTIME of the agent's last heartbeat; 0 before the first.
+    pub heartbeat_ns: u64,
+    /// Identifies the build whose programs the pinned links run, so a restart
+    /// of the same build keeps them and an upgrade replaces them.
+    pub object_hash: u64,
+    /// The cgroup the pinned links are attached to.
+    pub cgroup_id: u64,
+    /// How much of `Counter::EventsLost` agents have reported so far, so a
+    /// restarted agent reports exactly the losses nobody reported.
+    pub lost_reported: u64,
+}
+const _: () = assert!(core::mem::size_of::<AgentState>() == 32);
 
 /// Indexes into the per-CPU `COUNTERS` array.
 #[repr(u32)]

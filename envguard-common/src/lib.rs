@@ -19,6 +19,9 @@ mod pod {
     // SAFETY: all of these are `#[repr(C)]`, plain integers and byte arrays, with
     // every padding byte spelled out, so any bit pattern is a valid value.
     unsafe impl aya::Pod for config::Config {}
+    unsafe impl aya::Pod for config::PolicyMeta {}
+    unsafe impl aya::Pod for config::EnvLoss {}
+    unsafe impl aya::Pod for config::AgentState {}
     unsafe impl aya::Pod for policy::EnvValue {}
     unsafe impl aya::Pod for policy::RuleKey {}
     unsafe impl aya::Pod for policy::RuleValue {}

@@ -1,15 +1,26 @@
 //! Map names, shared so that userspace never repeats a literal.
 
+//! The policy is double-buffered: each policy map exists twice, `_A` and `_B`;
+//! `Config::generation`'s low bit says which set is in force. A new policy is
+//! written into the other set and made active with one update of `CONFIG`, so
+//! no packet is ever judged by a half-written policy.
+
 /// `HashMap<u64 cgroup id, EnvValue>`: cgroups listed in the policy.
-pub const CGROUP_ENVS: &str = "CGROUP_ENVS";
+pub const CGROUP_ENVS: [&str; 2] = ["CGROUP_ENVS_A", "CGROUP_ENVS_B"];
 /// `LpmTrie<[u8; 4], EnvValue>`: IPv4 CIDRs of the envs.
-pub const CIDR_ENVS_V4: &str = "CIDR_ENVS_V4";
+pub const CIDR_ENVS_V4: [&str; 2] = ["CIDR_ENVS_V4_A", "CIDR_ENVS_V4_B"];
 /// `LpmTrie<[u8; 16], EnvValue>`: IPv6 CIDRs of the envs.
-pub const CIDR_ENVS_V6: &str = "CIDR_ENVS_V6";
+pub const CIDR_ENVS_V6: [&str; 2] = ["CIDR_ENVS_V6_A", "CIDR_ENVS_V6_B"];
 /// `LpmTrie<RuleKey, RuleValue>`: allowed (source env, destination env, proto, port) flows.
-pub const RULES: &str = "RULES";
-/// `Array<Config>` with one entry: mode, policy generation, walk bounds.
+pub const RULES: [&str; 2] = ["RULES_A", "RULES_B"];
+/// `Array<PolicyMeta>` with one entry: the cgroup walk's bounds.
+pub const POLICY_META: [&str; 2] = ["POLICY_META_A", "POLICY_META_B"];
+/// `Array<EnvLoss>` indexed by env id: the fail mode when the agent is gone.
+pub const ENV_LOSS: [&str; 2] = ["ENV_LOSS_A", "ENV_LOSS_B"];
+/// `Array<Config>` with one entry: generation (and so the active slot), mode.
 pub const CONFIG: &str = "CONFIG";
+/// `Array<AgentState>` with one entry: the agent's heartbeat and build.
+pub const AGENT_STATE: &str = "AGENT_STATE";
 /// `LruHashMap<FlowKey, FlowVerdict>`: per-socket, per-peer verdict cache.
 pub const FLOW_VERDICTS: &str = "FLOW_VERDICTS";
 /// `LruHashMap<TupleKey, FlowVerdict>`: inbound TCP decisions taken on a listener,
@@ -24,6 +35,36 @@ pub const EVENTS: &str = "EVENTS";
 /// `PerCpuArray<u64>` of counters, indexed by `config::Counter`.
 pub const COUNTERS: &str = "COUNTERS";
 
+/// Every map, for pinning and removal.
+pub const ALL: [&str; 20] = [
+    CGROUP_ENVS[0],
+    CGROUP_ENVS[1],
+    CIDR_ENVS_V4[0],
+    CIDR_ENVS_V4[1],
+    CIDR_ENVS_V6[0],
+    CIDR_ENVS_V6[1],
+    RULES[0],
+    RULES[1],
+    POLICY_META[0],
+    POLICY_META[1],
+    ENV_LOSS[0],
+    ENV_LOSS[1],
+    CONFIG,
+    AGENT_STATE,
+    FLOW_VERDICTS,
+    INBOUND_TUPLES,
+    BOUND_SOCKETS,
+    BOUND_BY_COOKIE,
+    EVENTS,
+    COUNTERS,
+];
+
+/// Bump when a map's type, key, value or meaning changes: pinned maps of
+/// another layout are never adopted, only replaced.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Number of env ids (`host`, `world` and the declared envs).
+pub const MAX_ENVS: u32 = 1024;
 /// Capacity of `CGROUP_ENVS`.
 pub const MAX_CGROUPS: u32 = 16_384;
 /// Capacity of each CIDR trie.

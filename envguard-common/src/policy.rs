@@ -51,6 +51,9 @@ impl RuleKey {
 
 /// Rule id for a decision no rule took (same env, or no rule matched).
 pub const RULE_NONE: u32 = u32::MAX;
+/// Rule ids of the agent-loss fail modes.
+pub const RULE_AGENT_LOSS_OPEN: u32 = u32::MAX - 3;
+pub const RULE_AGENT_LOSS_CLOSED: u32 = u32::MAX - 4;
 
 /// Value of `RULES`: the rule that allowed the flow, for attribution.
 #[repr(C)]

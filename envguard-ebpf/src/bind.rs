@@ -15,7 +15,7 @@ use envguard_common::{
 };
 
 use crate::{
-    classify::{bound_addr, config, count, local_env},
+    classify::{bound_addr, config, count, local_env, policy},
     maps::{BOUND_BY_COOKIE, BOUND_SOCKETS},
     net::{IPPROTO_TCP, IPPROTO_UDP, read_v6_words},
 };
@@ -63,8 +63,8 @@ fn record(ctx: &SockContext, family: u8) {
     };
     let netns = unsafe { bpf_get_netns_cookie(sk.cast()) };
     let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
-    let cfg = config();
-    let local = local_env(&cfg, |level| unsafe {
+    let p = policy(config());
+    let local = local_env(&p, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     });
     let key = BoundKey::new(netns, addr, port, proto, family);

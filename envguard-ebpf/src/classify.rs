@@ -1,20 +1,27 @@
 //! Env resolution and the decision, shared by all programs.
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple},
-    helpers::{bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    helpers::{bpf_ktime_get_boot_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     maps::lpm_trie::Key,
 };
 use envguard_common::{
-    config::{Config, Counter, MAX_CGROUP_LEVEL, MODE_AUDIT},
+    config::{
+        Config, Counter, MAX_CGROUP_LEVEL, MODE_AUDIT, ON_LOSS_CLOSED, ON_LOSS_KEEP, ON_LOSS_OPEN,
+        PolicyMeta,
+    },
     event::{ENV_FROM_CGROUP, ENV_FROM_CIDR, ENV_FROM_DEFAULT, ENV_FROM_SOCKET},
     flow::{BoundKey, DECISION_ALLOW, DECISION_VIOLATION, FlowKey, FlowVerdict},
-    policy::{ENV_HOST, ENV_WORLD, RULE_NONE, RULE_PREFIX_PORT, RuleKey},
+    policy::{
+        ENV_HOST, ENV_WORLD, RULE_AGENT_LOSS_CLOSED, RULE_AGENT_LOSS_OPEN, RULE_NONE,
+        RULE_PREFIX_PORT, RuleKey,
+    },
 };
 
 use crate::{
     maps::{
-        BOUND_SOCKETS, CGROUP_ENVS, CIDR_ENVS_V4, CIDR_ENVS_V6, CONFIG, COUNTERS, FLOW_VERDICTS,
-        RULES,
+        AGENT_STATE, BOUND_SOCKETS, CGROUP_ENVS_A, CGROUP_ENVS_B, CIDR_ENVS_V4_A, CIDR_ENVS_V4_B,
+        CIDR_ENVS_V6_A, CIDR_ENVS_V6_B, CONFIG, COUNTERS, ENV_LOSS_A, ENV_LOSS_B, FLOW_VERDICTS,
+        POLICY_META_A, POLICY_META_B, RULES_A, RULES_B,
     },
     net::{IPPROTO_TCP, IPPROTO_UDP, unmapped_v4, v6_words},
 };
@@ -41,13 +48,41 @@ impl Decision {
     }
 }
 
+/// What one program run needs to know about the policy in force.
+pub struct Policy {
+    pub cfg: Config,
+    pub meta: PolicyMeta,
+}
+
+impl Policy {
+    #[inline(always)]
+    fn slot_b(&self) -> bool {
+        self.cfg.slot() == 1
+    }
+}
+
 /// The configuration; an array entry always exists, and a zeroed one means
-/// audit mode with no cgroups listed, which is what an unloaded policy is.
+/// audit mode, which is what an unloaded policy is.
 #[inline(always)]
 pub fn config() -> Config {
     match CONFIG.get(0) {
         Some(c) => *c,
-        None => Config::new(MODE_AUDIT, 0, 1, 0),
+        None => Config::new(0, MODE_AUDIT),
+    }
+}
+
+/// The configuration and the active slot's facts.
+#[inline(always)]
+pub fn policy(cfg: Config) -> Policy {
+    let meta = if cfg.slot() == 1 {
+        POLICY_META_B.get(0)
+    } else {
+        POLICY_META_A.get(0)
+    };
+    Policy {
+        cfg,
+        // With no policy loaded the walk is empty: min above max.
+        meta: meta.copied().unwrap_or(PolicyMeta::new(1, 0)),
     }
 }
 
@@ -63,15 +98,15 @@ pub fn count(counter: Counter) {
 /// deepest listed ancestor wins, so nested envs and cgroups created after the
 /// policy was loaded are covered without userspace.
 #[inline(always)]
-pub fn local_env(cfg: &Config, ancestor: impl Fn(i32) -> u64) -> Side {
+pub fn local_env(p: &Policy, ancestor: impl Fn(i32) -> u64) -> Side {
     let mut side = Side {
         env: ENV_HOST,
         from: ENV_FROM_DEFAULT,
         cgroup_id: 0,
     };
-    let mut level = cfg.min_level;
-    let max = if cfg.max_level < MAX_CGROUP_LEVEL {
-        cfg.max_level
+    let mut level = p.meta.min_level;
+    let max = if p.meta.max_level < MAX_CGROUP_LEVEL {
+        p.meta.max_level
     } else {
         MAX_CGROUP_LEVEL
     };
@@ -87,7 +122,12 @@ pub fn local_env(cfg: &Config, ancestor: impl Fn(i32) -> u64) -> Side {
             // The cgroup is shallower than `level`.
             break;
         }
-        if let Some(v) = unsafe { CGROUP_ENVS.get(&id) } {
+        let hit = if p.slot_b() {
+            unsafe { CGROUP_ENVS_B.get(&id) }
+        } else {
+            unsafe { CGROUP_ENVS_A.get(&id) }
+        };
+        if let Some(v) = hit {
             side.env = v.env;
             side.from = ENV_FROM_CGROUP;
             side.cgroup_id = id;
@@ -99,10 +139,12 @@ pub fn local_env(cfg: &Config, ancestor: impl Fn(i32) -> u64) -> Side {
 
 /// The env of a remote address by longest-prefix match.
 #[inline(always)]
-pub fn cidr_env(addr: &[u8; 16]) -> Side {
-    let hit = match unmapped_v4(addr) {
-        Some(v4) => CIDR_ENVS_V4.get(Key::new(32, v4)),
-        None => CIDR_ENVS_V6.get(Key::new(128, *addr)),
+pub fn cidr_env(p: &Policy, addr: &[u8; 16]) -> Side {
+    let hit = match (unmapped_v4(addr), p.slot_b()) {
+        (Some(v4), false) => CIDR_ENVS_V4_A.get(Key::new(32, v4)),
+        (Some(v4), true) => CIDR_ENVS_V4_B.get(Key::new(32, v4)),
+        (None, false) => CIDR_ENVS_V6_A.get(Key::new(128, *addr)),
+        (None, true) => CIDR_ENVS_V6_B.get(Key::new(128, *addr)),
     };
     match hit {
         Some(v) => Side {
@@ -186,19 +228,26 @@ pub fn bound_addr(family: u8, v4: u32, v6: [u8; 16]) -> [u8; 16] {
     }
 }
 
-/// The policy's decision for a flow from `src` to `dst` on `proto`/`port`.
+/// The policy's decision for a flow from `src` to `dst` on `proto`/`port`,
+/// overridden by the envs' fail modes when the agent has been gone too long.
 #[inline(always)]
-pub fn decide(src: u32, dst: u32, proto: u8, port: u16) -> Decision {
+pub fn decide(p: &Policy, src: u32, dst: u32, proto: u8, port: u16) -> Decision {
+    if let Some(d) = agent_loss(p, src, dst) {
+        return d;
+    }
     if src == dst {
         return Decision {
             decision: DECISION_ALLOW,
             rule: RULE_NONE,
         };
     }
-    match RULES.get(Key::new(
-        RULE_PREFIX_PORT,
-        RuleKey::new(src, dst, proto, port),
-    )) {
+    let key = Key::new(RULE_PREFIX_PORT, RuleKey::new(src, dst, proto, port));
+    let hit = if p.slot_b() {
+        RULES_B.get(key)
+    } else {
+        RULES_A.get(key)
+    };
+    match hit {
         Some(v) => Decision {
             decision: DECISION_ALLOW,
             rule: v.rule,
@@ -207,6 +256,47 @@ pub fn decide(src: u32, dst: u32, proto: u8, port: u16) -> Decision {
             decision: DECISION_VIOLATION,
             rule: RULE_NONE,
         },
+    }
+}
+
+/// The watchdog: once the agent's heartbeat is older than an env's timeout,
+/// that env's fail mode decides its new flows; closed beats open. `None` while
+/// the agent is alive, or before any agent wrote a heartbeat.
+#[inline(always)]
+fn agent_loss(p: &Policy, src: u32, dst: u32) -> Option<Decision> {
+    let heartbeat = AGENT_STATE.get(0)?.heartbeat_ns;
+    if heartbeat == 0 {
+        return None;
+    }
+    let age = unsafe { bpf_ktime_get_boot_ns() }.saturating_sub(heartbeat);
+    let mut open = false;
+    let mut closed = false;
+    for env in [src, dst] {
+        let loss = if p.slot_b() {
+            ENV_LOSS_B.get(env)
+        } else {
+            ENV_LOSS_A.get(env)
+        };
+        if let Some(l) = loss
+            && l.mode != ON_LOSS_KEEP
+            && age > l.timeout_ns
+        {
+            open |= l.mode == ON_LOSS_OPEN;
+            closed |= l.mode == ON_LOSS_CLOSED;
+        }
+    }
+    if closed {
+        Some(Decision {
+            decision: DECISION_VIOLATION,
+            rule: RULE_AGENT_LOSS_CLOSED,
+        })
+    } else if open {
+        Some(Decision {
+            decision: DECISION_ALLOW,
+            rule: RULE_AGENT_LOSS_OPEN,
+        })
+    } else {
+        None
     }
 }
 

@@ -5,26 +5,49 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use envguard_common::{
-    config::{Config, NUM_COUNTERS},
+    config::{AgentState, Config, EnvLoss, NUM_COUNTERS, PolicyMeta},
     flow::{BoundKey, BoundValue, FlowKey, FlowVerdict, TupleKey},
     maps::*,
     policy::{EnvValue, RuleKey, RuleValue},
 };
 
-#[map]
-pub static CGROUP_ENVS: HashMap<u64, EnvValue> = HashMap::with_max_entries(MAX_CGROUPS, 0);
+// The policy maps come in two slots (see `envguard_common::maps`).
 
 #[map]
-pub static CIDR_ENVS_V4: LpmTrie<[u8; 4], EnvValue> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+pub static CGROUP_ENVS_A: HashMap<u64, EnvValue> = HashMap::with_max_entries(MAX_CGROUPS, 0);
+#[map]
+pub static CGROUP_ENVS_B: HashMap<u64, EnvValue> = HashMap::with_max_entries(MAX_CGROUPS, 0);
 
 #[map]
-pub static CIDR_ENVS_V6: LpmTrie<[u8; 16], EnvValue> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+pub static CIDR_ENVS_V4_A: LpmTrie<[u8; 4], EnvValue> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+#[map]
+pub static CIDR_ENVS_V4_B: LpmTrie<[u8; 4], EnvValue> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 
 #[map]
-pub static RULES: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
+pub static CIDR_ENVS_V6_A: LpmTrie<[u8; 16], EnvValue> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+#[map]
+pub static CIDR_ENVS_V6_B: LpmTrie<[u8; 16], EnvValue> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+
+#[map]
+pub static RULES_A: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
+#[map]
+pub static RULES_B: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
+
+#[map]
+pub static POLICY_META_A: Array<PolicyMeta> = Array::with_max_entries(1, 0);
+#[map]
+pub static POLICY_META_B: Array<PolicyMeta> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static ENV_LOSS_A: Array<EnvLoss> = Array::with_max_entries(MAX_ENVS, 0);
+#[map]
+pub static ENV_LOSS_B: Array<EnvLoss> = Array::with_max_entries(MAX_ENVS, 0);
 
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static AGENT_STATE: Array<AgentState> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static FLOW_VERDICTS: LruHashMap<FlowKey, FlowVerdict> =

@@ -15,7 +15,7 @@ use envguard_common::{
 };
 
 use crate::{
-    classify::{cidr_env, config, count, decide, local_env, remember},
+    classify::{cidr_env, config, count, decide, local_env, policy, remember},
     event::{emit, set_sides},
     maps::INBOUND_TUPLES,
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4},
@@ -203,23 +203,24 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         return Ok(verdict(&cfg, decision));
     }
 
-    let local = local_env(&cfg, |level| unsafe {
+    let p = policy(cfg);
+    let local = local_env(&p, |level| unsafe {
         bpf_skb_ancestor_cgroup_id(raw, level)
     });
-    let remote = cidr_env(remote_addr);
+    let remote = cidr_env(&p, remote_addr);
     let mut decision = if ingress {
-        decide(remote.env, local.env, pkt.proto, local_port)
+        decide(&p, remote.env, local.env, pkt.proto, local_port)
     } else {
-        decide(local.env, remote.env, pkt.proto, remote_port)
+        decide(&p, local.env, remote.env, pkt.proto, remote_port)
     };
     let syn_only = is_tcp && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     // A packet that does not start a connection may be the answer within a flow
     // that started the other way before envguard could see it.
     if decision.is_violation() && !syn_only {
         let reverse = if ingress {
-            decide(local.env, remote.env, pkt.proto, remote_port)
+            decide(&p, local.env, remote.env, pkt.proto, remote_port)
         } else {
-            decide(remote.env, local.env, pkt.proto, local_port)
+            decide(&p, remote.env, local.env, pkt.proto, local_port)
         };
         if !reverse.is_violation() {
             decision = reverse;

@@ -14,7 +14,8 @@ use envguard_common::{
 
 use crate::{
     classify::{
-        Decision, Side, cached, cidr_env, config, decide, local_env, local_peer_env, remember,
+        Decision, Side, cached, cidr_env, config, decide, local_env, local_peer_env, policy,
+        remember,
     },
     event::{emit, set_sides},
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4, read_v6_words, unmapped_v4},
@@ -49,7 +50,8 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     if cached(&flow, cfg.generation) == Some(DECISION_ALLOW) {
         return ALLOW;
     }
-    let local = local_env(&cfg, |level| unsafe {
+    let p = policy(cfg);
+    let local = local_env(&p, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     });
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
@@ -61,9 +63,9 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         proto,
     ) {
         Some(peer) => peer,
-        None => cidr_env(&remote_addr),
+        None => cidr_env(&p, &remote_addr),
     };
-    let decision = decide(local.env, remote.env, proto, remote_port);
+    let decision = decide(&p, local.env, remote.env, proto, remote_port);
     remember(&flow, cfg.generation, decision.decision);
     if decision.decision == DECISION_ALLOW {
         return ALLOW;

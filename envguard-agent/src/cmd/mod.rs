@@ -1,5 +1,6 @@
 //! One module per subcommand.
 pub mod check;
+pub mod detach;
 pub mod run;
 
 use std::path::Path;

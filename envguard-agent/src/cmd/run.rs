@@ -6,10 +6,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::{
-    Ebpf,
-    maps::{MapData, RingBuf},
-};
+use aya::maps::{MapData, RingBuf};
 use envguard_common::{config::Counter, event::ViolationEvent};
 use tokio::{
     io::unix::AsyncFd,
@@ -19,7 +16,7 @@ use tokio::{
 use crate::{
     error::Error,
     events::{self, LostEvents, PolicyLoaded, Stream},
-    loader,
+    loader::{self, Kernel, Options},
     policy::{
         Policy,
         compile::{Compiled, compile},
@@ -32,7 +29,10 @@ use crate::{
 ///
 /// Runs in the foreground. Events are JSON lines on stdout (the first is
 /// `policy_loaded`, printed once every program is attached); logs go to stderr.
-/// SIGINT and SIGTERM detach every program and exit 0.
+/// Programs, links and maps are pinned under --pin-root, so enforcement does
+/// not depend on this process: SIGINT and SIGTERM exit 0 and leave it in place
+/// (`envguard detach` removes it), and the next `envguard run` adopts it
+/// without a moment unguarded.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The policy file (TOML).
@@ -43,13 +43,29 @@ pub struct RunArgs {
     /// (e.g. /test.slice), like the policy's cgroups.
     #[arg(long, value_name = "PATH")]
     pub cgroup_root: Option<String>,
+    /// Where programs, links and maps are pinned (on a bpf filesystem; bpffs
+    /// is mounted at /sys/fs/bpf if nothing is).
+    #[arg(long, value_name = "DIR", default_value = loader::DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
+    /// On SIGINT/SIGTERM, remove every program, link and pin instead of
+    /// leaving enforcement in place (for ephemeral use).
+    #[arg(long)]
+    pub detach_on_exit: bool,
+    /// Size of the kernel's event ring buffer in bytes (a power of two, at
+    /// least 4096). Changing it replaces the pinned maps.
+    #[arg(long, value_name = "BYTES")]
+    pub ringbuf_bytes: Option<u32>,
+    /// Capacity of the kernel's per-flow verdict cache (an LRU: a flow evicted
+    /// from it is classified again). Changing it replaces the pinned maps.
+    #[arg(long, value_name = "N")]
+    pub flow_cache_entries: Option<u32>,
     /// Print the kernel verifier's log when it rejects a program.
     #[arg(long)]
     pub verifier_log: bool,
 }
 
-/// How often listed-but-missing cgroups are looked for, and kernel loss
-/// counters read.
+/// How often the agent beats, looks for listed-but-missing cgroups and reads
+/// the kernel's loss counters.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
@@ -64,6 +80,7 @@ async fn run_async(args: &RunArgs) -> anyhow::Result<()> {
     if !sys::is_root() {
         return Err(Error::NotRoot.into());
     }
+    let started = std::time::Instant::now();
     let policy = Policy::load(&args.policy)?;
     let compiled = compile(&policy)?;
     let mount = sys::cgroup2_mount()?;
@@ -87,24 +104,40 @@ async fn run_async(args: &RunArgs) -> anyhow::Result<()> {
         }
     }
 
-    let mut ebpf = loader::load(args.verifier_log)?;
+    let mut kernel = Kernel::open(&Options {
+        pin_root: args.pin_root.clone(),
+        verifier_log: args.verifier_log,
+        ringbuf_bytes: args.ringbuf_bytes,
+        flow_cache_entries: args.flow_cache_entries,
+    })?;
     let tracker = CgroupTracker::new(&mount, &compiled);
-    loader::fill_maps(&mut ebpf, &compiled, &tracker.present(), 1)
+    // The policy goes into the maps before any new program is attached, so no
+    // program ever runs without it.
+    kernel
+        .apply_policy(&compiled, &tracker.present())
         .context("writing the policy into the kernel")?;
-    loader::attach(&mut ebpf, &root_dir)?;
+    kernel.attach(&root_dir)?;
     // After attaching: a socket bound from now on is recorded by the kernel,
     // one bound before is found here; none falls in between.
     let bound = scan::bound_sockets(&mount, &root_rel, |cgroup| {
         scan::env_of_cgroup(cgroup, &compiled.cgroups)
     });
-    loader::record_bound(&mut ebpf, &bound).context("recording sockets bound before start")?;
-    log::info!("recorded {} local sockets bound before start", bound.len());
+    kernel
+        .record_bound(&bound)
+        .context("recording sockets bound before start")?;
     log::info!(
-        "enforcing {} ({}) in {} mode at {}",
+        "{} {} ({}) in {} mode at {} in {} ms; {} local sockets bound before start recorded",
+        if kernel.adopted() {
+            "adopted pinned state, enforcing"
+        } else {
+            "enforcing"
+        },
         args.policy.display(),
         policy.revision,
         policy.mode,
-        root_dir.display()
+        root_dir.display(),
+        started.elapsed().as_millis(),
+        bound.len()
     );
 
     let mut names = CgroupNames::new(&mount);
@@ -124,40 +157,57 @@ async fn run_async(args: &RunArgs) -> anyhow::Result<()> {
             envs: policy.env_names(),
             mode: policy.mode.to_string(),
             cgroup_root: root_rel.clone(),
-            hooks: loader::attached_hooks(),
+            hooks: loader::PROGRAMS,
+            pin_root: args.pin_root.display().to_string(),
+            adopted: kernel.adopted(),
         },
     )?;
+    if let Some(prev) = kernel.previous.filter(|p| p.heartbeat_ns != 0) {
+        let gap = Duration::from_nanos(sys::boot_ns().saturating_sub(prev.heartbeat_ns));
+        stream.emit("agent_gap", None, &events::agent_gap(&policy, gap))?;
+    }
     stream.flush()?;
 
-    let events = loader::take_events(&mut ebpf)?;
+    let events = kernel.take_events()?;
     // SAFETY: the ring buffer owns its map fd, which stays open and the same
     // for as long as the AsyncFd owns the ring buffer.
     let ring = unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
     let mut daemon = Daemon {
-        ebpf,
+        kernel,
         policy,
         compiled,
         names,
         stream,
         tracker,
-        lost_reported: 0,
     };
     let result = daemon.serve(ring).await;
-    // Dropping the object closes the links: every program is detached.
-    drop(daemon.ebpf);
-    log::info!("detached from {}", root_dir.display());
+    let pin_root = daemon.kernel.pin_root().to_owned();
+    // Closes every fd of ours; the pins keep enforcement in place.
+    drop(daemon);
+    if args.detach_on_exit {
+        let removed = loader::detach(&pin_root)?;
+        log::info!(
+            "detached: removed {removed} pinned layouts under {}",
+            pin_root.display()
+        );
+    } else {
+        log::info!(
+            "exiting; enforcement stays in place, pinned under {} (`envguard detach --pin-root {}` removes it)",
+            pin_root.display(),
+            pin_root.display()
+        );
+    }
     result
 }
 
 struct Daemon {
-    ebpf: Ebpf,
+    kernel: Kernel,
     policy: Policy,
     compiled: Compiled,
     names: CgroupNames,
     stream: Stream<BufWriter<Stdout>>,
     tracker: CgroupTracker,
-    lost_reported: u64,
 }
 
 impl Daemon {
@@ -177,7 +227,7 @@ impl Daemon {
                 _ = sigint.recv() => break,
             }
         }
-        log::info!("signal received, detaching");
+        log::info!("signal received");
         self.drain(ring.get_mut())?;
         self.housekeeping()
     }
@@ -204,24 +254,25 @@ impl Daemon {
 
     fn housekeeping(&mut self) -> anyhow::Result<()> {
         for (id, env) in self.tracker.refresh() {
-            loader::set_cgroup(&mut self.ebpf, id, env)?;
+            self.kernel.set_cgroup(id, env)?;
         }
         for (path, id) in self.tracker.known() {
             self.names.insert(id, path);
         }
-        let lost = loader::counter(&mut self.ebpf, Counter::EventsLost)?;
-        if lost > self.lost_reported {
+        let lost = self.kernel.counter(Counter::EventsLost)?;
+        if lost > self.kernel.lost_reported {
             self.stream.emit(
                 "lost_events",
                 None,
                 &LostEvents {
                     source: "ringbuf",
-                    count: lost - self.lost_reported,
+                    count: lost - self.kernel.lost_reported,
                 },
             )?;
             self.stream.flush()?;
-            self.lost_reported = lost;
+            self.kernel.lost_reported = lost;
         }
+        self.kernel.heartbeat()?;
         Ok(())
     }
 }

@@ -2,15 +2,15 @@
 use std::net::IpAddr;
 
 use envguard_common::{
-    config::{MODE_AUDIT, MODE_ENFORCE},
-    maps::{MAX_CGROUPS, MAX_CIDRS, MAX_RULE_ENTRIES},
+    config::{EnvLoss, MODE_AUDIT, MODE_ENFORCE, ON_LOSS_CLOSED, ON_LOSS_KEEP, ON_LOSS_OPEN},
+    maps::{MAX_CGROUPS, MAX_CIDRS, MAX_ENVS, MAX_RULE_ENTRIES},
     policy::{
         ENV_HOST, ENV_WORLD, FIRST_DECLARED_ENV, RULE_PREFIX_PAIR, RULE_PREFIX_PORT,
         RULE_PREFIX_PROTO, RuleKey,
     },
 };
 
-use super::{Default, HOST, Mode, Policy, Rule, Selector, WORLD, cgroup_level};
+use super::{Default, HOST, Mode, OnLoss, Policy, Rule, Selector, WORLD, cgroup_level};
 use crate::error::PolicyError;
 
 /// Rule ids of the entries that the `[defaults]` section produces; ids below
@@ -33,6 +33,8 @@ pub struct Compiled {
     pub cidrs_v6: Vec<(u32, [u8; 16], u32)>,
     /// (prefix length, key, rule id).
     pub rules: Vec<(u32, RuleKey, u32)>,
+    /// Fail mode per env id (`host` and `world` keep).
+    pub env_loss: Vec<EnvLoss>,
 }
 
 impl Compiled {
@@ -111,6 +113,17 @@ pub fn compile(policy: &Policy) -> Result<Compiled, PolicyError> {
     let mut seen = std::collections::HashSet::new();
     rules.retain(|(prefix, key, _)| seen.insert((*prefix, *key)));
 
+    let mut env_loss = vec![EnvLoss::new(ON_LOSS_KEEP, 0); FIRST_DECLARED_ENV as usize];
+    env_loss.extend(policy.envs.iter().map(|e| {
+        let mode = match e.on_agent_loss {
+            OnLoss::Keep => ON_LOSS_KEEP,
+            OnLoss::Open => ON_LOSS_OPEN,
+            OnLoss::Closed => ON_LOSS_CLOSED,
+        };
+        EnvLoss::new(mode, e.agent_loss_timeout.as_nanos() as u64)
+    }));
+
+    check_size("env", env_names.len(), MAX_ENVS)?;
     check_size("cgroup", cgroups.len(), MAX_CGROUPS)?;
     check_size("IPv4 CIDR", cidrs_v4.len(), MAX_CIDRS)?;
     check_size("IPv6 CIDR", cidrs_v6.len(), MAX_CIDRS)?;
@@ -128,6 +141,7 @@ pub fn compile(policy: &Policy) -> Result<Compiled, PolicyError> {
         cidrs_v4,
         cidrs_v6,
         rules,
+        env_loss,
     })
 }
 

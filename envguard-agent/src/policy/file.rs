@@ -30,6 +30,8 @@ pub struct EnvFile {
     pub cgroups: Vec<Spanned<String>>,
     #[serde(default)]
     pub cidrs: Vec<Spanned<String>>,
+    pub on_agent_loss: Option<Spanned<String>>,
+    pub agent_loss_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,6 +10,7 @@ use std::{
     fmt,
     ops::Range,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use ipnetwork::IpNetwork;
@@ -48,12 +49,40 @@ pub enum Default {
     Deny,
 }
 
+/// What the kernel does with an env's new flows once the agent has been gone
+/// longer than the env's `agent_loss_timeout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnLoss {
+    /// Go on enforcing the policy as it was.
+    Keep,
+    /// Allow every new flow involving the env.
+    Open,
+    /// Refuse every new flow involving the env.
+    Closed,
+}
+
+impl fmt::Display for OnLoss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnLoss::Keep => "keep",
+            OnLoss::Open => "open",
+            OnLoss::Closed => "closed",
+        })
+    }
+}
+
+pub const DEFAULT_AGENT_LOSS_TIMEOUT: Duration = Duration::from_secs(30);
+/// The agent beats once a second; a shorter timeout would trip while it lives.
+pub const MIN_AGENT_LOSS_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Env {
     pub name: String,
     /// Normalised: absolute, no trailing slash, relative to the cgroup2 mount.
     pub cgroups: Vec<String>,
     pub cidrs: Vec<IpNetwork>,
+    pub on_agent_loss: OnLoss,
+    pub agent_loss_timeout: Duration,
 }
 
 /// One side of a rule.
@@ -253,10 +282,53 @@ impl Validator<'_> {
                     }
                 }
             }
+            let on_agent_loss = match env.on_agent_loss.as_ref() {
+                None => OnLoss::Keep,
+                Some(v) => match v.get_ref().as_str() {
+                    "keep" => OnLoss::Keep,
+                    "open" => OnLoss::Open,
+                    "closed" => OnLoss::Closed,
+                    other => {
+                        self.at(
+                            v,
+                            format!("on_agent_loss must be \"keep\", \"open\" or \"closed\", not {other:?}"),
+                        );
+                        OnLoss::Keep
+                    }
+                },
+            };
+            let agent_loss_timeout = match env.agent_loss_timeout.as_ref() {
+                None => DEFAULT_AGENT_LOSS_TIMEOUT,
+                Some(v) => match humantime::parse_duration(v.get_ref()) {
+                    Ok(d) if d >= MIN_AGENT_LOSS_TIMEOUT => d,
+                    Ok(_) => {
+                        self.at(
+                            v,
+                            format!(
+                                "agent_loss_timeout must be at least {} (the agent beats once a second)",
+                                humantime::format_duration(MIN_AGENT_LOSS_TIMEOUT)
+                            ),
+                        );
+                        DEFAULT_AGENT_LOSS_TIMEOUT
+                    }
+                    Err(e) => {
+                        self.at(
+                            v,
+                            format!(
+                                "invalid agent_loss_timeout {:?}: {e} (e.g. \"30s\", \"2m\")",
+                                v.get_ref()
+                            ),
+                        );
+                        DEFAULT_AGENT_LOSS_TIMEOUT
+                    }
+                },
+            };
             envs.push(Env {
                 name: n.clone(),
                 cgroups,
                 cidrs,
+                on_agent_loss,
+                agent_loss_timeout,
             });
         }
 
