@@ -100,6 +100,15 @@ pub fn agent_gap(policy: &Policy, gap: std::time::Duration) -> AgentGap {
     }
 }
 
+/// A kernel counter that grew: `map_full` (an insertion into the named map
+/// failed; the flow is classified again next time, or a bound socket's env is
+/// unknown to its same-host peers) or `unparsable_packets`.
+#[derive(Serialize)]
+pub struct CounterRecord {
+    pub source: &'static str,
+    pub count: u64,
+}
+
 #[derive(Serialize)]
 pub struct LostEvents {
     pub source: &'static str,

@@ -7,7 +7,11 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use envguard_common::{config::Counter, event::ViolationEvent};
+use envguard_common::{
+    config::{Counter, NUM_COUNTERS},
+    event::ViolationEvent,
+    maps,
+};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -15,7 +19,7 @@ use tokio::{
 
 use crate::{
     error::Error,
-    events::{self, LostEvents, PolicyLoaded, Stream},
+    events::{self, CounterRecord, LostEvents, PolicyLoaded, Stream},
     loader::{self, Kernel, Options},
     policy::{
         Policy,
@@ -173,6 +177,15 @@ async fn run_async(args: &RunArgs) -> anyhow::Result<()> {
     // for as long as the AsyncFd owns the ring buffer.
     let ring = unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
+    // Map-full and unparsable counts are reported from this start on.
+    let mut counters_reported = [0; NUM_COUNTERS as usize];
+    for c in [
+        Counter::FlowCacheFull,
+        Counter::BoundTableFull,
+        Counter::Unparsable,
+    ] {
+        counters_reported[c as usize] = kernel.counter(c)?;
+    }
     let mut daemon = Daemon {
         kernel,
         policy,
@@ -180,6 +193,7 @@ async fn run_async(args: &RunArgs) -> anyhow::Result<()> {
         names,
         stream,
         tracker,
+        counters_reported,
     };
     let result = daemon.serve(ring).await;
     let pin_root = daemon.kernel.pin_root().to_owned();
@@ -208,6 +222,8 @@ struct Daemon {
     names: CgroupNames,
     stream: Stream<BufWriter<Stdout>>,
     tracker: CgroupTracker,
+    /// Per `Counter`: the value already reported.
+    counters_reported: [u64; NUM_COUNTERS as usize],
 }
 
 impl Daemon {
@@ -258,6 +274,25 @@ impl Daemon {
         }
         for (path, id) in self.tracker.known() {
             self.names.insert(id, path);
+        }
+        for (counter, kind, what) in [
+            (Counter::FlowCacheFull, "map_full", maps::FLOW_VERDICTS),
+            (Counter::BoundTableFull, "map_full", maps::BOUND_SOCKETS),
+            (Counter::Unparsable, "unparsable_packets", "skb"),
+        ] {
+            let now = self.kernel.counter(counter)?;
+            let seen = &mut self.counters_reported[counter as usize];
+            if now > *seen {
+                self.stream.emit(
+                    kind,
+                    None,
+                    &CounterRecord {
+                        source: what,
+                        count: now - *seen,
+                    },
+                )?;
+                *seen = now;
+            }
         }
         let lost = self.kernel.counter(Counter::EventsLost)?;
         if lost > self.kernel.lost_reported {
