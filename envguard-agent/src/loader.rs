@@ -13,15 +13,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSkbAttachType, Program, ProgramError, links::FdLink},
 };
 use envguard_common::{
     config::{AgentState, Config, Counter, EnvLoss, PolicyMeta},
-    event::ViolationEvent,
+    event::{DecisionKey, ViolationEvent},
     flow::{BoundKey, BoundValue, FlowKey, FlowVerdict, TupleKey},
     maps,
-    policy::{EnvValue, RuleKey, RuleValue},
+    policy::{EnvName, EnvValue, MAX_ENV_NAME, PairKey, RuleKey, RuleValue},
     programs,
 };
 
@@ -221,8 +221,17 @@ impl Kernel {
     /// Writes a compiled policy into the inactive slot of the policy maps, then
     /// makes it active with one update of CONFIG: no program ever sees a
     /// half-written policy, and cached verdicts of the old one go stale.
-    pub fn apply_policy(&mut self, compiled: &Compiled, cgroup_ids: &[(u64, u32)]) -> Result<()> {
-        let next = Config::new(self.config.generation.wrapping_add(1), compiled.mode);
+    ///
+    /// `pair_modes` are the pairs' modes to install (the policy's, with the
+    /// operator's runtime changes on top); `mode` the global one.
+    pub fn apply_policy(
+        &mut self,
+        compiled: &Compiled,
+        cgroup_ids: &[(u64, u32)],
+        mode: u32,
+        pair_modes: &[(PairKey, u32)],
+    ) -> Result<()> {
+        let next = Config::new(self.config.generation.wrapping_add(1), mode);
         let slot = next.slot() as usize;
         let ebpf = &mut self.ebpf;
         {
@@ -257,6 +266,22 @@ impl Kernel {
                 .iter()
                 .map(|&(p, k, rule)| (Key::new(p, k), RuleValue { rule })),
         )?;
+        fill_trie(
+            ebpf,
+            maps::DENY_RULES[slot],
+            compiled
+                .deny_rules
+                .iter()
+                .map(|&(p, k, rule)| (Key::new(p, k), RuleValue { rule })),
+        )?;
+        {
+            let mut m: HashMap<_, PairKey, u32> = map(ebpf, maps::PAIR_MODES[slot])?;
+            clear_hash(&mut m, maps::PAIR_MODES[slot])?;
+            for (k, mode) in pair_modes {
+                m.insert(k, mode, 0)
+                    .map_err(|e| bpf_err(format!("writing {}", maps::PAIR_MODES[slot]), e))?;
+            }
+        }
         {
             let mut m: Array<_, EnvLoss> = map(ebpf, maps::ENV_LOSS[slot])?;
             for id in 0..maps::MAX_ENVS {
@@ -278,12 +303,77 @@ impl Kernel {
             )
             .map_err(|e| bpf_err(format!("writing {}", maps::POLICY_META[slot]), e))?;
         }
-        self.set_config(next)
+        self.set_config(next)?;
+        self.write_env_names(&compiled.env_names)
     }
 
-    /// Switches audit/enforce without touching the policy.
+    /// Env names by id, as the policy in force assigned them (empty on a first start).
+    pub fn env_names(&mut self) -> Result<Vec<String>> {
+        let m: Array<_, EnvName> = map(&mut self.ebpf, maps::ENV_NAMES)?;
+        let mut names = Vec::new();
+        for id in 0..maps::MAX_ENVS {
+            let raw = m
+                .get(&id, 0)
+                .map_err(|e| bpf_err(format!("reading {}", maps::ENV_NAMES), e))?;
+            let len = raw
+                .name
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(raw.name.len());
+            names.push(String::from_utf8_lossy(&raw.name[..len]).into_owned());
+        }
+        while names.last().is_some_and(String::is_empty) {
+            names.pop();
+        }
+        Ok(names)
+    }
+
+    fn write_env_names(&mut self, names: &[String]) -> Result<()> {
+        let mut m: Array<_, EnvName> = map(&mut self.ebpf, maps::ENV_NAMES)?;
+        for id in 0..maps::MAX_ENVS {
+            let mut entry = EnvName {
+                name: [0; MAX_ENV_NAME + 1],
+            };
+            if let Some(n) = names.get(id as usize) {
+                let b = n.as_bytes();
+                entry.name[..b.len().min(MAX_ENV_NAME)]
+                    .copy_from_slice(&b[..b.len().min(MAX_ENV_NAME)]);
+            }
+            m.set(id, entry, 0)
+                .map_err(|e| bpf_err(format!("writing {}", maps::ENV_NAMES), e))?;
+        }
+        Ok(())
+    }
+
+    /// Switches the global mode without touching the policy: one map update.
     pub fn set_mode(&mut self, mode: u32) -> Result<()> {
         self.set_config(Config::new(self.config.generation, mode))
+    }
+
+    /// Sets (or, with `None`, clears) one pair's mode in the policy in force.
+    pub fn set_pair_mode(&mut self, pair: PairKey, mode: Option<u32>) -> Result<()> {
+        let name = maps::PAIR_MODES[self.config.slot() as usize];
+        let mut m: HashMap<_, PairKey, u32> = map(&mut self.ebpf, name)?;
+        match mode {
+            Some(mode) => m.insert(pair, mode, 0),
+            None => match m.remove(&pair) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                other => other,
+            },
+        }
+        .map_err(|e| bpf_err(format!("updating {name}"), e))
+    }
+
+    /// The kernel's decision counters, summed over CPUs.
+    pub fn decisions(&mut self) -> Result<Vec<(DecisionKey, u64)>> {
+        let m: PerCpuHashMap<_, DecisionKey, u64> = map(&mut self.ebpf, maps::DECISIONS)?;
+        let mut out = Vec::new();
+        for item in m.iter() {
+            let (k, values) =
+                item.map_err(|e| bpf_err(format!("reading {}", maps::DECISIONS), e))?;
+            out.push((k, values.iter().sum()));
+        }
+        Ok(out)
     }
 
     fn set_config(&mut self, config: Config) -> Result<()> {

@@ -14,6 +14,38 @@ pub const DIRECTION_INGRESS: u8 = 2;
 pub const VERDICT_DENIED: u8 = 1;
 pub const VERDICT_AUDITED: u8 = 2;
 
+/// Key of the per-CPU `DECISIONS` counters: one per (pair, verdict, direction,
+/// protocol). Counted once per decision (a connection or datagram flow judged,
+/// a call refused), whatever happens to events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DecisionKey {
+    pub src_env: u32,
+    pub dst_env: u32,
+    /// `VERDICT_*`, or `VERDICT_ALLOWED`.
+    pub verdict: u8,
+    pub direction: u8,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<DecisionKey>() == 12);
+
+impl DecisionKey {
+    pub const fn new(src_env: u32, dst_env: u32, verdict: u8, direction: u8, proto: u8) -> Self {
+        Self {
+            src_env,
+            dst_env,
+            verdict,
+            direction,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// A decision that allowed the flow (only in counters, never in events).
+pub const VERDICT_ALLOWED: u8 = 3;
+
 /// How a side's env was found.
 pub const ENV_FROM_DEFAULT: u8 = 0;
 pub const ENV_FROM_CGROUP: u8 = 1;

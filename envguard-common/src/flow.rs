@@ -62,20 +62,26 @@ pub const DECISION_ALLOW: u32 = 1;
 pub const DECISION_VIOLATION: u32 = 2;
 
 /// A cached decision. The mode is applied when the verdict is used, not stored,
-/// so a mode switch takes effect on established flows at their next packet.
+/// so a mode switch (global or of the flow's env pair) takes effect on
+/// established flows at their next packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowVerdict {
     pub generation: u32,
     pub decision: u32,
+    /// The pair's envs, for its mode.
+    pub src_env: u32,
+    pub dst_env: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowVerdict>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowVerdict>() == 16);
 
 impl FlowVerdict {
-    pub const fn new(generation: u32, decision: u32) -> Self {
+    pub const fn new(generation: u32, decision: u32, src_env: u32, dst_env: u32) -> Self {
         Self {
             generation,
             decision,
+            src_env,
+            dst_env,
         }
     }
 }

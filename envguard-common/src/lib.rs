@@ -25,6 +25,9 @@ mod pod {
     unsafe impl aya::Pod for policy::EnvValue {}
     unsafe impl aya::Pod for policy::RuleKey {}
     unsafe impl aya::Pod for policy::RuleValue {}
+    unsafe impl aya::Pod for policy::PairKey {}
+    unsafe impl aya::Pod for policy::EnvName {}
+    unsafe impl aya::Pod for event::DecisionKey {}
     unsafe impl aya::Pod for flow::FlowKey {}
     unsafe impl aya::Pod for flow::FlowVerdict {}
     unsafe impl aya::Pod for flow::TupleKey {}

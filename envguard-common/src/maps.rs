@@ -13,6 +13,10 @@ pub const CIDR_ENVS_V4: [&str; 2] = ["CIDR_ENVS_V4_A", "CIDR_ENVS_V4_B"];
 pub const CIDR_ENVS_V6: [&str; 2] = ["CIDR_ENVS_V6_A", "CIDR_ENVS_V6_B"];
 /// `LpmTrie<RuleKey, RuleValue>`: allowed (source env, destination env, proto, port) flows.
 pub const RULES: [&str; 2] = ["RULES_A", "RULES_B"];
+/// `LpmTrie<RuleKey, RuleValue>`: denied flows; deny beats allow.
+pub const DENY_RULES: [&str; 2] = ["DENY_RULES_A", "DENY_RULES_B"];
+/// `HashMap<PairKey, u32 mode>`: env pairs whose mode differs from the global one.
+pub const PAIR_MODES: [&str; 2] = ["PAIR_MODES_A", "PAIR_MODES_B"];
 /// `Array<PolicyMeta>` with one entry: the cgroup walk's bounds.
 pub const POLICY_META: [&str; 2] = ["POLICY_META_A", "POLICY_META_B"];
 /// `Array<EnvLoss>` indexed by env id: the fail mode when the agent is gone.
@@ -21,6 +25,10 @@ pub const ENV_LOSS: [&str; 2] = ["ENV_LOSS_A", "ENV_LOSS_B"];
 pub const CONFIG: &str = "CONFIG";
 /// `Array<AgentState>` with one entry: the agent's heartbeat and build.
 pub const AGENT_STATE: &str = "AGENT_STATE";
+/// `Array<EnvName>` indexed by env id: which name each id stands for.
+pub const ENV_NAMES: &str = "ENV_NAMES";
+/// `PerCpuHashMap<DecisionKey, u64>`: exact decision counters.
+pub const DECISIONS: &str = "DECISIONS";
 /// `LruHashMap<FlowKey, FlowVerdict>`: per-socket, per-peer verdict cache.
 pub const FLOW_VERDICTS: &str = "FLOW_VERDICTS";
 /// `LruHashMap<TupleKey, FlowVerdict>`: inbound TCP decisions taken on a listener,
@@ -36,7 +44,13 @@ pub const EVENTS: &str = "EVENTS";
 pub const COUNTERS: &str = "COUNTERS";
 
 /// Every map, for pinning and removal.
-pub const ALL: [&str; 20] = [
+pub const ALL: [&str; 26] = [
+    DENY_RULES[0],
+    DENY_RULES[1],
+    PAIR_MODES[0],
+    PAIR_MODES[1],
+    ENV_NAMES,
+    DECISIONS,
     CGROUP_ENVS[0],
     CGROUP_ENVS[1],
     CIDR_ENVS_V4[0],
@@ -65,6 +79,10 @@ pub const LAYOUT_VERSION: u32 = 1;
 
 /// Number of env ids (`host`, `world` and the declared envs).
 pub const MAX_ENVS: u32 = 1024;
+/// Capacity of `PAIR_MODES`.
+pub const MAX_PAIR_MODES: u32 = 65_536;
+/// Capacity of `DECISIONS`.
+pub const MAX_DECISION_KEYS: u32 = 65_536;
 /// Capacity of `CGROUP_ENVS`.
 pub const MAX_CGROUPS: u32 = 16_384;
 /// Capacity of each CIDR trie.

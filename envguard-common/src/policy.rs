@@ -62,3 +62,31 @@ pub struct RuleValue {
     pub rule: u32,
 }
 const _: () = assert!(core::mem::size_of::<RuleValue>() == 4);
+
+/// Key of `PAIR_MODES_A/B`: an ordered env pair.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PairKey {
+    pub src_env: u32,
+    pub dst_env: u32,
+}
+const _: () = assert!(core::mem::size_of::<PairKey>() == 8);
+
+impl PairKey {
+    pub const fn new(src_env: u32, dst_env: u32) -> Self {
+        Self { src_env, dst_env }
+    }
+}
+
+/// Longest env name, so a name fits one `EnvName`.
+pub const MAX_ENV_NAME: usize = 63;
+
+/// `ENV_NAMES` entry, indexed by env id: the name an id stands for, so ids stay
+/// stable across reloads and restarts (counters and bound sockets keep them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnvName {
+    /// NUL-padded UTF-8; all zeros for an unused id.
+    pub name: [u8; MAX_ENV_NAME + 1],
+}
+const _: () = assert!(core::mem::size_of::<EnvName>() == 64);

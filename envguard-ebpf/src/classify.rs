@@ -6,13 +6,16 @@ use aya_ebpf::{
 };
 use envguard_common::{
     config::{
-        Config, Counter, MAX_CGROUP_LEVEL, MODE_AUDIT, ON_LOSS_CLOSED, ON_LOSS_KEEP, ON_LOSS_OPEN,
-        PolicyMeta,
+        Config, Counter, MAX_CGROUP_LEVEL, MODE_AUDIT, MODE_ENFORCE, ON_LOSS_CLOSED, ON_LOSS_KEEP,
+        ON_LOSS_OPEN, PolicyMeta,
     },
-    event::{ENV_FROM_CGROUP, ENV_FROM_CIDR, ENV_FROM_DEFAULT, ENV_FROM_SOCKET},
+    event::{
+        DecisionKey, ENV_FROM_CGROUP, ENV_FROM_CIDR, ENV_FROM_DEFAULT, ENV_FROM_SOCKET,
+        VERDICT_ALLOWED, VERDICT_AUDITED, VERDICT_DENIED,
+    },
     flow::{BoundKey, DECISION_ALLOW, DECISION_VIOLATION, FlowKey, FlowVerdict},
     policy::{
-        ENV_HOST, ENV_WORLD, RULE_AGENT_LOSS_CLOSED, RULE_AGENT_LOSS_OPEN, RULE_NONE,
+        ENV_HOST, ENV_WORLD, PairKey, RULE_AGENT_LOSS_CLOSED, RULE_AGENT_LOSS_OPEN, RULE_NONE,
         RULE_PREFIX_PORT, RuleKey,
     },
 };
@@ -20,8 +23,9 @@ use envguard_common::{
 use crate::{
     maps::{
         AGENT_STATE, BOUND_SOCKETS, CGROUP_ENVS_A, CGROUP_ENVS_B, CIDR_ENVS_V4_A, CIDR_ENVS_V4_B,
-        CIDR_ENVS_V6_A, CIDR_ENVS_V6_B, CONFIG, COUNTERS, ENV_LOSS_A, ENV_LOSS_B, FLOW_VERDICTS,
-        POLICY_META_A, POLICY_META_B, RULES_A, RULES_B,
+        CIDR_ENVS_V6_A, CIDR_ENVS_V6_B, CONFIG, COUNTERS, DECISIONS, DENY_RULES_A, DENY_RULES_B,
+        ENV_LOSS_A, ENV_LOSS_B, FLOW_VERDICTS, PAIR_MODES_A, PAIR_MODES_B, POLICY_META_A,
+        POLICY_META_B, RULES_A, RULES_B,
     },
     net::{IPPROTO_TCP, IPPROTO_UDP, unmapped_v4, v6_words},
 };
@@ -235,13 +239,25 @@ pub fn decide(p: &Policy, src: u32, dst: u32, proto: u8, port: u16) -> Decision 
     if let Some(d) = agent_loss(p, src, dst) {
         return d;
     }
+    let key = Key::new(RULE_PREFIX_PORT, RuleKey::new(src, dst, proto, port));
+    // Deny beats allow, and the same-env default too.
+    let denied = if p.slot_b() {
+        DENY_RULES_B.get(&key)
+    } else {
+        DENY_RULES_A.get(&key)
+    };
+    if let Some(v) = denied {
+        return Decision {
+            decision: DECISION_VIOLATION,
+            rule: v.rule,
+        };
+    }
     if src == dst {
         return Decision {
             decision: DECISION_ALLOW,
             rule: RULE_NONE,
         };
     }
-    let key = Key::new(RULE_PREFIX_PORT, RuleKey::new(src, dst, proto, port));
     let hit = if p.slot_b() {
         RULES_B.get(key)
     } else {
@@ -302,19 +318,57 @@ fn agent_loss(p: &Policy, src: u32, dst: u32) -> Option<Decision> {
 
 /// A cached decision of this policy generation, if any.
 #[inline(always)]
-pub fn cached(key: &FlowKey, generation: u32) -> Option<u32> {
+pub fn cached(key: &FlowKey, generation: u32) -> Option<FlowVerdict> {
     match unsafe { FLOW_VERDICTS.get(key) } {
-        Some(v) if v.generation == generation => Some(v.decision),
+        Some(v) if v.generation == generation => Some(*v),
         _ => None,
     }
 }
 
 #[inline(always)]
-pub fn remember(key: &FlowKey, generation: u32, decision: u32) {
-    if FLOW_VERDICTS
-        .insert(key, &FlowVerdict::new(generation, decision), 0)
-        .is_err()
-    {
+pub fn remember(key: &FlowKey, verdict: &FlowVerdict) {
+    if FLOW_VERDICTS.insert(key, verdict, 0).is_err() {
         count(Counter::FlowCacheFull);
+    }
+}
+
+/// The mode a violation between two envs is handled in: the pair's own mode
+/// when the policy or an operator set one, else the global mode.
+#[inline(always)]
+pub fn mode_of(cfg: &Config, src: u32, dst: u32) -> u32 {
+    let key = PairKey::new(src, dst);
+    let pair = if cfg.slot() == 1 {
+        unsafe { PAIR_MODES_B.get(&key) }
+    } else {
+        unsafe { PAIR_MODES_A.get(&key) }
+    };
+    match pair {
+        Some(m) => *m,
+        None => cfg.mode,
+    }
+}
+
+/// Counts one decision; exact whatever happens to events.
+#[inline(always)]
+pub fn count_decision(src: u32, dst: u32, verdict: u8, direction: u8, proto: u8) {
+    let key = DecisionKey::new(src, dst, verdict, direction, proto);
+    match DECISIONS.get_ptr_mut(&key) {
+        // Per-CPU slot: no other writer.
+        Some(c) => unsafe { *c += 1 },
+        None => {
+            let _ = DECISIONS.insert(&key, &1, 0);
+        }
+    }
+}
+
+/// The verdict byte of a decision in a mode.
+#[inline(always)]
+pub fn verdict_of(decision: u32, mode: u32) -> u8 {
+    if decision == DECISION_ALLOW {
+        VERDICT_ALLOWED
+    } else if mode == MODE_ENFORCE {
+        VERDICT_DENIED
+    } else {
+        VERDICT_AUDITED
     }
 }

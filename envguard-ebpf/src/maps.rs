@@ -2,13 +2,14 @@
 //! which `envguard_common::maps` spells out).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use envguard_common::{
     config::{AgentState, Config, EnvLoss, NUM_COUNTERS, PolicyMeta},
+    event::DecisionKey,
     flow::{BoundKey, BoundValue, FlowKey, FlowVerdict, TupleKey},
     maps::*,
-    policy::{EnvValue, RuleKey, RuleValue},
+    policy::{EnvName, EnvValue, PairKey, RuleKey, RuleValue},
 };
 
 // The policy maps come in two slots (see `envguard_common::maps`).
@@ -34,6 +35,18 @@ pub static RULES_A: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_
 pub static RULES_B: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
 
 #[map]
+pub static DENY_RULES_A: LpmTrie<RuleKey, RuleValue> =
+    LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
+#[map]
+pub static DENY_RULES_B: LpmTrie<RuleKey, RuleValue> =
+    LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
+
+#[map]
+pub static PAIR_MODES_A: HashMap<PairKey, u32> = HashMap::with_max_entries(MAX_PAIR_MODES, 0);
+#[map]
+pub static PAIR_MODES_B: HashMap<PairKey, u32> = HashMap::with_max_entries(MAX_PAIR_MODES, 0);
+
+#[map]
 pub static POLICY_META_A: Array<PolicyMeta> = Array::with_max_entries(1, 0);
 #[map]
 pub static POLICY_META_B: Array<PolicyMeta> = Array::with_max_entries(1, 0);
@@ -48,6 +61,14 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static AGENT_STATE: Array<AgentState> = Array::with_max_entries(1, 0);
+
+/// Written and read by the agent only; here so that it is pinned with the rest.
+#[map]
+pub static ENV_NAMES: Array<EnvName> = Array::with_max_entries(MAX_ENVS, 0);
+
+#[map]
+pub static DECISIONS: PerCpuHashMap<DecisionKey, u64> =
+    PerCpuHashMap::with_max_entries(MAX_DECISION_KEYS, 0);
 
 #[map]
 pub static FLOW_VERDICTS: LruHashMap<FlowKey, FlowVerdict> =

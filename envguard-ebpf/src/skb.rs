@@ -15,7 +15,10 @@ use envguard_common::{
 };
 
 use crate::{
-    classify::{cidr_env, config, count, decide, local_env, policy, remember},
+    classify::{
+        cidr_env, config, count, count_decision, decide, local_env, mode_of, policy, remember,
+        verdict_of,
+    },
     event::{emit, set_sides},
     maps::INBOUND_TUPLES,
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4},
@@ -177,12 +180,16 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     // as allowed so that this socket may answer it.
     if loopback {
         if cached.is_none() {
-            remember(&flow, cfg.generation, DECISION_ALLOW);
+            // The envs do not matter for an allowed verdict.
+            remember(
+                &flow,
+                &FlowVerdict::new(cfg.generation, DECISION_ALLOW, 0, 0),
+            );
         }
         return Ok(PASS);
     }
-    if let Some(decision) = cached {
-        return Ok(verdict(&cfg, decision));
+    if let Some(v) = cached {
+        return Ok(verdict(&cfg, &v));
     }
 
     let is_tcp = pkt.proto == IPPROTO_TCP;
@@ -198,9 +205,9 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         }
         && v.generation == cfg.generation
     {
-        let decision = v.decision;
-        remember(&flow, cfg.generation, decision);
-        return Ok(verdict(&cfg, decision));
+        let v = *v;
+        remember(&flow, &v);
+        return Ok(verdict(&cfg, &v));
     }
 
     let p = policy(cfg);
@@ -226,17 +233,27 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
             decision = reverse;
         }
     }
+    let (src, dst) = if ingress {
+        (remote.env, local.env)
+    } else {
+        (local.env, remote.env)
+    };
+    let v = FlowVerdict::new(cfg.generation, decision.decision, src, dst);
     if is_tcp && ingress && syn_only {
         let tuple = TupleKey::new(*local_addr, *remote_addr, local_port, remote_port);
-        let _ = INBOUND_TUPLES.insert(
-            &tuple,
-            &FlowVerdict::new(cfg.generation, decision.decision),
-            0,
-        );
+        let _ = INBOUND_TUPLES.insert(&tuple, &v, 0);
     }
-    remember(&flow, cfg.generation, decision.decision);
+    remember(&flow, &v);
+    let mode = mode_of(&cfg, src, dst);
+    count_decision(
+        src,
+        dst,
+        verdict_of(decision.decision, mode),
+        direction,
+        pkt.proto,
+    );
     if decision.is_violation() {
-        emit(cfg.mode, false, |ev| {
+        emit(mode, false, |ev| {
             ev.hook = if ingress {
                 HOOK_SKB_INGRESS
             } else {
@@ -259,12 +276,13 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
             );
         });
     }
-    Ok(verdict(&cfg, decision.decision))
+    Ok(verdict(&cfg, &v))
 }
 
+/// What a decision means for this packet, in the flow's pair's current mode.
 #[inline(always)]
-fn verdict(cfg: &Config, decision: u32) -> i32 {
-    if decision == DECISION_VIOLATION && cfg.mode == MODE_ENFORCE {
+fn verdict(cfg: &Config, v: &FlowVerdict) -> i32 {
+    if v.decision == DECISION_VIOLATION && mode_of(cfg, v.src_env, v.dst_env) == MODE_ENFORCE {
         DROP
     } else {
         PASS

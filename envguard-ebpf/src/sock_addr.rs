@@ -9,13 +9,13 @@ use aya_ebpf::{
 use envguard_common::{
     config::MODE_ENFORCE,
     event::{AF_INET, AF_INET6, DIRECTION_EGRESS},
-    flow::{DECISION_ALLOW, FlowKey},
+    flow::{DECISION_ALLOW, FlowKey, FlowVerdict},
 };
 
 use crate::{
     classify::{
-        Decision, Side, cached, cidr_env, config, decide, local_env, local_peer_env, policy,
-        remember,
+        Decision, Side, cached, cidr_env, config, count_decision, decide, local_env,
+        local_peer_env, mode_of, policy, remember, verdict_of,
     },
     event::{emit, set_sides},
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4, read_v6_words, unmapped_v4},
@@ -47,7 +47,9 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let cfg = config();
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let flow = FlowKey::new(cookie, remote_addr, remote_port, proto);
-    if cached(&flow, cfg.generation) == Some(DECISION_ALLOW) {
+    if let Some(v) = cached(&flow, cfg.generation)
+        && v.decision == DECISION_ALLOW
+    {
         return ALLOW;
     }
     let p = policy(cfg);
@@ -66,7 +68,18 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         None => cidr_env(&p, &remote_addr),
     };
     let decision = decide(&p, local.env, remote.env, proto, remote_port);
-    remember(&flow, cfg.generation, decision.decision);
+    remember(
+        &flow,
+        &FlowVerdict::new(cfg.generation, decision.decision, local.env, remote.env),
+    );
+    let mode = mode_of(&cfg, local.env, remote.env);
+    count_decision(
+        local.env,
+        remote.env,
+        verdict_of(decision.decision, mode),
+        DIRECTION_EGRESS,
+        proto,
+    );
     if decision.decision == DECISION_ALLOW {
         return ALLOW;
     }
@@ -77,7 +90,7 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         (unsafe { (*sk).src_port }) as u16
     };
     report(
-        &cfg,
+        mode,
         hook,
         family,
         proto,
@@ -88,17 +101,13 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         local_port,
         &decision,
     );
-    if cfg.mode == MODE_ENFORCE {
-        REFUSE
-    } else {
-        ALLOW
-    }
+    if mode == MODE_ENFORCE { REFUSE } else { ALLOW }
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn report(
-    cfg: &envguard_common::config::Config,
+    mode: u32,
     hook: u8,
     family: u8,
     proto: u8,
@@ -109,7 +118,7 @@ fn report(
     local_port: u16,
     decision: &Decision,
 ) {
-    emit(cfg.mode, true, |ev| {
+    emit(mode, true, |ev| {
         ev.hook = hook;
         ev.proto = proto;
         ev.family = if family == AF_INET6 && unmapped_v4(remote_addr).is_some() {

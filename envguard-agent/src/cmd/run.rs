@@ -23,7 +23,7 @@ use crate::{
     loader::{self, Kernel, Options},
     policy::{
         Policy,
-        compile::{Compiled, compile},
+        compile::{Compiled, compile_with_ids},
     },
     scan,
     sys::{self, CgroupNames},
@@ -86,7 +86,6 @@ async fn run_async(args: &RunArgs) -> anyhow::Result<()> {
     }
     let started = std::time::Instant::now();
     let policy = Policy::load(&args.policy)?;
-    let compiled = compile(&policy)?;
     let mount = sys::cgroup2_mount()?;
     let root_rel = normalize_root(args.cgroup_root.as_deref().unwrap_or("/"), &mount);
     let root_dir = sys::cgroup_dir(&mount, &root_rel);
@@ -100,7 +99,7 @@ async fn run_async(args: &RunArgs) -> anyhow::Result<()> {
     for w in super::policy_warnings(&policy, Some(&mount)) {
         log::warn!("{}: {w}", args.policy.display());
     }
-    for (c, _) in &compiled.cgroups {
+    for c in policy.envs.iter().flat_map(|e| &e.cgroups) {
         if !is_below(c, &root_rel) {
             log::warn!(
                 "cgroup {c} is outside the attach point {root_rel}: envguard does not see its traffic"
@@ -114,11 +113,19 @@ async fn run_async(args: &RunArgs) -> anyhow::Result<()> {
         ringbuf_bytes: args.ringbuf_bytes,
         flow_cache_entries: args.flow_cache_entries,
     })?;
+    // Env ids as the adopted state has them, so its counters and bound-socket
+    // table stay right.
+    let compiled = compile_with_ids(&policy, &kernel.env_names()?)?;
     let tracker = CgroupTracker::new(&mount, &compiled);
     // The policy goes into the maps before any new program is attached, so no
     // program ever runs without it.
     kernel
-        .apply_policy(&compiled, &tracker.present())
+        .apply_policy(
+            &compiled,
+            &tracker.present(),
+            compiled.mode,
+            &compiled.pair_modes,
+        )
         .context("writing the policy into the kernel")?;
     kernel.attach(&root_dir)?;
     // After attaching: a socket bound from now on is recorded by the kernel,

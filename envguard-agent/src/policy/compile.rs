@@ -3,14 +3,14 @@ use std::net::IpAddr;
 
 use envguard_common::{
     config::{EnvLoss, MODE_AUDIT, MODE_ENFORCE, ON_LOSS_CLOSED, ON_LOSS_KEEP, ON_LOSS_OPEN},
-    maps::{MAX_CGROUPS, MAX_CIDRS, MAX_ENVS, MAX_RULE_ENTRIES},
+    maps::{MAX_CGROUPS, MAX_CIDRS, MAX_ENVS, MAX_PAIR_MODES, MAX_RULE_ENTRIES},
     policy::{
-        ENV_HOST, ENV_WORLD, FIRST_DECLARED_ENV, RULE_PREFIX_PAIR, RULE_PREFIX_PORT,
+        ENV_HOST, ENV_WORLD, FIRST_DECLARED_ENV, PairKey, RULE_PREFIX_PAIR, RULE_PREFIX_PORT,
         RULE_PREFIX_PROTO, RuleKey,
     },
 };
 
-use super::{Default, HOST, Mode, OnLoss, Policy, Rule, Selector, WORLD, cgroup_level};
+use super::{Action, Default, HOST, Mode, OnLoss, Policy, Rule, Selector, WORLD, cgroup_level};
 use crate::error::PolicyError;
 
 /// Rule ids of the entries that the `[defaults]` section produces; ids below
@@ -21,7 +21,8 @@ pub const RULE_DEFAULT_WORLD: u32 = u32::MAX - 2;
 /// Everything the kernel maps hold for one policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compiled {
-    /// Env names by id: `host`, `world`, then the declared envs.
+    /// Env names by id: `host`, `world`, then the declared envs; an empty
+    /// name is an id not in use.
     pub env_names: Vec<String>,
     pub mode: u32,
     /// (cgroup path relative to the mount, env id).
@@ -31,36 +32,104 @@ pub struct Compiled {
     /// (prefix length, address, env id).
     pub cidrs_v4: Vec<(u32, [u8; 4], u32)>,
     pub cidrs_v6: Vec<(u32, [u8; 16], u32)>,
-    /// (prefix length, key, rule id).
+    /// Allow entries: (prefix length, key, rule id).
     pub rules: Vec<(u32, RuleKey, u32)>,
+    /// Deny entries, same shape; deny beats allow.
+    pub deny_rules: Vec<(u32, RuleKey, u32)>,
+    /// Pairs with their own mode.
+    pub pair_modes: Vec<(PairKey, u32)>,
     /// Fail mode per env id (`host` and `world` keep).
     pub env_loss: Vec<EnvLoss>,
 }
 
 impl Compiled {
     pub fn env_name(&self, id: u32) -> &str {
+        match self.env_names.get(id as usize) {
+            Some(n) if !n.is_empty() => n,
+            _ => "unknown",
+        }
+    }
+
+    pub fn env_id(&self, name: &str) -> Option<u32> {
+        if name.is_empty() {
+            return None;
+        }
         self.env_names
-            .get(id as usize)
-            .map_or("unknown", String::as_str)
+            .iter()
+            .position(|n| n == name)
+            .map(|i| i as u32)
+    }
+
+    /// The ids in use, `host` and `world` included.
+    pub fn env_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.env_names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !n.is_empty())
+            .map(|(i, _)| i as u32)
     }
 }
 
+/// Env ids for a policy: an env keeps the id it had in `previous` (the names
+/// by id of the policy in force), so counters and the kernel's table of bound
+/// sockets stay right across reloads; a new env takes an id never used yet, or
+/// a freed one once there are none left.
+pub fn assign_ids(policy: &Policy, previous: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = previous.to_vec();
+    if names.len() < FIRST_DECLARED_ENV as usize {
+        names = vec![HOST.to_owned(), WORLD.to_owned()];
+    }
+    let declared: std::collections::HashSet<&str> =
+        policy.envs.iter().map(|e| e.name.as_str()).collect();
+    for n in names.iter_mut().skip(FIRST_DECLARED_ENV as usize) {
+        if !declared.contains(n.as_str()) {
+            n.clear();
+        }
+    }
+    for env in &policy.envs {
+        if names.contains(&env.name) {
+            continue;
+        }
+        if names.len() < MAX_ENVS as usize {
+            names.push(env.name.clone());
+        } else if let Some(free) = names
+            .iter_mut()
+            .skip(FIRST_DECLARED_ENV as usize)
+            .find(|n| n.is_empty())
+        {
+            *free = env.name.clone();
+        } else {
+            // compile() reports the overflow.
+            names.push(env.name.clone());
+        }
+    }
+    names
+}
+
 pub fn compile(policy: &Policy) -> Result<Compiled, PolicyError> {
-    let mut env_names = vec![HOST.to_owned(), WORLD.to_owned()];
-    env_names.extend(policy.envs.iter().map(|e| e.name.clone()));
+    compile_with_ids(policy, &[])
+}
+
+pub fn compile_with_ids(policy: &Policy, previous: &[String]) -> Result<Compiled, PolicyError> {
+    let env_names = assign_ids(policy, previous);
     let id_of = |name: &str| -> u32 {
         env_names
             .iter()
             .position(|n| n == name)
             .expect("validated env name") as u32
     };
-    let all_ids: Vec<u32> = (0..env_names.len() as u32).collect();
+    let all_ids: Vec<u32> = env_names
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !n.is_empty())
+        .map(|(i, _)| i as u32)
+        .collect();
 
     let mut cgroups = Vec::new();
     let mut cidrs_v4 = Vec::new();
     let mut cidrs_v6 = Vec::new();
-    for (i, env) in policy.envs.iter().enumerate() {
-        let id = FIRST_DECLARED_ENV + i as u32;
+    for env in &policy.envs {
+        let id = id_of(&env.name);
         cgroups.extend(env.cgroups.iter().map(|c| (c.clone(), id)));
         for net in &env.cidrs {
             match net.network() {
@@ -75,13 +144,31 @@ pub fn compile(policy: &Policy) -> Result<Compiled, PolicyError> {
     let max_level = levels.max().unwrap_or(0);
 
     let mut rules = Vec::new();
+    let mut deny_rules = Vec::new();
     for (index, rule) in policy.rules.iter().enumerate() {
+        let out = match rule.action {
+            Action::Allow => &mut rules,
+            Action::Deny => &mut deny_rules,
+        };
         for src in expand(&rule.from, &all_ids, &id_of) {
             for dst in expand(&rule.to, &all_ids, &id_of) {
-                rule_entries(rule, src, dst, index as u32, &mut rules);
+                rule_entries(rule, src, dst, index as u32, out);
             }
         }
     }
+    let mut pair_modes = Vec::new();
+    for pm in &policy.pair_modes {
+        for src in expand(&pm.from, &all_ids, &id_of) {
+            for dst in expand(&pm.to, &all_ids, &id_of) {
+                pair_modes.push((PairKey::new(src, dst), mode_value(pm.mode)));
+            }
+        }
+    }
+    // A later [[pair_mode]] for the same pair wins, as in the file's reading order.
+    let mut seen_pairs = std::collections::HashSet::new();
+    pair_modes.reverse();
+    pair_modes.retain(|(k, _)| seen_pairs.insert(*k));
+    pair_modes.reverse();
     // Defaults: pair-wide entries, so a more specific rule still names itself.
     for (env, default, rule_id) in [
         (ENV_HOST, policy.default_host, RULE_DEFAULT_HOST),
@@ -110,39 +197,50 @@ pub fn compile(policy: &Policy) -> Result<Compiled, PolicyError> {
     }
     // Keep the first entry for a key: explicit rules come before defaults, and
     // earlier rules before later ones, which is the attribution operators expect.
-    let mut seen = std::collections::HashSet::new();
-    rules.retain(|(prefix, key, _)| seen.insert((*prefix, *key)));
+    for list in [&mut rules, &mut deny_rules] {
+        let mut seen = std::collections::HashSet::new();
+        list.retain(|(prefix, key, _)| seen.insert((*prefix, *key)));
+    }
 
-    let mut env_loss = vec![EnvLoss::new(ON_LOSS_KEEP, 0); FIRST_DECLARED_ENV as usize];
-    env_loss.extend(policy.envs.iter().map(|e| {
+    let mut env_loss = vec![EnvLoss::new(ON_LOSS_KEEP, 0); env_names.len()];
+    for e in &policy.envs {
         let mode = match e.on_agent_loss {
             OnLoss::Keep => ON_LOSS_KEEP,
             OnLoss::Open => ON_LOSS_OPEN,
             OnLoss::Closed => ON_LOSS_CLOSED,
         };
-        EnvLoss::new(mode, e.agent_loss_timeout.as_nanos() as u64)
-    }));
+        env_loss[id_of(&e.name) as usize] =
+            EnvLoss::new(mode, e.agent_loss_timeout.as_nanos() as u64);
+    }
 
     check_size("env", env_names.len(), MAX_ENVS)?;
     check_size("cgroup", cgroups.len(), MAX_CGROUPS)?;
     check_size("IPv4 CIDR", cidrs_v4.len(), MAX_CIDRS)?;
     check_size("IPv6 CIDR", cidrs_v6.len(), MAX_CIDRS)?;
-    check_size("rule", rules.len(), MAX_RULE_ENTRIES)?;
+    check_size("allow rule", rules.len(), MAX_RULE_ENTRIES)?;
+    check_size("deny rule", deny_rules.len(), MAX_RULE_ENTRIES)?;
+    check_size("pair mode", pair_modes.len(), MAX_PAIR_MODES)?;
 
     Ok(Compiled {
         env_names,
-        mode: match policy.mode {
-            Mode::Audit => MODE_AUDIT,
-            Mode::Enforce => MODE_ENFORCE,
-        },
+        mode: mode_value(policy.mode),
         cgroups,
         min_level,
         max_level,
         cidrs_v4,
         cidrs_v6,
         rules,
+        deny_rules,
+        pair_modes,
         env_loss,
     })
+}
+
+pub fn mode_value(mode: Mode) -> u32 {
+    match mode {
+        Mode::Audit => MODE_AUDIT,
+        Mode::Enforce => MODE_ENFORCE,
+    }
 }
 
 fn check_size(what: &'static str, needed: usize, max: u32) -> Result<(), PolicyError> {
@@ -160,8 +258,9 @@ fn expand(sel: &Selector, all: &[u32], id_of: &impl Fn(&str) -> u32) -> Vec<u32>
 }
 
 fn rule_entries(rule: &Rule, src: u32, dst: u32, id: u32, out: &mut Vec<(u32, RuleKey, u32)>) {
-    // Same-env flows are allowed in the kernel without a lookup.
-    if src == dst {
+    // Same-env flows are allowed in the kernel without a lookup; a deny rule
+    // can still refuse them.
+    if src == dst && rule.action == Action::Allow {
         return;
     }
     let Some(ports) = &rule.ports else {

@@ -14,6 +14,20 @@ pub struct PolicyFile {
     pub envs: BTreeMap<Spanned<String>, EnvFile>,
     #[serde(default)]
     pub allow: Vec<Spanned<RuleFile>>,
+    #[serde(default)]
+    pub deny: Vec<Spanned<RuleFile>>,
+    /// `[[pair_mode]]`, not `[[mode]]`: TOML cannot hold both a `mode = "…"`
+    /// string and a `[[mode]]` array in one file.
+    #[serde(default)]
+    pub pair_mode: Vec<Spanned<PairModeFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairModeFile {
+    pub from: Spanned<String>,
+    pub to: Spanned<String>,
+    pub mode: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -33,6 +33,20 @@ pub enum Mode {
     Enforce,
 }
 
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "audit" => Ok(Mode::Audit),
+            "enforce" => Ok(Mode::Enforce),
+            other => Err(format!(
+                "mode must be \"audit\" or \"enforce\", not {other:?}"
+            )),
+        }
+    }
+}
+
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -101,8 +115,24 @@ impl fmt::Display for Selector {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
+    pub action: Action,
     pub from: Selector,
     pub to: Selector,
     /// `None`: any port and protocol.
@@ -113,7 +143,7 @@ pub struct Rule {
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "allow {} -> {}", self.from, self.to)?;
+        write!(f, "{} {} -> {}", self.action, self.from, self.to)?;
         if let Some(ports) = &self.ports {
             let ports: Vec<String> = ports.iter().map(ToString::to_string).collect();
             write!(f, " [{}]", ports.join(", "))?;
@@ -133,7 +163,19 @@ pub struct Policy {
     pub default_world: Default,
     /// Sorted by name.
     pub envs: Vec<Env>,
+    /// `[[allow]]` then `[[deny]]` rules, each in file order; a rule's index
+    /// is its id in the kernel and in events.
     pub rules: Vec<Rule>,
+    /// `[[pair_mode]]`: pairs handled in another mode than the global one.
+    pub pair_modes: Vec<PairMode>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairMode {
+    pub from: Selector,
+    pub to: Selector,
+    pub mode: Mode,
+    pub line: usize,
 }
 
 impl Policy {
@@ -200,17 +242,7 @@ impl Validator<'_> {
     fn validate(&mut self, file: file::PolicyFile) -> Policy {
         let mode = match file.mode.as_ref() {
             None => Mode::Audit,
-            Some(m) => match m.get_ref().as_str() {
-                "audit" => Mode::Audit,
-                "enforce" => Mode::Enforce,
-                other => {
-                    self.at(
-                        m,
-                        format!("mode must be \"audit\" or \"enforce\", not {other:?}"),
-                    );
-                    Mode::Audit
-                }
-            },
+            Some(m) => self.mode(m).unwrap_or(Mode::Audit),
         };
         let (default_host, default_world) = match &file.defaults {
             None => (Default::Allow, Default::Allow),
@@ -227,6 +259,16 @@ impl Validator<'_> {
             let n = name.get_ref();
             if n.is_empty() {
                 self.at(name, "an env name must not be empty".to_owned());
+                continue;
+            }
+            if n.len() > envguard_common::policy::MAX_ENV_NAME {
+                self.at(
+                    name,
+                    format!(
+                        "env name {n:?} is longer than {} bytes",
+                        envguard_common::policy::MAX_ENV_NAME
+                    ),
+                );
                 continue;
             }
             if n == HOST || n == WORLD || n == ANY {
@@ -339,7 +381,12 @@ impl Validator<'_> {
             .chain([(HOST, ()), (WORLD, ())])
             .collect();
         let mut rules = Vec::new();
-        for rule in &file.allow {
+        let tagged = file
+            .allow
+            .iter()
+            .map(|r| (Action::Allow, r))
+            .chain(file.deny.iter().map(|r| (Action::Deny, r)));
+        for (action, rule) in tagged {
             let line = line_of(self.text, rule.span().start);
             let r = rule.get_ref();
             let from = self.selector(&r.from, &known);
@@ -348,7 +395,7 @@ impl Validator<'_> {
                 if ports.is_empty() {
                     self.error(
                         Some(rule.span()),
-                        "ports = [] allows nothing; remove the rule, or remove `ports` to allow any port".to_owned(),
+                        format!("ports = [] matches nothing; remove the rule, or remove `ports` to {action} any port"),
                     );
                 }
                 let mut specs = Vec::new();
@@ -362,9 +409,26 @@ impl Validator<'_> {
             });
             if let (Some(from), Some(to)) = (from, to) {
                 rules.push(Rule {
+                    action,
                     from,
                     to,
                     ports,
+                    line,
+                });
+            }
+        }
+        let mut pair_modes = Vec::new();
+        for pm in &file.pair_mode {
+            let line = line_of(self.text, pm.span().start);
+            let r = pm.get_ref();
+            let from = self.selector(&r.from, &known);
+            let to = self.selector(&r.to, &known);
+            let mode = self.mode(&r.mode);
+            if let (Some(from), Some(to), Some(mode)) = (from, to, mode) {
+                pair_modes.push(PairMode {
+                    from,
+                    to,
+                    mode,
                     line,
                 });
             }
@@ -378,6 +442,17 @@ impl Validator<'_> {
             default_world,
             envs,
             rules,
+            pair_modes,
+        }
+    }
+
+    fn mode(&mut self, m: &Spanned<String>) -> Option<Mode> {
+        match m.get_ref().parse() {
+            Ok(mode) => Some(mode),
+            Err(e) => {
+                self.at(m, e);
+                None
+            }
         }
     }
 

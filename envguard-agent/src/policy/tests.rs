@@ -267,7 +267,10 @@ fn agent_loss_settings_parse_and_compile() {
     let text = "[envs.a]\ncidrs = [\"198.18.1.0/24\"]\non_agent_loss = \"closed\"\nagent_loss_timeout = \"5s\"\n[envs.b]\ncidrs = [\"198.18.2.0/24\"]\n";
     let p = parse(text).unwrap();
     assert_eq!(p.envs[0].on_agent_loss, OnLoss::Closed);
-    assert_eq!(p.envs[0].agent_loss_timeout, std::time::Duration::from_secs(5));
+    assert_eq!(
+        p.envs[0].agent_loss_timeout,
+        std::time::Duration::from_secs(5)
+    );
     assert_eq!(p.envs[1].on_agent_loss, OnLoss::Keep);
     assert_eq!(p.envs[1].agent_loss_timeout, DEFAULT_AGENT_LOSS_TIMEOUT);
     let c = compile(&p).unwrap();
@@ -276,8 +279,14 @@ fn agent_loss_settings_parse_and_compile() {
     assert_eq!(c.env_loss[2], EnvLoss::new(ON_LOSS_CLOSED, 5_000_000_000));
     assert_eq!(c.env_loss[0].mode, ON_LOSS_KEEP);
     for (text, needle) in [
-        ("[envs.a]\non_agent_loss = \"maybe\"\n", "on_agent_loss must be"),
-        ("[envs.a]\nagent_loss_timeout = \"soon\"\n", "invalid agent_loss_timeout"),
+        (
+            "[envs.a]\non_agent_loss = \"maybe\"\n",
+            "on_agent_loss must be",
+        ),
+        (
+            "[envs.a]\nagent_loss_timeout = \"soon\"\n",
+            "invalid agent_loss_timeout",
+        ),
         ("[envs.a]\nagent_loss_timeout = \"500ms\"\n", "at least 2s"),
     ] {
         let (line, msg) = error(text);
