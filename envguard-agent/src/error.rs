@@ -66,6 +66,10 @@ pub enum Error {
         "another envguard is already running with pin root {pin_root}; stop it first, or give this one its own --pin-root"
     )]
     AlreadyRunning { pin_root: PathBuf },
+    #[error(
+        "control socket {path} is in use by another agent; give this one its own --control-socket"
+    )]
+    ControlSocketInUse { path: PathBuf },
     #[error("{context}: {source}")]
     Io {
         context: String,

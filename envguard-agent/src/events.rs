@@ -118,10 +118,14 @@ pub struct LostEvents {
 /// Writes records with a header (`kind`, `time`, `seq`, `host`) in front of the
 /// body's fields. `seq` counts every record of this run from 0 with no gaps, so
 /// a consumer can tell whether it missed any.
+///
+/// Each record also goes to the control socket's subscribers (`envguard
+/// events --follow`); a subscriber that falls behind loses records and is told.
 pub struct Stream<W: Write> {
     out: W,
     seq: u64,
     host: String,
+    subscribers: Option<tokio::sync::broadcast::Sender<String>>,
 }
 
 impl<W: Write> Stream<W> {
@@ -130,7 +134,13 @@ impl<W: Write> Stream<W> {
             out,
             seq: 0,
             host: sys::hostname(),
+            subscribers: None,
         }
+    }
+
+    pub fn with_subscribers(mut self, tx: tokio::sync::broadcast::Sender<String>) -> Self {
+        self.subscribers = Some(tx);
+        self
     }
 
     /// Emits one record; `boot_ns` is its CLOCK_BOOTTIME time, `None` for now.
@@ -157,15 +167,25 @@ impl<W: Write> Stream<W> {
         if let (Some(h), serde_json::Value::Object(b)) = (value.as_object_mut(), body) {
             h.extend(b);
         }
-        serde_json::to_writer(&mut self.out, &value).map_err(std::io::Error::other)?;
+        let line = serde_json::to_string(&value).map_err(std::io::Error::other)?;
+        self.out.write_all(line.as_bytes())?;
         self.out.write_all(b"\n")?;
         self.seq += 1;
+        if let Some(tx) = &self.subscribers {
+            // No subscriber is not an error.
+            let _ = tx.send(line);
+        }
         Ok(())
     }
 
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
     }
+}
+
+/// RFC 3339 with nanoseconds, UTC.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_nanos(t).to_string()
 }
 
 fn rfc3339_ns(unix_ns: i128) -> String {

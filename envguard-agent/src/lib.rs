@@ -2,6 +2,8 @@
 //! the command line and calls into here.
 pub mod bpf_sys;
 pub mod cmd;
+pub mod control;
+pub mod daemon;
 pub mod error;
 pub mod events;
 pub mod loader;

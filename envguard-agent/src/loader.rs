@@ -87,18 +87,6 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { context, source }
 }
 
-/// FNV-1a: stable across builds and Rust versions, unlike std's hasher.
-fn fnv1a(chunks: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for chunk in chunks {
-        for &b in *chunk {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
-}
-
 /// Names the maps' layout: the version, every shared type's size and every
 /// capacity, including the ones options override.
 fn layout_name(opts: &Options) -> String {
@@ -127,7 +115,7 @@ fn layout_name(opts: &Options) -> String {
         u64::from(opts.ringbuf_bytes.unwrap_or(maps::EVENTS_BYTES)),
     ];
     let bytes: Vec<u8> = numbers.iter().flat_map(|n| n.to_le_bytes()).collect();
-    format!("layout-{:016x}", fnv1a(&[&bytes]))
+    format!("layout-{:016x}", sys::fnv1a(&[&bytes]))
 }
 
 /// The kernel side of a running agent: the object (maps and programs), the
@@ -199,7 +187,7 @@ impl Kernel {
             verifier_log: opts.verifier_log,
             _lock: lock,
             previous: (adopting && state.object_hash != 0).then_some(state),
-            object_hash: fnv1a(&[OBJECT]),
+            object_hash: sys::fnv1a(&[OBJECT]),
             cgroup_id: 0,
             config,
             lost_reported: state.lost_reported,
@@ -500,6 +488,29 @@ impl Kernel {
             .get(&(which as u32), 0)
             .map_err(|e| bpf_err(format!("reading {}", maps::COUNTERS), e))?;
         Ok(values.iter().sum())
+    }
+
+    /// Gives every recorded bound socket the env its cgroup has under the policy
+    /// now in force (`env_of` returns `None` for a cgroup that is gone).
+    /// Returns how many changed.
+    pub fn refresh_bound(&mut self, mut env_of: impl FnMut(u64) -> Option<u32>) -> Result<usize> {
+        let mut m: HashMap<_, BoundKey, BoundValue> = map(&mut self.ebpf, maps::BOUND_SOCKETS)?;
+        let entries: Vec<(BoundKey, BoundValue)> =
+            m.iter().filter_map(std::result::Result::ok).collect();
+        let mut changed = 0;
+        for (k, mut v) in entries {
+            let Some(env) = env_of(v.cgroup_id) else {
+                continue;
+            };
+            if env != v.env {
+                v.env = env;
+                // The socket may have closed meanwhile: then there is nothing to update.
+                if m.insert(k, v, 0).is_ok() {
+                    changed += 1;
+                }
+            }
+        }
+        Ok(changed)
     }
 
     /// Records local sockets bound before the programs were attached.

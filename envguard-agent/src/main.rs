@@ -1,6 +1,6 @@
 //! `envguard`: the command line. Everything else lives in the library.
 use clap::{Parser, Subcommand};
-use envguard_agent::cmd::{check, detach, run};
+use envguard_agent::cmd::{check, detach, events, mode, reload, run, status};
 
 /// envguard keeps workloads of different environments (dev, staging, prod…)
 /// on one host from talking to each other, enforced by eBPF programs on cgroup
@@ -17,6 +17,10 @@ enum Command {
     Run(run::RunArgs),
     Check(check::CheckArgs),
     Detach(detach::DetachArgs),
+    Status(status::StatusArgs),
+    Mode(mode::ModeArgs),
+    Reload(reload::ReloadArgs),
+    Events(events::EventsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +32,10 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run::run(args),
         Command::Check(args) => check::check(args),
         Command::Detach(args) => detach::detach(args),
+        Command::Status(args) => status::status(args),
+        Command::Mode(args) => mode::mode(args),
+        Command::Reload(args) => reload::reload(args),
+        Command::Events(args) => events::events(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -46,7 +46,7 @@ pub fn bound_sockets(
         let Some(cgroup) = process_cgroup(pid) else {
             continue;
         };
-        if !crate::cmd::run::is_below(&cgroup, root) {
+        if !crate::daemon::is_below(&cgroup, root) {
             continue;
         }
         let fds = socket_fds(pid);
@@ -75,11 +75,16 @@ pub fn bound_sockets(
 
 /// The env of a cgroup path: its deepest listed ancestor's, as the kernel decides.
 pub fn env_of_cgroup(path: &str, listed: &[(String, u32)]) -> u32 {
+    deepest_listed(path, listed).map_or(ENV_HOST, |(_, env)| *env)
+}
+
+/// The listed (cgroup path, env id) that decides a cgroup path's env: its
+/// deepest listed ancestor, the path itself included; `None` means `host`.
+pub fn deepest_listed<'a>(path: &str, listed: &'a [(String, u32)]) -> Option<&'a (String, u32)> {
     listed
         .iter()
-        .filter(|(c, _)| crate::cmd::run::is_below(path, c))
+        .filter(|(c, _)| crate::daemon::is_below(path, c))
         .max_by_key(|(c, _)| crate::policy::cgroup_level(c))
-        .map_or(ENV_HOST, |(_, env)| *env)
 }
 
 /// The process's cgroup v2 path (the `0::` line).

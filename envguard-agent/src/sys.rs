@@ -64,6 +64,18 @@ pub fn cgroup_id(dir: &Path) -> Option<u64> {
         .map(|m| m.ino())
 }
 
+/// FNV-1a: stable across builds and Rust versions, unlike std's hasher.
+pub fn fnv1a(chunks: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for chunk in chunks {
+        for &b in *chunk {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }

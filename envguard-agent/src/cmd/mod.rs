@@ -1,7 +1,11 @@
 //! One module per subcommand.
 pub mod check;
 pub mod detach;
+pub mod events;
+pub mod mode;
+pub mod reload;
 pub mod run;
+pub mod status;
 
 use std::path::Path;
 

@@ -3,6 +3,7 @@
 //! Everything here is pure: no file system beyond reading the file, no kernel.
 pub mod compile;
 mod file;
+pub mod lint;
 pub mod ports;
 
 use std::{
@@ -97,6 +98,19 @@ pub struct Env {
     pub cidrs: Vec<IpNetwork>,
     pub on_agent_loss: OnLoss,
     pub agent_loss_timeout: Duration,
+    /// Where the env is written, for diagnostics.
+    pub lines: EnvLines,
+}
+
+/// 1-based lines of an env's parts in the policy file.
+#[derive(Clone, Debug, PartialEq, Eq, std::default::Default)]
+pub struct EnvLines {
+    /// The env's name (`[envs.NAME]`).
+    pub name: usize,
+    /// One per entry of `Env::cgroups`, in the same order.
+    pub cgroups: Vec<usize>,
+    /// One per entry of `Env::cidrs`, in the same order.
+    pub cidrs: Vec<usize>,
 }
 
 /// One side of a rule.
@@ -288,6 +302,10 @@ impl Validator<'_> {
                 );
                 continue;
             }
+            let mut lines = EnvLines {
+                name: line_of(self.text, name.span().start),
+                ..EnvLines::default()
+            };
             let mut cidrs = Vec::new();
             for c in &env.cidrs {
                 let Some(net) = self.cidr(c) else { continue };
@@ -302,6 +320,7 @@ impl Validator<'_> {
                     None => {
                         cidr_owner.insert(net, n.clone());
                         cidrs.push(net);
+                        lines.cidrs.push(line_of(self.text, c.span().start));
                     }
                 }
             }
@@ -321,6 +340,7 @@ impl Validator<'_> {
                     None => {
                         cgroup_owner.insert(path.clone(), n.clone());
                         cgroups.push(path);
+                        lines.cgroups.push(line_of(self.text, c.span().start));
                     }
                 }
             }
@@ -371,6 +391,7 @@ impl Validator<'_> {
                 cidrs,
                 on_agent_loss,
                 agent_loss_timeout,
+                lines,
             });
         }
 
@@ -494,39 +515,13 @@ impl Validator<'_> {
     }
 
     fn cgroup(&mut self, c: &Spanned<String>) -> Option<String> {
-        let s = c.get_ref();
-        if !s.starts_with('/') {
-            self.at(
-                c,
-                format!("cgroup {s:?} must be an absolute path below the cgroup2 mount, e.g. \"/prod.slice\""),
-            );
-            return None;
+        match normalize_cgroup(c.get_ref()) {
+            Ok(path) => Some(path),
+            Err(e) => {
+                self.at(c, e);
+                None
+            }
         }
-        if s.split('/').any(|part| part == "." || part == "..") {
-            self.at(c, format!("cgroup {s:?} must not contain '.' or '..'"));
-            return None;
-        }
-        let trimmed = s.trim_end_matches('/');
-        let mut normal = String::from("/");
-        normal.push_str(
-            &trimmed
-                .split('/')
-                .filter(|p| !p.is_empty())
-                .collect::<Vec<_>>()
-                .join("/"),
-        );
-        let depth = cgroup_level(&normal);
-        if depth > envguard_common::config::MAX_CGROUP_LEVEL {
-            self.at(
-                c,
-                format!(
-                    "cgroup {s:?} is {depth} levels deep; envguard resolves at most {} levels",
-                    envguard_common::config::MAX_CGROUP_LEVEL
-                ),
-            );
-            return None;
-        }
-        Some(normal)
     }
 
     fn selector(&mut self, s: &Spanned<String>, known: &BTreeMap<&str, ()>) -> Option<Selector> {
@@ -545,6 +540,35 @@ impl Validator<'_> {
         );
         None
     }
+}
+
+/// A cgroup path as the policy holds it: absolute below the cgroup2 mount, no
+/// empty parts, no trailing slash (`/a//b/` is `/a/b`); `.`, `..`, relative
+/// paths and paths deeper than the kernel resolves are refused.
+pub fn normalize_cgroup(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') {
+        return Err(format!(
+            "cgroup {s:?} must be an absolute path below the cgroup2 mount, e.g. \"/prod.slice\""
+        ));
+    }
+    if s.split('/').any(|part| part == "." || part == "..") {
+        return Err(format!("cgroup {s:?} must not contain '.' or '..'"));
+    }
+    let mut normal = String::from("/");
+    normal.push_str(
+        &s.split('/')
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join("/"),
+    );
+    let depth = cgroup_level(&normal);
+    if depth > envguard_common::config::MAX_CGROUP_LEVEL {
+        return Err(format!(
+            "cgroup {s:?} is {depth} levels deep; envguard resolves at most {} levels",
+            envguard_common::config::MAX_CGROUP_LEVEL
+        ));
+    }
+    Ok(normal)
 }
 
 /// Level of a cgroup path below the root, which is level 0.

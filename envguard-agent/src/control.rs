@@ -1,0 +1,403 @@
+//! The control socket: a unix stream socket that takes one JSON request per
+//! connection (one line, size-limited, schema-checked) and answers with one
+//! JSON line — or, for `events`, with the event stream.
+//!
+//! Every request carries the caller's credentials (SO_PEERCRED). The socket's
+//! file mode decides who may connect (0600 root, or 0660 with a group for
+//! read-only users); state-changing requests are refused unless the caller is
+//! root or holds CAP_NET_ADMIN.
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{broadcast, mpsc, oneshot},
+};
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_SOCKET: &str = "/run/envguard/control.sock";
+
+/// The control socket of the agent that runs with `pin_root`: one agent per
+/// pin root, so one socket per pin root too. The default pin root has the
+/// documented default socket.
+pub fn socket_for(pin_root: &Path) -> PathBuf {
+    if pin_root == Path::new(crate::loader::DEFAULT_PIN_ROOT) {
+        return PathBuf::from(DEFAULT_SOCKET);
+    }
+    let h = crate::sys::fnv1a(&[pin_root.as_os_str().as_encoded_bytes()]);
+    PathBuf::from(format!("/run/envguard/control-{h:016x}.sock"))
+}
+/// Largest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// A client that does not send its request in this time is dropped.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// `CAP_NET_ADMIN`'s bit in /proc/<pid>/status `CapEff`.
+const CAP_NET_ADMIN: u32 = 12;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    // Unit-like variants are written as `{}` so that unknown fields are
+    // refused for them too.
+    Status {},
+    /// Switch the global mode, or one env pair's (`from` and `to` together).
+    Mode {
+        mode: String,
+        #[serde(default)]
+        from: Option<String>,
+        #[serde(default)]
+        to: Option<String>,
+        /// Revert after this many seconds (break-glass).
+        #[serde(default)]
+        for_secs: Option<u64>,
+    },
+    Reload,
+    Explain {
+        from: String,
+        to: String,
+        port: String,
+    },
+    /// Subscribe to the event stream.
+    Events {},
+}
+
+impl Request {
+    /// Whether the request changes the agent's state.
+    pub fn mutates(&self) -> bool {
+        matches!(self, Request::Mode { .. } | Request::Reload)
+    }
+}
+
+/// Who sent a request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Actor {
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+    pub comm: String,
+}
+
+impl Actor {
+    /// The agent itself (a break-glass expiry, SIGHUP).
+    pub fn agent(what: &str) -> Actor {
+        Actor {
+            uid: None,
+            pid: Some(std::process::id() as i32),
+            comm: what.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+impl Response {
+    pub fn ok(result: serde_json::Value) -> Response {
+        Response {
+            ok: true,
+            error: None,
+            result: Some(result),
+        }
+    }
+
+    pub fn err(message: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(message.into()),
+            result: None,
+        }
+    }
+}
+
+/// A request for the daemon's main loop, which owns all state.
+pub struct Call {
+    pub request: Request,
+    pub actor: Actor,
+    pub reply: oneshot::Sender<Response>,
+}
+
+/// Binds the socket with its permissions and serves it until the agent exits.
+pub fn serve(
+    path: &Path,
+    group: Option<u32>,
+    calls: mpsc::Sender<Call>,
+    events: broadcast::Sender<String>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let io = |context: String| move |source| Error::Io { context, source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::ControlSocketInUse {
+                path: path.to_owned(),
+            });
+        }
+        // Left by an agent that did not exit cleanly.
+        std::fs::remove_file(path).map_err(io(format!("removing stale {}", path.display())))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io(format!("setting the mode of {}", path.display())))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, Some(0), Some(gid))
+            .map_err(io(format!("giving {} to group {gid}", path.display())))?;
+    }
+    Ok(tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let calls = calls.clone();
+                    let events = events.subscribe();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle(stream, calls, events).await {
+                            log::debug!("control connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    log::warn!("control socket accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }))
+}
+
+async fn reply(
+    stream: &mut (impl tokio::io::AsyncWrite + Unpin),
+    r: &Response,
+) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line).await
+}
+
+async fn handle(
+    stream: UnixStream,
+    calls: mpsc::Sender<Call>,
+    mut events: broadcast::Receiver<String>,
+) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+    let mut line = Vec::new();
+    let n = match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return reply(&mut write, &Response::err("no request within 5 s")).await;
+        }
+    };
+    if n > MAX_REQUEST {
+        return reply(
+            &mut write,
+            &Response::err(format!("request larger than {MAX_REQUEST} bytes")),
+        )
+        .await;
+    }
+    let request: Request = match serde_json::from_slice(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            return reply(
+                &mut write,
+                &Response::err(format!("malformed request: {e}")),
+            )
+            .await;
+        }
+    };
+    let pid = cred.pid();
+    let actor = Actor {
+        uid: Some(cred.uid()),
+        pid,
+        comm: pid.map(comm_of).unwrap_or_default(),
+    };
+    if request.mutates() && !may_change(cred.uid(), pid) {
+        return reply(
+            &mut write,
+            &Response::err(format!(
+                "permission denied: {} changes envguard's state and needs root or CAP_NET_ADMIN (you are uid {})",
+                command_name(&request),
+                cred.uid()
+            )),
+        )
+        .await;
+    }
+    if request == (Request::Events {}) {
+        reply(&mut write, &Response::ok(serde_json::json!("subscribed"))).await?;
+        loop {
+            match events.recv().await {
+                Ok(mut line) => {
+                    line.push('\n');
+                    write.write_all(line.as_bytes()).await?;
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // A subscriber that falls behind loses records, and is told how many.
+                    let notice = serde_json::json!({
+                        "kind": "lost_events",
+                        "source": "queue:subscriber",
+                        "count": n,
+                    });
+                    write.write_all(format!("{notice}\n").as_bytes()).await?;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+    let (tx, rx) = oneshot::channel();
+    if calls
+        .send(Call {
+            request,
+            actor,
+            reply: tx,
+        })
+        .await
+        .is_err()
+    {
+        return reply(&mut write, &Response::err("the agent is shutting down")).await;
+    }
+    let response = rx
+        .await
+        .unwrap_or_else(|_| Response::err("the agent dropped the request"));
+    reply(&mut write, &response).await
+}
+
+fn command_name(r: &Request) -> &'static str {
+    match r {
+        Request::Status {} => "status",
+        Request::Mode { .. } => "mode",
+        Request::Reload => "reload",
+        Request::Explain { .. } => "explain",
+        Request::Events {} => "events",
+    }
+}
+
+fn comm_of(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Root, or a process whose effective capabilities include CAP_NET_ADMIN.
+fn may_change(uid: u32, pid: Option<i32>) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let Some(pid) = pid else { return false };
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
+/// Client side: sends one request and returns the first answer line, and the
+/// connection for requests that stream more (events).
+pub async fn call(
+    socket: &Path,
+    request: &Request,
+) -> anyhow::Result<(Response, BufReader<UnixStream>)> {
+    use anyhow::Context as _;
+    let mut stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "connecting to the agent's control socket {} (is `envguard run` running, and may you open the socket?)",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line).await?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).await?;
+    let response: Response = serde_json::from_str(&answer)
+        .with_context(|| format!("unreadable answer from the agent: {answer:?}"))?;
+    Ok((response, reader))
+}
+
+/// Runs `call` on a fresh current-thread runtime, for the CLI subcommands.
+pub fn call_blocking(socket: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (response, _) = rt.block_on(call(socket, request))?;
+    match response {
+        Response {
+            ok: true, result, ..
+        } => Ok(result.unwrap_or(serde_json::Value::Null)),
+        Response { error, .. } => Err(anyhow::anyhow!(
+            "{}",
+            error.unwrap_or_else(|| "the agent refused without a reason".to_owned())
+        )),
+    }
+}
+
+/// How the client subcommands find the agent.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SocketArg {
+    /// The agent's control socket [default: the socket of --pin-root's agent,
+    /// /run/envguard/control.sock for the default pin root].
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// The pin root of the agent to talk to.
+    #[arg(long, value_name = "DIR", default_value = crate::loader::DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
+}
+
+impl SocketArg {
+    pub fn path(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| socket_for(&self.pin_root))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_schema_checked() {
+        let ok: Request =
+            serde_json::from_str(r#"{"cmd":"mode","mode":"audit","for_secs":60}"#).unwrap();
+        assert_eq!(
+            ok,
+            Request::Mode {
+                mode: "audit".into(),
+                from: None,
+                to: None,
+                for_secs: Some(60)
+            }
+        );
+        assert!(ok.mutates());
+        for bad in [
+            r#"{"cmd":"rm -rf"}"#,
+            r#"{"cmd":"status","extra":1}"#,
+            r#"{"cmd":"mode"}"#,
+            r#"{"cmd":"mode","mode":1}"#,
+            "not json",
+            "",
+        ] {
+            assert!(
+                serde_json::from_str::<Request>(bad).is_err(),
+                "{bad} accepted"
+            );
+        }
+        assert!(!Request::Status {}.mutates());
+        assert!(!Request::Events {}.mutates());
+    }
+}

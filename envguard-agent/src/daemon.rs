@@ -1,0 +1,877 @@
+//! The host daemon: starts enforcement (or adopts it), then serves events,
+//! housekeeping, signals and control requests until told to stop. It owns all
+//! runtime state; the control socket's tasks send it requests.
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{BufWriter, Stdout},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use envguard_common::{
+    config::{Counter, NUM_COUNTERS},
+    event::{DecisionKey, VERDICT_ALLOWED, VERDICT_AUDITED, VERDICT_DENIED, ViolationEvent},
+    maps,
+    policy::{PairKey, RULE_PREFIX_PAIR},
+};
+use serde::Serialize;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::{broadcast, mpsc},
+    time::Instant,
+};
+
+use crate::{
+    control::{self, Actor, Call, Request, Response},
+    error::Error,
+    events::{self, CounterRecord, LostEvents, PolicyLoaded, Stream},
+    loader::{self, Kernel, Options},
+    policy::{
+        Mode, Policy,
+        compile::{Compiled, compile_with_ids, mode_value},
+    },
+    scan,
+    sys::{self, CgroupNames},
+};
+
+/// How often the agent beats, looks for listed-but-missing cgroups and reads
+/// the kernel's loss counters.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// Records buffered for each `events --follow` subscriber.
+const SUBSCRIBER_QUEUE: usize = 4096;
+
+/// What `envguard run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub policy: PathBuf,
+    pub cgroup_root: Option<String>,
+    pub kernel: Options,
+    pub control_socket: PathBuf,
+    pub control_group: Option<u32>,
+    pub detach_on_exit: bool,
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    if !sys::is_root() {
+        return Err(Error::NotRoot.into());
+    }
+    let started = std::time::Instant::now();
+    let policy = Policy::load(&settings.policy)?;
+    let mount = sys::cgroup2_mount()?;
+    let root_rel = normalize_root(settings.cgroup_root.as_deref().unwrap_or("/"), &mount);
+    let root_dir = sys::cgroup_dir(&mount, &root_rel);
+    if sys::cgroup_id(&root_dir).is_none() {
+        return Err(Error::NoSuchCgroup {
+            path: root_rel,
+            mount,
+        }
+        .into());
+    }
+    warn_about(&policy, &settings.policy, &mount, &root_rel);
+
+    let mut kernel = Kernel::open(&settings.kernel)?;
+    // Env ids as the adopted state has them, so its counters and bound-socket
+    // table stay right.
+    let compiled = compile_with_ids(&policy, &kernel.env_names()?)?;
+    let tracker = CgroupTracker::new(&mount, &compiled);
+    // The policy goes into the maps before any new program is attached, so no
+    // program ever runs without it.
+    kernel
+        .apply_policy(
+            &compiled,
+            &tracker.present(),
+            compiled.mode,
+            &compiled.pair_modes,
+        )
+        .context("writing the policy into the kernel")?;
+    kernel.attach(&root_dir)?;
+    // After attaching: a socket bound from now on is recorded by the kernel,
+    // one bound before is found here; none falls in between.
+    let bound = scan::bound_sockets(&mount, &root_rel, |cgroup| {
+        scan::env_of_cgroup(cgroup, &compiled.cgroups)
+    });
+    kernel
+        .record_bound(&bound)
+        .context("recording sockets bound before start")?;
+    log::info!(
+        "{} {} ({}) in {} mode at {} in {} ms; {} local sockets bound before start recorded",
+        if kernel.adopted() {
+            "adopted pinned state, enforcing"
+        } else {
+            "enforcing"
+        },
+        settings.policy.display(),
+        policy.revision,
+        policy.mode,
+        root_dir.display(),
+        started.elapsed().as_millis(),
+        bound.len()
+    );
+
+    let mut names = CgroupNames::new(&mount);
+    for (path, id) in tracker.known() {
+        names.insert(id, path);
+    }
+    let (events_tx, _) = broadcast::channel(SUBSCRIBER_QUEUE);
+    let stream = Stream::new(BufWriter::new(std::io::stdout())).with_subscribers(events_tx.clone());
+    let (calls_tx, calls_rx) = mpsc::channel(64);
+    let server = control::serve(
+        &settings.control_socket,
+        settings.control_group,
+        calls_tx,
+        events_tx,
+    )?;
+
+    let ring = kernel.take_events()?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same
+    // for as long as the AsyncFd owns the ring buffer.
+    let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
+    // Map-full and unparsable counts, and the status counters, run from this start on.
+    let mut counters_reported = [0; NUM_COUNTERS as usize];
+    for c in [
+        Counter::FlowCacheFull,
+        Counter::BoundTableFull,
+        Counter::Unparsable,
+    ] {
+        counters_reported[c as usize] = kernel.counter(c)?;
+    }
+    let decisions_baseline = kernel.decisions()?.into_iter().collect();
+    let previous = kernel.previous;
+    let mut daemon = Daemon {
+        kernel,
+        policy,
+        compiled,
+        names,
+        stream,
+        tracker,
+        counters_reported,
+        decisions_baseline,
+        mount,
+        root_rel,
+        settings: settings.clone(),
+        since: SystemTime::now(),
+        global: None,
+        pairs: BTreeMap::new(),
+    };
+    daemon.emit_policy_loaded(None)?;
+    if let Some(prev) = previous.filter(|p| p.heartbeat_ns != 0) {
+        let gap = Duration::from_nanos(sys::boot_ns().saturating_sub(prev.heartbeat_ns));
+        let body = events::agent_gap(&daemon.policy, gap);
+        daemon.stream.emit("agent_gap", None, &body)?;
+    }
+    daemon.stream.flush()?;
+
+    let result = daemon.serve(ring, calls_rx).await;
+    server.abort();
+    let _ = std::fs::remove_file(&settings.control_socket);
+    let pin_root = daemon.kernel.pin_root().to_owned();
+    // Closes every fd of ours; the pins keep enforcement in place.
+    drop(daemon);
+    if settings.detach_on_exit {
+        let removed = loader::detach(&pin_root)?;
+        log::info!(
+            "detached: removed {removed} pinned layouts under {}",
+            pin_root.display()
+        );
+    } else {
+        log::info!(
+            "exiting; enforcement stays in place, pinned under {} (`envguard detach --pin-root {}` removes it)",
+            pin_root.display(),
+            pin_root.display()
+        );
+    }
+    result
+}
+
+fn warn_about(policy: &Policy, path: &Path, mount: &Path, root_rel: &str) {
+    for w in crate::cmd::policy_warnings(policy, Some(mount)) {
+        log::warn!("{}: {w}", path.display());
+    }
+    for c in policy.envs.iter().flat_map(|e| &e.cgroups) {
+        if !is_below(c, root_rel) {
+            log::warn!(
+                "cgroup {c} is outside the attach point {root_rel}: envguard does not see its traffic"
+            );
+        }
+    }
+}
+
+/// An operator's runtime mode for a scope (the whole host, or one env pair).
+#[derive(Debug, Clone)]
+struct Override {
+    mode: Mode,
+    /// Break-glass: when it reverts.
+    expires: Option<(Instant, SystemTime)>,
+    /// The untimed override it replaced, restored on expiry; `None`: back to the policy file.
+    revert_to: Option<Mode>,
+}
+
+struct Daemon {
+    kernel: Kernel,
+    policy: Policy,
+    compiled: Compiled,
+    names: CgroupNames,
+    stream: Stream<BufWriter<Stdout>>,
+    tracker: CgroupTracker,
+    /// Per `Counter`: the value already reported.
+    counters_reported: [u64; NUM_COUNTERS as usize],
+    /// Decision counters at start: status counts from there.
+    decisions_baseline: HashMap<DecisionKey, u64>,
+    mount: PathBuf,
+    root_rel: String,
+    settings: Settings,
+    since: SystemTime,
+    /// Runtime overrides; they outlive reloads (operator intent), and timed
+    /// ones revert on time.
+    global: Option<Override>,
+    pairs: BTreeMap<(String, String), Override>,
+}
+
+#[derive(Serialize)]
+struct ModeChange {
+    actor: Actor,
+    scope: String,
+    from: String,
+    to: String,
+    expires_at: Option<String>,
+    reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct PolicyRejected {
+    policy: String,
+    error: String,
+    actor: Actor,
+}
+
+impl Daemon {
+    async fn serve(
+        &mut self,
+        mut ring: AsyncFd<RingBuf<MapData>>,
+        mut calls: mpsc::Receiver<Call>,
+    ) -> anyhow::Result<()> {
+        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        let mut tick = tokio::time::interval(HOUSEKEEPING);
+        loop {
+            let next_expiry = self.next_expiry();
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.context("waiting for events")?;
+                    self.drain(guard.get_inner_mut())?;
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => self.housekeeping()?,
+                Some(call) = calls.recv() => {
+                    let response = self.handle(call.request, call.actor);
+                    let _ = call.reply.send(response);
+                    self.stream.flush()?;
+                }
+                _ = sleep_until(next_expiry) => {
+                    self.expire()?;
+                    self.stream.flush()?;
+                }
+                _ = sighup.recv() => {
+                    if let Err(e) = self.reload(Actor::agent("SIGHUP")) {
+                        log::error!("reload on SIGHUP refused, the old policy stays in force: {e}");
+                    }
+                    self.stream.flush()?;
+                }
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+            }
+        }
+        log::info!("signal received");
+        self.drain(ring.get_mut())?;
+        self.housekeeping()
+    }
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<ViolationEvent>() {
+                log::error!(
+                    "short event record ({} bytes); kernel and agent disagree on the layout",
+                    item.len()
+                );
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole ViolationEvent; read unaligned
+            // because ring buffer records are only 8-byte aligned by contract.
+            let e: ViolationEvent =
+                unsafe { item.as_ptr().cast::<ViolationEvent>().read_unaligned() };
+            let body = events::violation(&self.policy, &self.compiled, &mut self.names, &e);
+            self.stream.emit("violation", Some(e.boot_ns), &body)?;
+        }
+        self.stream.flush()?;
+        Ok(())
+    }
+
+    fn housekeeping(&mut self) -> anyhow::Result<()> {
+        for (id, env) in self.tracker.refresh() {
+            self.kernel.set_cgroup(id, env)?;
+        }
+        for (path, id) in self.tracker.known() {
+            self.names.insert(id, path);
+        }
+        for (counter, kind, what) in [
+            (Counter::FlowCacheFull, "map_full", maps::FLOW_VERDICTS),
+            (Counter::BoundTableFull, "map_full", maps::BOUND_SOCKETS),
+            (Counter::Unparsable, "unparsable_packets", "skb"),
+        ] {
+            let now = self.kernel.counter(counter)?;
+            let seen = &mut self.counters_reported[counter as usize];
+            if now > *seen {
+                self.stream.emit(
+                    kind,
+                    None,
+                    &CounterRecord {
+                        source: what,
+                        count: now - *seen,
+                    },
+                )?;
+                *seen = now;
+            }
+        }
+        let lost = self.kernel.counter(Counter::EventsLost)?;
+        if lost > self.kernel.lost_reported {
+            self.stream.emit(
+                "lost_events",
+                None,
+                &LostEvents {
+                    source: "ringbuf",
+                    count: lost - self.kernel.lost_reported,
+                },
+            )?;
+            self.kernel.lost_reported = lost;
+        }
+        self.stream.flush()?;
+        self.kernel.heartbeat()?;
+        Ok(())
+    }
+
+    fn handle(&mut self, request: Request, actor: Actor) -> Response {
+        let result = match request {
+            Request::Status {} => self.status(),
+            Request::Mode {
+                mode,
+                from,
+                to,
+                for_secs,
+            } => self.set_mode(&mode, from, to, for_secs, actor),
+            Request::Reload => self.reload(actor),
+            Request::Explain { .. } => Err(anyhow::anyhow!(
+                "explain through the agent is not available yet; use `envguard explain --policy FILE`"
+            )),
+            // Served by the control task itself.
+            Request::Events {} => Err(anyhow::anyhow!("events are streamed by the socket task")),
+        };
+        match result {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(format!("{e:#}")),
+        }
+    }
+
+    fn emit_policy_loaded(&mut self, actor: Option<Actor>) -> anyhow::Result<()> {
+        #[derive(Serialize)]
+        struct Loaded<'a> {
+            #[serde(flatten)]
+            base: PolicyLoaded<'a>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            actor: Option<Actor>,
+        }
+        let body = Loaded {
+            base: PolicyLoaded {
+                policy: std::fs::canonicalize(&self.settings.policy)
+                    .unwrap_or_else(|_| self.settings.policy.clone())
+                    .display()
+                    .to_string(),
+                revision: &self.policy.revision,
+                envs: self.policy.env_names(),
+                mode: self.global_mode(&self.policy).to_string(),
+                cgroup_root: self.root_rel.clone(),
+                hooks: loader::PROGRAMS,
+                pin_root: self.kernel.pin_root().display().to_string(),
+                adopted: self.kernel.adopted(),
+            },
+            actor,
+        };
+        self.stream.emit("policy_loaded", None, &body)?;
+        Ok(())
+    }
+
+    fn global_mode(&self, policy: &Policy) -> Mode {
+        self.global.as_ref().map_or(policy.mode, |o| o.mode)
+    }
+
+    /// The pairs' modes for the kernel: the policy's, with runtime overrides on top.
+    fn pair_modes(&self, compiled: &Compiled) -> Vec<(PairKey, u32)> {
+        let mut modes: BTreeMap<(u32, u32), u32> = compiled
+            .pair_modes
+            .iter()
+            .map(|(k, m)| ((k.src_env, k.dst_env), *m))
+            .collect();
+        for ((from, to), o) in &self.pairs {
+            if let (Some(s), Some(d)) = (compiled.env_id(from), compiled.env_id(to)) {
+                modes.insert((s, d), mode_value(o.mode));
+            }
+        }
+        modes
+            .into_iter()
+            .map(|((s, d), m)| (PairKey::new(s, d), m))
+            .collect()
+    }
+
+    /// The mode a pair is handled in now, and where that comes from.
+    fn pair_mode(&self, from: &str, to: &str) -> (Mode, &'static str) {
+        if let Some(o) = self.pairs.get(&(from.to_owned(), to.to_owned())) {
+            return (o.mode, "runtime");
+        }
+        let ids = (self.compiled.env_id(from), self.compiled.env_id(to));
+        if let (Some(s), Some(d)) = ids
+            && let Some((_, m)) = self
+                .compiled
+                .pair_modes
+                .iter()
+                .find(|(k, _)| k.src_env == s && k.dst_env == d)
+        {
+            let mode = if *m == mode_value(Mode::Enforce) {
+                Mode::Enforce
+            } else {
+                Mode::Audit
+            };
+            return (mode, "policy");
+        }
+        (self.global_mode(&self.policy), "global")
+    }
+
+    fn set_mode(
+        &mut self,
+        mode: &str,
+        from: Option<String>,
+        to: Option<String>,
+        for_secs: Option<u64>,
+        actor: Actor,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mode: Mode = mode.parse().map_err(anyhow::Error::msg)?;
+        let expires = for_secs.map(|s| {
+            let d = Duration::from_secs(s);
+            (Instant::now() + d, SystemTime::now() + d)
+        });
+        let pair = match (from, to) {
+            (None, None) => None,
+            (Some(f), Some(t)) => {
+                for n in [&f, &t] {
+                    if self.compiled.env_id(n).is_none() {
+                        anyhow::bail!(
+                            "unknown env {n:?}; known: {}",
+                            self.compiled
+                                .env_ids()
+                                .map(|i| self.compiled.env_name(i))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                    }
+                }
+                Some((f, t))
+            }
+            _ => anyhow::bail!("a pair's mode needs both --from and --to"),
+        };
+        let (scope, previous) = match &pair {
+            None => ("global".to_owned(), self.global_mode(&self.policy)),
+            Some((f, t)) => (format!("{f}->{t}"), self.pair_mode(f, t).0),
+        };
+        let existing = match &pair {
+            None => self.global.as_ref(),
+            Some(k) => self.pairs.get(k),
+        };
+        // A timed override reverts to what stood before it, not to another timed one.
+        let revert_to = existing.and_then(|o| {
+            if o.expires.is_none() {
+                Some(o.mode)
+            } else {
+                o.revert_to
+            }
+        });
+        let new = Override {
+            mode,
+            expires,
+            revert_to,
+        };
+        match &pair {
+            None => {
+                self.kernel.set_mode(mode_value(mode))?;
+                self.global = Some(new);
+            }
+            Some((f, t)) => {
+                let key = self.pair_key(f, t)?;
+                self.kernel.set_pair_mode(key, Some(mode_value(mode)))?;
+                self.pairs.insert((f.clone(), t.clone()), new);
+            }
+        }
+        let expires_at = expires.map(|(_, at)| events::rfc3339(at));
+        self.stream.emit(
+            "mode_change",
+            None,
+            &ModeChange {
+                actor,
+                scope: scope.clone(),
+                from: previous.to_string(),
+                to: mode.to_string(),
+                expires_at: expires_at.clone(),
+                reason: "request",
+            },
+        )?;
+        Ok(
+            serde_json::json!({"scope": scope, "from": previous.to_string(), "to": mode.to_string(), "expires_at": expires_at}),
+        )
+    }
+
+    fn pair_key(&self, from: &str, to: &str) -> anyhow::Result<PairKey> {
+        match (self.compiled.env_id(from), self.compiled.env_id(to)) {
+            (Some(s), Some(d)) => Ok(PairKey::new(s, d)),
+            _ => anyhow::bail!("unknown env in {from}->{to}"),
+        }
+    }
+
+    fn next_expiry(&self) -> Option<Instant> {
+        self.global
+            .iter()
+            .chain(self.pairs.values())
+            .filter_map(|o| o.expires.map(|(at, _)| at))
+            .min()
+    }
+
+    /// Reverts every break-glass override whose time is up.
+    fn expire(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let due = |o: &Override| o.expires.is_some_and(|(at, _)| at <= now);
+        if self.global.as_ref().is_some_and(due) {
+            let old = self.global.take().expect("checked");
+            self.global = old.revert_to.map(|mode| Override {
+                mode,
+                expires: None,
+                revert_to: None,
+            });
+            let to = self.global_mode(&self.policy);
+            self.kernel.set_mode(mode_value(to))?;
+            self.emit_expiry("global".to_owned(), old.mode, to)?;
+        }
+        let due_pairs: Vec<(String, String)> = self
+            .pairs
+            .iter()
+            .filter(|(_, o)| due(o))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (f, t) in due_pairs {
+            let old = self.pairs.remove(&(f.clone(), t.clone())).expect("listed");
+            if let Some(mode) = old.revert_to {
+                self.pairs.insert(
+                    (f.clone(), t.clone()),
+                    Override {
+                        mode,
+                        expires: None,
+                        revert_to: None,
+                    },
+                );
+            }
+            let (to, source) = self.pair_mode(&f, &t);
+            let key = self.pair_key(&f, &t)?;
+            // Back to the global mode: no entry; else the pair's own.
+            let value = (source != "global").then_some(mode_value(to));
+            self.kernel.set_pair_mode(key, value)?;
+            self.emit_expiry(format!("{f}->{t}"), old.mode, to)?;
+        }
+        Ok(())
+    }
+
+    fn emit_expiry(&mut self, scope: String, from: Mode, to: Mode) -> anyhow::Result<()> {
+        self.stream.emit(
+            "mode_change",
+            None,
+            &ModeChange {
+                actor: Actor::agent("envguard (break-glass expiry)"),
+                scope,
+                from: from.to_string(),
+                to: to.to_string(),
+                expires_at: None,
+                reason: "expired",
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Reads, validates and swaps in the policy file. A bad file changes
+    /// nothing: the old policy stays in force, and the error is reported.
+    fn reload(&mut self, actor: Actor) -> anyhow::Result<serde_json::Value> {
+        let loaded = Policy::load(&self.settings.policy)
+            .map_err(anyhow::Error::from)
+            .and_then(|p| {
+                let c = compile_with_ids(&p, &self.compiled.env_names)?;
+                Ok((p, c))
+            });
+        let (policy, compiled) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                let error = format!("{e:#}");
+                self.stream.emit(
+                    "policy_rejected",
+                    None,
+                    &PolicyRejected {
+                        policy: self.settings.policy.display().to_string(),
+                        error: error.clone(),
+                        actor,
+                    },
+                )?;
+                anyhow::bail!(
+                    "{error}\nthe policy in force is unchanged ({})",
+                    self.policy.revision
+                );
+            }
+        };
+        warn_about(&policy, &self.settings.policy, &self.mount, &self.root_rel);
+        let tracker = CgroupTracker::new(&self.mount, &compiled);
+        let mode = mode_value(self.global_mode(&policy));
+        let pairs = self.pair_modes(&compiled);
+        self.kernel
+            .apply_policy(&compiled, &tracker.present(), mode, &pairs)
+            .context("writing the new policy into the kernel")?;
+        // Overrides of pairs whose envs are gone have nothing left to act on.
+        self.pairs
+            .retain(|(f, t), _| compiled.env_id(f).is_some() && compiled.env_id(t).is_some());
+        for (path, id) in tracker.known() {
+            self.names.insert(id, path);
+        }
+        let updated = {
+            let names = &mut self.names;
+            let cgroups = &compiled.cgroups;
+            self.kernel.refresh_bound(|cgroup_id| {
+                names
+                    .path(cgroup_id)
+                    .map(|p| scan::env_of_cgroup(&p, cgroups))
+            })?
+        };
+        if updated > 0 {
+            log::info!("{updated} bound local sockets changed env with the new policy");
+        }
+        self.policy = policy;
+        self.compiled = compiled;
+        self.tracker = tracker;
+        self.emit_policy_loaded(Some(actor))?;
+        Ok(serde_json::json!({"revision": self.policy.revision}))
+    }
+
+    fn status(&mut self) -> anyhow::Result<serde_json::Value> {
+        #[derive(Serialize, Default)]
+        struct Pair {
+            from: String,
+            to: String,
+            decision: &'static str,
+            mode: String,
+            mode_source: &'static str,
+            allowed: u64,
+            denied: u64,
+            audited: u64,
+        }
+        let mut counts: HashMap<(u32, u32), [u64; 3]> = HashMap::new();
+        for (k, v) in self.kernel.decisions()? {
+            let since = v.saturating_sub(self.decisions_baseline.get(&k).copied().unwrap_or(0));
+            let slot = match k.verdict {
+                VERDICT_ALLOWED => 0,
+                VERDICT_DENIED => 1,
+                VERDICT_AUDITED => 2,
+                _ => continue,
+            };
+            counts.entry((k.src_env, k.dst_env)).or_default()[slot] += since;
+        }
+        let ids: Vec<u32> = self.compiled.env_ids().collect();
+        let mut pairs = Vec::new();
+        for &s in &ids {
+            for &d in &ids {
+                let (from, to) = (
+                    self.compiled.env_name(s).to_owned(),
+                    self.compiled.env_name(d).to_owned(),
+                );
+                let (mode, mode_source) = self.pair_mode(&from, &to);
+                let c = counts.get(&(s, d)).copied().unwrap_or_default();
+                pairs.push(Pair {
+                    decision: pair_decision(&self.compiled, s, d, mode),
+                    mode: mode.to_string(),
+                    mode_source,
+                    from,
+                    to,
+                    allowed: c[0],
+                    denied: c[1],
+                    audited: c[2],
+                });
+            }
+        }
+        let pending: Vec<serde_json::Value> = self
+            .global
+            .iter()
+            .map(|o| ("global".to_owned(), o))
+            .chain(self.pairs.iter().map(|((f, t), o)| (format!("{f}->{t}"), o)))
+            .filter_map(|(scope, o)| {
+                let (_, at) = o.expires?;
+                Some(serde_json::json!({
+                    "scope": scope,
+                    "mode": o.mode.to_string(),
+                    "reverts_to": o.revert_to.map_or_else(|| "policy".to_owned(), |m| m.to_string()),
+                    "expires_at": events::rfc3339(at),
+                }))
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "since": events::rfc3339(self.since),
+            "uptime_s": self.since.elapsed().map_or(0, |d| d.as_secs()),
+            "pid": std::process::id(),
+            "policy": self.settings.policy.display().to_string(),
+            "revision": self.policy.revision,
+            "mode": self.global_mode(&self.policy).to_string(),
+            "mode_source": if self.global.is_some() { "runtime" } else { "policy" },
+            "cgroup_root": self.root_rel,
+            "hooks": loader::PROGRAMS,
+            "pin_root": self.kernel.pin_root().display().to_string(),
+            "adopted": self.kernel.adopted(),
+            "envs": ids.iter().map(|&i| self.compiled.env_name(i)).collect::<Vec<_>>(),
+            "pending_reverts": pending,
+            "pairs": pairs,
+        }))
+    }
+}
+
+/// The policy's decision for a pair in general: `allow` (every flow), `ports`
+/// (some ports or protocols allowed, or some denied), `deny`, or `audit` (a
+/// violation, let through in audit mode).
+fn pair_decision(c: &Compiled, s: u32, d: u32, mode: Mode) -> &'static str {
+    let pair = |k: &envguard_common::policy::RuleKey| {
+        k.src_env == s.to_be_bytes() && k.dst_env == d.to_be_bytes()
+    };
+    let deny_all = c
+        .deny_rules
+        .iter()
+        .any(|(p, k, _)| *p == RULE_PREFIX_PAIR && pair(k));
+    let deny_some = c.deny_rules.iter().any(|(_, k, _)| pair(k));
+    let allow_all = s == d
+        || c.rules
+            .iter()
+            .any(|(p, k, _)| *p == RULE_PREFIX_PAIR && pair(k));
+    let allow_some = c.rules.iter().any(|(_, k, _)| pair(k));
+    let violation = if mode == Mode::Enforce {
+        "deny"
+    } else {
+        "audit"
+    };
+    if deny_all {
+        violation
+    } else if allow_all && !deny_some {
+        "allow"
+    } else if allow_all || allow_some {
+        "ports"
+    } else {
+        violation
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Accepts the attach point relative to the mount or as an absolute path under it.
+fn normalize_root(given: &str, mount: &Path) -> String {
+    let rel = Path::new(given)
+        .strip_prefix(mount)
+        .map(|p| format!("/{}", p.display()))
+        .unwrap_or_else(|_| given.to_owned());
+    let trimmed = rel.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+pub fn is_below(path: &str, root: &str) -> bool {
+    root == "/" || path == root || path.starts_with(&format!("{root}/"))
+}
+
+/// Keeps `CGROUP_ENVS` in step with the policy's cgroups as they are created,
+/// removed and recreated (a recreated cgroup has a new id).
+struct CgroupTracker {
+    mount: PathBuf,
+    /// (path, env id, id when last seen)
+    entries: Vec<(String, u32, Option<u64>)>,
+}
+
+impl CgroupTracker {
+    fn new(mount: &Path, compiled: &Compiled) -> Self {
+        let entries = compiled
+            .cgroups
+            .iter()
+            .map(|(p, env)| (p.clone(), *env, sys::cgroup_id(&sys::cgroup_dir(mount, p))))
+            .collect();
+        Self {
+            mount: mount.to_owned(),
+            entries,
+        }
+    }
+
+    fn present(&self) -> Vec<(u64, u32)> {
+        self.entries
+            .iter()
+            .filter_map(|(_, env, id)| id.map(|id| (id, *env)))
+            .collect()
+    }
+
+    fn known(&self) -> Vec<(String, u64)> {
+        self.entries
+            .iter()
+            .filter_map(|(p, _, id)| id.map(|id| (p.clone(), id)))
+            .collect()
+    }
+
+    /// Map updates to apply: (cgroup id, Some(env) to add, None to remove).
+    fn refresh(&mut self) -> Vec<(u64, Option<u32>)> {
+        let mut updates = Vec::new();
+        for (path, env, id) in &mut self.entries {
+            let now = sys::cgroup_id(&sys::cgroup_dir(&self.mount, path));
+            if now == *id {
+                continue;
+            }
+            if let Some(old) = *id {
+                updates.push((old, None));
+                log::info!("cgroup {path} (id {old}) is gone");
+            }
+            if let Some(new) = now {
+                updates.push((new, Some(*env)));
+                log::info!("cgroup {path} appeared (id {new})");
+            }
+            *id = now;
+        }
+        updates
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attach_root_accepts_both_spellings() {
+        let m = Path::new("/sys/fs/cgroup/unified");
+        assert_eq!(normalize_root("/", m), "/");
+        assert_eq!(normalize_root("/a/b/", m), "/a/b");
+        assert_eq!(normalize_root("/sys/fs/cgroup/unified/a", m), "/a");
+        assert_eq!(normalize_root("/sys/fs/cgroup/unified", m), "/");
+        assert!(is_below("/a/b", "/a"));
+        assert!(!is_below("/ab", "/a"));
+        assert!(is_below("/x", "/"));
+    }
+}

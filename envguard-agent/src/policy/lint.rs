@@ -1,0 +1,1 @@
+//! (placeholder while the lint pass is written)
