@@ -95,8 +95,11 @@ pub struct AgentState {
     /// How much of `Counter::EventsLost` agents have reported so far, so a
     /// restarted agent reports exactly the losses nobody reported.
     pub lost_reported: u64,
+    /// Repeats of a violation within this long of its last record are only
+    /// counted (in `DEDUP`), not sent; 0 sends every one.
+    pub dedup_interval_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<AgentState>() == 32);
+const _: () = assert!(core::mem::size_of::<AgentState>() == 40);
 
 /// Indexes into the per-CPU `COUNTERS` array.
 #[repr(u32)]

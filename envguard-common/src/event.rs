@@ -92,3 +92,36 @@ pub struct ViolationEvent {
     pub rule: u32,
 }
 const _: () = assert!(core::mem::size_of::<ViolationEvent>() == 104);
+
+/// `DEDUP` key: a violating flow's identity. Repeats of one key within the
+/// dedup interval are counted instead of sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DedupKey {
+    pub cgroup_id: u64,
+    pub remote_addr: [u8; 16],
+    pub src_env: u32,
+    pub dst_env: u32,
+    /// The destination port (the remote one for egress, the local one for ingress).
+    pub dst_port: u16,
+    pub proto: u8,
+    pub direction: u8,
+    /// `VERDICT_DENIED` or `VERDICT_AUDITED`: a mode switch starts a new key.
+    pub verdict: u8,
+    pub hook: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<DedupKey>() == 40);
+
+/// `DEDUP` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupValue {
+    /// When the key's last record was sent: the window opens there.
+    pub window_start_ns: u64,
+    /// The latest repeat.
+    pub last_ns: u64,
+    /// Repeats counted instead of sent, ever (the agent reports differences).
+    pub suppressed: u64,
+}
+const _: () = assert!(core::mem::size_of::<DedupValue>() == 24);

@@ -28,6 +28,8 @@ mod pod {
     unsafe impl aya::Pod for policy::PairKey {}
     unsafe impl aya::Pod for policy::EnvName {}
     unsafe impl aya::Pod for event::DecisionKey {}
+    unsafe impl aya::Pod for event::DedupKey {}
+    unsafe impl aya::Pod for event::DedupValue {}
     unsafe impl aya::Pod for flow::FlowKey {}
     unsafe impl aya::Pod for flow::FlowVerdict {}
     unsafe impl aya::Pod for flow::TupleKey {}

@@ -29,6 +29,8 @@ pub const AGENT_STATE: &str = "AGENT_STATE";
 pub const ENV_NAMES: &str = "ENV_NAMES";
 /// `PerCpuHashMap<DecisionKey, u64>`: exact decision counters.
 pub const DECISIONS: &str = "DECISIONS";
+/// `LruHashMap<DedupKey, DedupValue>`: recently reported violations.
+pub const DEDUP: &str = "DEDUP";
 /// `LruHashMap<FlowKey, FlowVerdict>`: per-socket, per-peer verdict cache.
 pub const FLOW_VERDICTS: &str = "FLOW_VERDICTS";
 /// `LruHashMap<TupleKey, FlowVerdict>`: inbound TCP decisions taken on a listener,
@@ -44,7 +46,8 @@ pub const EVENTS: &str = "EVENTS";
 pub const COUNTERS: &str = "COUNTERS";
 
 /// Every map, for pinning and removal.
-pub const ALL: [&str; 26] = [
+pub const ALL: [&str; 27] = [
+    DEDUP,
     DENY_RULES[0],
     DENY_RULES[1],
     PAIR_MODES[0],
@@ -79,6 +82,8 @@ pub const LAYOUT_VERSION: u32 = 1;
 
 /// Number of env ids (`host`, `world` and the declared envs).
 pub const MAX_ENVS: u32 = 1024;
+/// Capacity of `DEDUP`.
+pub const MAX_DEDUP_KEYS: u32 = 65_536;
 /// Capacity of `PAIR_MODES`.
 pub const MAX_PAIR_MODES: u32 = 65_536;
 /// Capacity of `DECISIONS`.

@@ -2,20 +2,28 @@
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated};
 use envguard_common::{
     config::{Counter, MODE_ENFORCE},
-    event::{DIRECTION_EGRESS, VERDICT_AUDITED, VERDICT_DENIED, ViolationEvent},
+    event::{
+        DIRECTION_EGRESS, DedupKey, DedupValue, VERDICT_AUDITED, VERDICT_DENIED, ViolationEvent,
+    },
 };
 
 use crate::{
     classify::{Decision, Side, count},
-    maps::EVENTS,
+    maps::{AGENT_STATE, DEDUP, EVENTS},
 };
 
 /// Reserves a record, zeroes it, lets `fill` write the flow's fields, stamps the
 /// common ones and submits it. The record is written in place: building it on
 /// the 512-byte BPF stack first would not fit beside the callers' state.
 /// A full ring buffer is counted, never silent.
+///
+/// A repeat of `dedup`'s flow within the agent's dedup interval is only
+/// counted; the agent reports the count as a rollup.
 #[inline(always)]
-pub fn emit(mode: u32, in_task: bool, fill: impl FnOnce(&mut ViolationEvent)) {
+pub fn emit(mode: u32, in_task: bool, dedup: &DedupKey, fill: impl FnOnce(&mut ViolationEvent)) {
+    if repeated(dedup) {
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<ViolationEvent>(0) else {
         count(Counter::EventsLost);
         return;
@@ -42,6 +50,40 @@ pub fn emit(mode: u32, in_task: bool, fill: impl FnOnce(&mut ViolationEvent)) {
     }
     fill(ev);
     entry.submit(0);
+}
+
+/// Whether this violation repeats one reported less than the dedup interval
+/// ago; if so it is counted. Otherwise the key's window restarts now.
+#[inline(always)]
+fn repeated(key: &DedupKey) -> bool {
+    let interval = match AGENT_STATE.get(0) {
+        Some(s) => s.dedup_interval_ns,
+        None => 0,
+    };
+    if interval == 0 {
+        return false;
+    }
+    let now = unsafe { generated::bpf_ktime_get_boot_ns() };
+    if let Some(v) = DEDUP.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of a map value, live for this program run
+        // and written by no one else meanwhile.
+        let v = unsafe { &mut *v };
+        if now.saturating_sub(v.window_start_ns) < interval {
+            v.suppressed += 1;
+            v.last_ns = now;
+            return true;
+        }
+        v.window_start_ns = now;
+        v.last_ns = now;
+        return false;
+    }
+    let fresh = DedupValue {
+        window_start_ns: now,
+        last_ns: now,
+        suppressed: 0,
+    };
+    let _ = DEDUP.insert(key, &fresh, 0);
+    false
 }
 
 /// Writes the two sides into source and destination according to the direction:

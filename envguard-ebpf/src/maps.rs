@@ -2,11 +2,13 @@
 //! which `envguard_common::maps` spells out).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+    },
 };
 use envguard_common::{
     config::{AgentState, Config, EnvLoss, NUM_COUNTERS, PolicyMeta},
-    event::DecisionKey,
+    event::{DecisionKey, DedupKey, DedupValue},
     flow::{BoundKey, BoundValue, FlowKey, FlowVerdict, TupleKey},
     maps::*,
     policy::{EnvName, EnvValue, PairKey, RuleKey, RuleValue},
@@ -65,6 +67,10 @@ pub static AGENT_STATE: Array<AgentState> = Array::with_max_entries(1, 0);
 /// Written and read by the agent only; here so that it is pinned with the rest.
 #[map]
 pub static ENV_NAMES: Array<EnvName> = Array::with_max_entries(MAX_ENVS, 0);
+
+#[map]
+pub static DEDUP: LruHashMap<DedupKey, DedupValue> =
+    LruHashMap::with_max_entries(MAX_DEDUP_KEYS, 0);
 
 #[map]
 pub static DECISIONS: PerCpuHashMap<DecisionKey, u64> =

@@ -9,7 +9,8 @@ use aya_ebpf::{
 use envguard_common::{
     config::{Config, Counter, MODE_ENFORCE},
     event::{
-        AF_INET, AF_INET6, DIRECTION_EGRESS, DIRECTION_INGRESS, HOOK_SKB_EGRESS, HOOK_SKB_INGRESS,
+        AF_INET, AF_INET6, DIRECTION_EGRESS, DIRECTION_INGRESS, DedupKey, HOOK_SKB_EGRESS,
+        HOOK_SKB_INGRESS,
     },
     flow::{DECISION_ALLOW, DECISION_VIOLATION, FlowKey, FlowVerdict, TupleKey},
 };
@@ -253,15 +254,28 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         pkt.proto,
     );
     if decision.is_violation() {
-        emit(mode, false, |ev| {
-            ev.hook = if ingress {
+        let cgroup_id = unsafe { bpf_skb_cgroup_id(raw) };
+        let dedup = DedupKey {
+            cgroup_id,
+            remote_addr: *remote_addr,
+            src_env: src,
+            dst_env: dst,
+            dst_port: if ingress { local_port } else { remote_port },
+            proto: pkt.proto,
+            direction,
+            verdict: verdict_of(decision.decision, mode),
+            hook: if ingress {
                 HOOK_SKB_INGRESS
             } else {
                 HOOK_SKB_EGRESS
-            };
+            },
+            _pad: [0; 2],
+        };
+        emit(mode, false, &dedup, |ev| {
+            ev.hook = dedup.hook;
             ev.family = pkt.family;
             ev.proto = pkt.proto;
-            ev.cgroup_id = unsafe { bpf_skb_cgroup_id(raw) };
+            ev.cgroup_id = cgroup_id;
             ev.uid = ctx.get_socket_uid();
             set_sides(
                 ev,

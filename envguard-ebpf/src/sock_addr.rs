@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use envguard_common::{
     config::MODE_ENFORCE,
-    event::{AF_INET, AF_INET6, DIRECTION_EGRESS},
+    event::{AF_INET, AF_INET6, DIRECTION_EGRESS, DedupKey},
     flow::{DECISION_ALLOW, FlowKey, FlowVerdict},
 };
 
@@ -118,7 +118,20 @@ fn report(
     local_port: u16,
     decision: &Decision,
 ) {
-    emit(mode, true, |ev| {
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let dedup = DedupKey {
+        cgroup_id,
+        remote_addr: *remote_addr,
+        src_env: local.env,
+        dst_env: remote.env,
+        dst_port: remote_port,
+        proto,
+        direction: DIRECTION_EGRESS,
+        verdict: verdict_of(decision.decision, mode),
+        hook,
+        _pad: [0; 2],
+    };
+    emit(mode, true, &dedup, |ev| {
         ev.hook = hook;
         ev.proto = proto;
         ev.family = if family == AF_INET6 && unmapped_v4(remote_addr).is_some() {
@@ -126,7 +139,7 @@ fn report(
         } else {
             family
         };
-        ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        ev.cgroup_id = cgroup_id;
         // The local address is not chosen yet when connect() runs.
         set_sides(
             ev,
