@@ -12,7 +12,9 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use envguard_common::{
     config::{Counter, NUM_COUNTERS},
-    event::{DecisionKey, VERDICT_ALLOWED, VERDICT_AUDITED, VERDICT_DENIED, ViolationEvent},
+    event::{
+        DecisionKey, DedupKey, VERDICT_ALLOWED, VERDICT_AUDITED, VERDICT_DENIED, ViolationEvent,
+    },
     maps,
     policy::{PairKey, RULE_PREFIX_PAIR},
 };
@@ -140,6 +142,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         counters_reported[c as usize] = kernel.counter(c)?;
     }
     let decisions_baseline = kernel.decisions()?.into_iter().collect();
+    // Repeats counted before this start were a predecessor's to report.
+    let dedup_reported = kernel
+        .dedup()?
+        .into_iter()
+        .map(|(k, total, _, _)| (k, total))
+        .collect();
     let previous = kernel.previous;
     let mut daemon = Daemon {
         kernel,
@@ -156,6 +164,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         since: SystemTime::now(),
         global: None,
         pairs: BTreeMap::new(),
+        dedup_reported,
+        next_rollup: Instant::now() + settings.kernel.dedup_interval,
     };
     daemon.emit_policy_loaded(None)?;
     if let Some(prev) = previous.filter(|p| p.heartbeat_ns != 0) {
@@ -229,6 +239,9 @@ struct Daemon {
     /// ones revert on time.
     global: Option<Override>,
     pairs: BTreeMap<(String, String), Override>,
+    /// Per violating flow: repeats already reported in rollups.
+    dedup_reported: HashMap<DedupKey, u64>,
+    next_rollup: Instant,
 }
 
 #[derive(Serialize)]
@@ -288,7 +301,33 @@ impl Daemon {
         }
         log::info!("signal received");
         self.drain(ring.get_mut())?;
+        self.rollups()?;
         self.housekeeping()
+    }
+
+    /// One `violation_rollup` per flow whose repeats grew since the last one.
+    fn rollups(&mut self) -> anyhow::Result<()> {
+        let entries = self.kernel.dedup()?;
+        let live: std::collections::HashSet<DedupKey> = entries.iter().map(|(k, ..)| *k).collect();
+        for (k, total, first, last) in entries {
+            let seen = self.dedup_reported.entry(k).or_insert(0);
+            if total > *seen {
+                let body = events::rollup(
+                    &self.compiled,
+                    &mut self.names,
+                    &k,
+                    total - *seen,
+                    first,
+                    last,
+                );
+                *seen = total;
+                self.stream.emit("violation_rollup", Some(last), &body)?;
+            }
+        }
+        // Flows the kernel evicted are done; forget them too.
+        self.dedup_reported.retain(|k, _| live.contains(k));
+        self.stream.flush()?;
+        Ok(())
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
@@ -336,6 +375,11 @@ impl Daemon {
                 )?;
                 *seen = now;
             }
+        }
+        if Instant::now() >= self.next_rollup {
+            self.next_rollup =
+                Instant::now() + self.settings.kernel.dedup_interval.max(HOUSEKEEPING);
+            self.rollups()?;
         }
         let lost = self.kernel.counter(Counter::EventsLost)?;
         if lost > self.kernel.lost_reported {

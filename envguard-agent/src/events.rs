@@ -6,7 +6,7 @@ use std::{
 };
 
 use envguard_common::{
-    event::{self as ev, ViolationEvent},
+    event::{self as ev, DedupKey, ViolationEvent},
     policy::{ENV_HOST, ENV_WORLD, RULE_AGENT_LOSS_CLOSED, RULE_AGENT_LOSS_OPEN, RULE_NONE},
 };
 use serde::Serialize;
@@ -25,6 +25,7 @@ struct Header<'a> {
     kind: &'static str,
     time: String,
     seq: u64,
+    boot_id: &'a str,
     host: &'a str,
 }
 
@@ -34,6 +35,8 @@ pub struct Endpoint<'a> {
     pub ip: Option<String>,
     pub port: Option<u16>,
     pub env: &'a str,
+    /// How the env was found; not known in rollups (omitted there).
+    #[serde(skip_serializing_if = "str::is_empty")]
     pub env_from: &'static str,
     /// The peer socket's cgroup when its env came from a local socket.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -124,6 +127,8 @@ pub struct LostEvents {
 pub struct Stream<W: Write> {
     out: W,
     seq: u64,
+    /// Names this agent run: with `seq`, a consumer can prove it saw every record.
+    boot_id: String,
     host: String,
     subscribers: Option<tokio::sync::broadcast::Sender<String>>,
 }
@@ -133,6 +138,7 @@ impl<W: Write> Stream<W> {
         Self {
             out,
             seq: 0,
+            boot_id: sys::random_id(),
             host: sys::hostname(),
             subscribers: None,
         }
@@ -160,6 +166,7 @@ impl<W: Write> Stream<W> {
             kind,
             time: rfc3339_ns(unix_ns),
             seq: self.seq,
+            boot_id: &self.boot_id,
             host: &self.host,
         };
         let mut value = serde_json::to_value(&header).map_err(std::io::Error::other)?;
@@ -254,6 +261,75 @@ pub fn rule_label(policy: &Policy, compiled: &Compiled, e: &ViolationEvent) -> S
             .rules
             .get(i as usize)
             .map_or_else(|| format!("rule #{i}"), ToString::to_string),
+    }
+}
+
+/// Repeats of one violating flow, counted in the kernel instead of sent.
+#[derive(Serialize)]
+pub struct Rollup<'a> {
+    pub count: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub mode: &'static str,
+    pub verdict: &'static str,
+    pub direction: &'static str,
+    pub hook: &'static str,
+    pub proto: String,
+    pub source: Endpoint<'a>,
+    pub destination: Endpoint<'a>,
+    pub process: Process,
+}
+
+pub fn rollup<'a>(
+    compiled: &'a Compiled,
+    names: &mut CgroupNames,
+    k: &DedupKey,
+    count: u64,
+    first_ns: u64,
+    last_ns: u64,
+) -> Rollup<'a> {
+    let egress = k.direction == ev::DIRECTION_EGRESS;
+    let remote = ip(ev::AF_INET6, &k.remote_addr);
+    let side = |env: u32, ip: Option<String>, port: Option<u16>| Endpoint {
+        ip,
+        port,
+        env: compiled.env_name(env),
+        env_from: "",
+        cgroup: None,
+    };
+    let port = (k.dst_port != 0).then_some(k.dst_port);
+    let (source, destination) = if egress {
+        (side(k.src_env, None, None), side(k.dst_env, remote, port))
+    } else {
+        (side(k.src_env, remote, None), side(k.dst_env, None, port))
+    };
+    let time = |ns: u64| rfc3339_ns(sys::boot_ns_to_unix_ns(ns));
+    Rollup {
+        count,
+        first_seen: time(first_ns),
+        last_seen: time(last_ns),
+        mode: if k.verdict == ev::VERDICT_DENIED {
+            "enforce"
+        } else {
+            "audit"
+        },
+        verdict: if k.verdict == ev::VERDICT_DENIED {
+            "denied"
+        } else {
+            "audited"
+        },
+        direction: if egress { "egress" } else { "ingress" },
+        hook: hook(k.hook),
+        proto: proto_name(k.proto).map_or_else(|| k.proto.to_string(), str::to_owned),
+        source,
+        destination,
+        process: Process {
+            pid: None,
+            comm: None,
+            uid: None,
+            cgroup_id: k.cgroup_id,
+            cgroup: names.path(k.cgroup_id),
+        },
     }
 }
 
@@ -364,6 +440,11 @@ mod tests {
             "{t}"
         );
         let keys: Vec<&String> = lines[0].as_object().unwrap().keys().collect();
-        assert_eq!(keys, ["kind", "time", "seq", "host", "source", "count"]);
+        assert_eq!(
+            keys,
+            ["kind", "time", "seq", "boot_id", "host", "source", "count"]
+        );
+        assert_eq!(lines[0]["boot_id"], lines[1]["boot_id"]);
+        assert_eq!(lines[0]["boot_id"].as_str().map(str::len), Some(32));
     }
 }

@@ -18,7 +18,7 @@ use aya::{
 };
 use envguard_common::{
     config::{AgentState, Config, Counter, EnvLoss, PolicyMeta},
-    event::{DecisionKey, ViolationEvent},
+    event::{DecisionKey, DedupKey, DedupValue, ViolationEvent},
     flow::{BoundKey, BoundValue, FlowKey, FlowVerdict, TupleKey},
     maps,
     policy::{EnvName, EnvValue, MAX_ENV_NAME, PairKey, RuleKey, RuleValue},
@@ -61,6 +61,9 @@ pub struct Options {
     pub ringbuf_bytes: Option<u32>,
     /// Capacity of the verdict cache.
     pub flow_cache_entries: Option<u32>,
+    /// Repeats of a violation within this long of its last record are counted,
+    /// not sent (zero sends every one).
+    pub dedup_interval: std::time::Duration,
 }
 
 /// An error with its whole source chain: aya's errors keep the errno there.
@@ -134,6 +137,7 @@ pub struct Kernel {
     config: Config,
     /// Lost events reported so far, by this agent and its predecessors.
     pub lost_reported: u64,
+    dedup_interval_ns: u64,
 }
 
 impl Kernel {
@@ -191,6 +195,7 @@ impl Kernel {
             cgroup_id: 0,
             config,
             lost_reported: state.lost_reported,
+            dedup_interval_ns: opts.dedup_interval.as_nanos() as u64,
         })
     }
 
@@ -352,6 +357,26 @@ impl Kernel {
         .map_err(|e| bpf_err(format!("updating {name}"), e))
     }
 
+    /// Violations counted instead of sent, per flow: (key, repeats ever summed
+    /// over CPUs, earliest window start, latest repeat).
+    pub fn dedup(&mut self) -> Result<Vec<(DedupKey, u64, u64, u64)>> {
+        let m: PerCpuHashMap<_, DedupKey, DedupValue> = map(&mut self.ebpf, maps::DEDUP)?;
+        let mut out = Vec::new();
+        for item in m.iter() {
+            let (k, values) = item.map_err(|e| bpf_err(format!("reading {}", maps::DEDUP), e))?;
+            let total = values.iter().map(|v| v.suppressed).sum();
+            let first = values
+                .iter()
+                .map(|v| v.window_start_ns)
+                .filter(|&t| t != 0)
+                .min()
+                .unwrap_or(0);
+            let last = values.iter().map(|v| v.last_ns).max().unwrap_or(0);
+            out.push((k, total, first, last));
+        }
+        Ok(out)
+    }
+
     /// The kernel's decision counters, summed over CPUs.
     pub fn decisions(&mut self) -> Result<Vec<(DecisionKey, u64)>> {
         let m: PerCpuHashMap<_, DecisionKey, u64> = map(&mut self.ebpf, maps::DECISIONS)?;
@@ -467,6 +492,7 @@ impl Kernel {
             object_hash: self.object_hash,
             cgroup_id: self.cgroup_id,
             lost_reported: self.lost_reported,
+            dedup_interval_ns: self.dedup_interval_ns,
         };
         let mut m: Array<_, AgentState> = map(&mut self.ebpf, maps::AGENT_STATE)?;
         m.set(0, state, 0)

@@ -81,6 +81,19 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// 128 random bits as 32 hex digits, from the kernel's generator.
+pub fn random_id() -> String {
+    let mut b = [0u8; 16];
+    // SAFETY: valid buffer; getrandom on Linux fills it or fails.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // Unreachable on Linux ≥ 3.17 with a seeded pool; still unique per run.
+        let t = clock_ns(libc::CLOCK_REALTIME) ^ i128::from(std::process::id());
+        b = (t as u128).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
@@ -207,6 +220,17 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
     }
     let default = Path::new("/sys/fs/bpf");
     if pin_root.starts_with(default) && default.is_dir() {
+        // Agents starting at once must not stack one bpffs on another (each
+        // would hide the other's pins): mount under a lock, then look again.
+        let guard = fs::File::open(default).map_err(|source| Error::Io {
+            context: "opening /sys/fs/bpf".into(),
+            source,
+        })?;
+        // SAFETY: valid fd; blocks until the other agent is done.
+        unsafe { libc::flock(guard.as_raw_fd(), libc::LOCK_EX) };
+        if is_bpffs(default) {
+            return Ok(());
+        }
         // SAFETY: constant, valid C strings.
         let r = unsafe {
             libc::mount(

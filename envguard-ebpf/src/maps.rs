@@ -68,9 +68,12 @@ pub static AGENT_STATE: Array<AgentState> = Array::with_max_entries(1, 0);
 #[map]
 pub static ENV_NAMES: Array<EnvName> = Array::with_max_entries(MAX_ENVS, 0);
 
+/// Per CPU, so counting a repeat needs no atomic operation: each CPU keeps its
+/// own window (at most one record per CPU per interval) and count, which the
+/// agent sums.
 #[map]
-pub static DEDUP: LruHashMap<DedupKey, DedupValue> =
-    LruHashMap::with_max_entries(MAX_DEDUP_KEYS, 0);
+pub static DEDUP: LruPerCpuHashMap<DedupKey, DedupValue> =
+    LruPerCpuHashMap::with_max_entries(MAX_DEDUP_KEYS, 0);
 
 #[map]
 pub static DECISIONS: PerCpuHashMap<DecisionKey, u64> =

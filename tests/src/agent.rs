@@ -1,5 +1,9 @@
 //! `Agent`: a running `envguard run`, its stdout JSON lines collected by a
 //! reader thread, stopped with SIGTERM (SIGKILL after 5 s) on drop.
+//!
+//! Every agent gets a pin root (`--pin-root`, owned by the caller: see
+//! [`crate::pin::PinRoot`]); SIGTERM leaves its enforcement in place unless
+//! it runs with `--detach-on-exit`.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
@@ -40,6 +44,81 @@ impl Shared {
     }
 }
 
+/// How to run an agent, beyond its policy, cgroup root and pin root.
+#[derive(Clone, Debug, Default)]
+pub struct AgentOptions {
+    /// `--detach-on-exit`: SIGTERM/SIGINT remove everything it made.
+    pub detach_on_exit: bool,
+    /// `--ringbuf-bytes N`.
+    pub ringbuf_bytes: Option<u32>,
+    /// `--flow-cache-entries N`.
+    pub flow_cache_entries: Option<u32>,
+    /// What `policy_loaded`'s `adopted` must say (`None`: any bool).
+    pub expect_adopted: Option<bool>,
+    /// `--dedup-interval`; `None` passes `0`: these tests count one record per
+    /// violating attempt, which dedup would fold into rollups.
+    pub dedup_interval: Option<String>,
+}
+
+impl AgentOptions {
+    /// `--detach-on-exit` on a fresh pin root: what the tests that are not
+    /// about the life cycle use, so that a stopped agent leaves nothing.
+    pub fn ephemeral() -> Self {
+        AgentOptions {
+            detach_on_exit: true,
+            expect_adopted: Some(false),
+            ..Default::default()
+        }
+    }
+
+    /// Enforcement that outlives the agent, on a fresh pin root.
+    pub fn pinned() -> Self {
+        AgentOptions {
+            expect_adopted: Some(false),
+            ..Default::default()
+        }
+    }
+
+    /// Expect `adopted: true`: the pin root holds a previous agent's state.
+    pub fn adopting(mut self) -> Self {
+        self.expect_adopted = Some(true);
+        self
+    }
+
+    pub fn ringbuf_bytes(mut self, n: u32) -> Self {
+        self.ringbuf_bytes = Some(n);
+        self
+    }
+
+    pub fn flow_cache_entries(mut self, n: u32) -> Self {
+        self.flow_cache_entries = Some(n);
+        self
+    }
+
+    /// `--dedup-interval`, e.g. "10s".
+    pub fn dedup_interval(mut self, d: &str) -> Self {
+        self.dedup_interval = Some(d.to_owned());
+        self
+    }
+
+    /// The `envguard run` arguments after `--policy`/`--cgroup-root`.
+    fn args(&self, pin_root: &Path) -> Vec<String> {
+        let mut a = vec!["--pin-root".to_owned(), pin_root.display().to_string()];
+        if self.detach_on_exit {
+            a.push("--detach-on-exit".into());
+        }
+        if let Some(n) = self.ringbuf_bytes {
+            a.extend(["--ringbuf-bytes".into(), n.to_string()]);
+        }
+        if let Some(n) = self.flow_cache_entries {
+            a.extend(["--flow-cache-entries".into(), n.to_string()]);
+        }
+        let dedup = self.dedup_interval.clone().unwrap_or_else(|| "0".into());
+        a.extend(["--dedup-interval".into(), dedup]);
+        a
+    }
+}
+
 /// A running agent. See the module docs.
 pub struct Agent {
     child: Option<Child>,
@@ -50,10 +129,18 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `envguard run --policy POLICY --cgroup-root CGROUP_ROOT` and
-    /// waits (at most [`READY_TIMEOUT`]) for its first stdout line, which
-    /// must be a well-formed `policy_loaded` for `mode`.
-    pub fn start(policy: &Path, cgroup_root: &str, mode: Mode) -> Agent {
+    /// Starts `envguard run --policy POLICY --cgroup-root CGROUP_ROOT
+    /// --pin-root PIN_ROOT [options]` and waits (at most [`READY_TIMEOUT`])
+    /// for its first stdout line, which must be a well-formed
+    /// `policy_loaded` for `mode` and this pin root.
+    pub fn start(
+        policy: &Path,
+        cgroup_root: &str,
+        mode: Mode,
+        pin_root: &Path,
+        opts: &AgentOptions,
+    ) -> Agent {
+        sys::ensure_bpffs();
         let bin = sys::envguard_bin();
         let mut cmd = Command::new(&bin);
         cmd.arg("run")
@@ -61,6 +148,7 @@ impl Agent {
             .arg(policy)
             .arg("--cgroup-root")
             .arg(cgroup_root)
+            .args(opts.args(pin_root))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -98,11 +186,17 @@ impl Agent {
             readers,
             ready: Value::Null,
         };
-        agent.await_ready(policy, mode);
+        agent.await_ready(policy, mode, pin_root, opts.expect_adopted);
         agent
     }
 
-    fn await_ready(&mut self, policy: &Path, mode: Mode) {
+    fn await_ready(
+        &mut self,
+        policy: &Path,
+        mode: Mode,
+        pin_root: &Path,
+        expect_adopted: Option<bool>,
+    ) {
         let deadline = Instant::now() + READY_TIMEOUT;
         let first = {
             let mut s = self.shared.lock();
@@ -159,6 +253,17 @@ impl Agent {
             &first["envs"],
             crate::policy::STANDARD_ENVS.to_vec().into(),
         );
+        want(
+            &mut errs,
+            "pin_root",
+            &first["pin_root"],
+            pin_root.display().to_string().into(),
+        );
+        match (expect_adopted, &first["adopted"]) {
+            (Some(exp), got) => want(&mut errs, "adopted", got, exp.into()),
+            (None, Value::Bool(_)) => {}
+            (None, got) => errs.push(format!("adopted: expected a bool, got {got}")),
+        }
         if let Err(e) = crate::event::check_time(&first["time"]) {
             errs.push(format!("time: {e}"));
         }
@@ -185,6 +290,33 @@ impl Agent {
     /// The `policy_loaded` line.
     pub fn ready_line(&self) -> &Value {
         &self.ready
+    }
+
+    /// The agent's pid (it has not been reaped while this exists).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGSTOP: the agent stops reading events (the kernel keeps enforcing).
+    pub fn pause(&self) {
+        sys::signal(self.pid(), libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Agent::pause`].
+    pub fn resume(&self) {
+        sys::signal(self.pid(), libc::SIGCONT);
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up. Returns once it is
+    /// reaped and its output is read to the end.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
     }
 
     /// Number of stdout lines received so far (`policy_loaded` included).
@@ -253,11 +385,43 @@ impl Agent {
         }
     }
 
+    /// Waits (at most `timeout`) until `pred` holds for the lines received
+    /// so far and returns them; if it never does, returns `Err` with them
+    /// (the caller's assertion then says what was expected).
+    pub fn wait_lines(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Result<Vec<Value>, Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.shared.lock();
+        loop {
+            if pred(&s.lines) {
+                return Ok(s.lines.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || s.eof {
+                return Err(s.lines.clone());
+            }
+            s = self
+                .shared
+                .cond
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     /// Stops the agent with SIGTERM and asserts the contract of a clean
     /// stop: exit status 0 within [`STOP_TIMEOUT`], and every stdout line a
     /// JSON object with increasing `seq`.
-    pub fn stop(mut self) {
-        let status = self.terminate();
+    pub fn stop(self) {
+        self.stop_with(libc::SIGTERM);
+    }
+
+    /// [`Agent::stop`] with another signal (SIGINT must behave the same).
+    pub fn stop_with(mut self, sig: libc::c_int) {
+        let status = self.terminate(sig);
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
@@ -265,7 +429,7 @@ impl Agent {
         match status {
             Some(st) if st.success() => {}
             other => panic!(
-                "envguard run did not exit 0 within {STOP_TIMEOUT:?} of SIGTERM (status {other:?}); stderr:\n{}",
+                "envguard run did not exit 0 within {STOP_TIMEOUT:?} of signal {sig} (status {other:?}); stderr:\n{}",
                 self.stderr()
             ),
         }
@@ -275,11 +439,12 @@ impl Agent {
         );
     }
 
-    /// SIGTERM, wait up to STOP_TIMEOUT, then SIGKILL. Returns the exit
-    /// status if it exited by itself after SIGTERM.
-    fn terminate(&mut self) -> Option<ExitStatus> {
+    /// `sig` (SIGCONT too, should it be paused), wait up to STOP_TIMEOUT,
+    /// then SIGKILL. Returns the exit status if it exited by itself.
+    fn terminate(&mut self, sig: libc::c_int) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
-        sys::signal(child.id(), libc::SIGTERM);
+        sys::signal(child.id(), sig);
+        sys::signal(child.id(), libc::SIGCONT);
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             match child.try_wait() {
@@ -289,7 +454,7 @@ impl Agent {
                 }
                 Ok(None) => {
                     eprintln!(
-                        "envguard-tests: agent {} ignored SIGTERM for {STOP_TIMEOUT:?}; killing it",
+                        "envguard-tests: agent {} ignored signal {sig} for {STOP_TIMEOUT:?}; killing it",
                         child.id()
                     );
                     let _ = child.kill();
@@ -310,7 +475,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if self.child.is_some() {
-            match self.terminate() {
+            match self.terminate(libc::SIGTERM) {
                 Some(st) if st.success() => {}
                 other => eprintln!("envguard-tests: cleanup: agent stopped with status {other:?}"),
             }

@@ -5,12 +5,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::agent::{Agent, dump_lines};
+use crate::agent::{Agent, AgentOptions, dump_lines};
 use crate::cgroup::CgroupTree;
 use crate::event::{Endpoint, Expected, is_violation};
 use crate::netns::{Family, Site, Topology, client_addr};
-use crate::policy::{Mode, TempFile, standard_policy, violates};
-use crate::process::{Place, Probe, ProbeResult, Proto, Server};
+use crate::pin::{Footprint, PinRoot};
+use crate::policy::{Mode, PolicyExtras, TempFile, standard_policy_with, violates};
+use crate::process::{ConnectLoop, Place, Probe, ProbeResult, Proto, Server};
 use crate::sys;
 
 /// How long to wait for a violation event after the probe returned.
@@ -97,10 +98,13 @@ pub struct Case {
 }
 
 /// See the module docs. Field order is drop order: the agent is stopped
-/// first, then the servers are killed, then the veth and namespaces are
-/// deleted, then the cgroup tree and the policy file are removed.
+/// first, then whatever it left under its pin root is removed (`envguard
+/// detach`, then the directory), then the servers are killed, then the veth
+/// and namespaces are deleted, then the cgroup tree and the policy file are
+/// removed.
 pub struct Lab {
     agent: Option<Agent>,
+    pin: PinRoot,
     servers: Vec<Server>,
     pub topo: Topology,
     pub cg: CgroupTree,
@@ -113,6 +117,11 @@ impl Lab {
     /// Creates the cgroup tree (`prod`, `dev`), the topology and the policy
     /// file. `egprobe` is `env!("CARGO_BIN_EXE_egprobe")` of the test.
     pub fn new(egprobe: &str, mode: Mode) -> Lab {
+        Lab::with_policy(egprobe, mode, &PolicyExtras::default())
+    }
+
+    /// [`Lab::new`] with additions to the standard policy.
+    pub fn with_policy(egprobe: &str, mode: Mode, extras: &PolicyExtras) -> Lab {
         sys::require_root();
         sys::require_ip();
         let egprobe = PathBuf::from(egprobe);
@@ -127,11 +136,12 @@ impl Lab {
         let policy = TempFile::new(
             "envguard-policy",
             ".toml",
-            &standard_policy(mode, &cg.rel("")),
+            &standard_policy_with(mode, &cg.rel(""), extras),
         );
         let topo = Topology::create();
         Lab {
             agent: None,
+            pin: PinRoot::new(),
             servers: Vec::new(),
             topo,
             cg,
@@ -145,20 +155,55 @@ impl Lab {
         self.policy.path()
     }
 
+    /// Rewrites the policy file (same mode and envs) for the next agent.
+    pub fn set_policy(&self, extras: &PolicyExtras) {
+        self.policy
+            .rewrite(&standard_policy_with(self.mode, &self.cg.rel(""), extras));
+    }
+
+    /// The pin root every agent of this lab uses.
+    pub fn pin_root(&self) -> &PinRoot {
+        &self.pin
+    }
+
+    /// What the agent has in the kernel now (see [`PinRoot::footprint`]).
+    pub fn footprint(&self) -> Footprint {
+        self.pin.footprint(&self.cg.abs(""), self.cg.id(""))
+    }
+
     pub fn egprobe(&self) -> &Path {
         &self.egprobe
     }
 
-    /// Starts the agent on the tree's root, waits for `policy_loaded`, then
-    /// creates `dev/late`.
+    /// Starts an ephemeral agent (`--detach-on-exit`) on the tree's root,
+    /// waits for `policy_loaded`, then creates `dev/late`.
     pub fn start_agent(&mut self) {
+        self.spawn_agent(&AgentOptions::ephemeral());
+        self.mkdir_late();
+    }
+
+    /// Starts an agent on the tree's root and the lab's pin root with
+    /// `opts` and waits for its `policy_loaded`.
+    pub fn spawn_agent(&mut self, opts: &AgentOptions) -> &Agent {
         assert!(self.agent.is_none(), "agent already started");
-        self.agent = Some(Agent::start(
+        self.agent.insert(Agent::start(
             self.policy.path(),
             &self.cg.rel(""),
             self.mode,
-        ));
-        self.mkdir_late();
+            self.pin.path(),
+            opts,
+        ))
+    }
+
+    /// SIGKILLs the agent (its pinned enforcement stays) and reaps it.
+    pub fn kill_agent(&mut self) {
+        self.agent.take().expect("the agent is not running").kill();
+    }
+
+    /// The running agent, taken out of the lab (e.g. to stop it with another
+    /// signal).
+    pub fn take_agent(&mut self) -> Agent {
+        self.agent.take().expect("the agent is not running")
     }
 
     /// Creates the `dev/late` cgroup.
@@ -307,6 +352,35 @@ impl Lab {
     /// Runs a probe and returns its report.
     pub fn run(&self, probe: &Probe) -> ProbeResult {
         probe.run(&self.egprobe)
+    }
+
+    /// Runs one probe from `client` to `dst` (timeout `timeout_ms`).
+    pub fn probe(
+        &self,
+        client: Client,
+        proto: Proto,
+        dst: SocketAddr,
+        timeout_ms: u32,
+    ) -> ProbeResult {
+        self.run(&Probe {
+            place: self.client_place(client),
+            proto,
+            dst,
+            bind: None,
+            timeout_ms,
+        })
+    }
+
+    /// Starts a TCP connect loop from `client` to `dst` at `rate` per
+    /// second (at most 60 s; [`ConnectLoop::finish`] ends it).
+    pub fn connect_loop(&self, client: Client, dst: SocketAddr, rate: u32) -> ConnectLoop {
+        ConnectLoop::start(
+            &self.egprobe,
+            &self.client_place(client),
+            dst,
+            rate,
+            Duration::from_secs(60),
+        )
     }
 
     /// Runs a batch of cases against the running agent:
@@ -487,6 +561,11 @@ impl Lab {
             r.ok,
             "{}: after the agent stopped its programs must be detached and this must connect; probe said {}",
             case.desc, r.raw
+        );
+        let pins = self.pin.pins();
+        assert!(
+            pins.is_empty(),
+            "an agent run with --detach-on-exit left pins after it stopped: {pins:?}"
         );
     }
 }

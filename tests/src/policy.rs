@@ -32,6 +32,28 @@ impl Mode {
 /// The policy every agent test runs with. `root` is the test's cgroup tree
 /// (relative to the cgroup2 mount); `prod` and `dev` are its children.
 pub fn standard_policy(mode: Mode, root: &str) -> String {
+    standard_policy_with(mode, root, &PolicyExtras::default())
+}
+
+/// Additions to [`standard_policy`]: TOML lines inside `[envs.dev]` and
+/// `[envs.prod]` (e.g. `on_agent_loss = "open"`), and whole `[[allow]]`
+/// tables appended at the end. The envs stay the same ([`STANDARD_ENVS`]).
+#[derive(Clone, Debug, Default)]
+pub struct PolicyExtras {
+    pub dev: String,
+    pub prod: String,
+    pub allow: String,
+}
+
+impl PolicyExtras {
+    /// `on_agent_loss = "<mode>"` and `agent_loss_timeout = "<timeout>"` lines.
+    pub fn agent_loss(mode: &str, timeout: &str) -> String {
+        format!("on_agent_loss = \"{mode}\"\nagent_loss_timeout = \"{timeout}\"\n")
+    }
+}
+
+/// [`standard_policy`] with `extras`.
+pub fn standard_policy_with(mode: Mode, root: &str, extras: &PolicyExtras) -> String {
     format!(
         r#"# envguard integration test policy
 mode = "{mode}"
@@ -39,10 +61,11 @@ mode = "{mode}"
 [envs.prod]
 cgroups = ["{root}/prod"]
 cidrs = ["198.18.10.0/24", "2001:db8:10::/48"]
-
+{prod}
 [envs.dev]
 cgroups = ["{root}/dev"]
 cidrs = ["198.18.20.0/24", "2001:db8:20::/48"]
+{dev}
 
 [envs.shared]
 cidrs = ["198.18.0.0/28", "2001:db8:0:1::/64"]
@@ -51,8 +74,11 @@ cidrs = ["198.18.0.0/28", "2001:db8:0:1::/64"]
 from = "*"
 to = "shared"
 ports = ["53/udp", "53/tcp", "8000-8100/tcp"]
-"#,
-        mode = mode.name()
+{allow}"#,
+        mode = mode.name(),
+        dev = extras.dev,
+        prod = extras.prod,
+        allow = extras.allow,
     )
 }
 
@@ -89,6 +115,12 @@ impl TempFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Replaces the contents (same path).
+    pub fn rewrite(&self, contents: &str) {
+        std::fs::write(&self.path, contents)
+            .unwrap_or_else(|e| panic!("cannot rewrite {}: {e}", self.path.display()));
     }
 }
 

@@ -173,6 +173,15 @@ pub struct ProbeResult {
     pub raw: String,
 }
 
+impl ProbeResult {
+    /// Refused by an enforcing hook: EPERM at connect (TCP) or send (UDP).
+    pub fn is_refused(&self) -> bool {
+        !self.ok
+            && self.errno == Some(libc::EPERM)
+            && matches!(self.stage.as_deref(), Some("connect" | "send"))
+    }
+}
+
 /// One `egprobe connect` run.
 #[derive(Clone, Debug)]
 pub struct Probe {
@@ -224,6 +233,259 @@ impl Probe {
             local: v["local"].as_str().and_then(|s| s.parse().ok()),
             raw: stdout,
         }
+    }
+}
+
+/// Runs `egprobe ARGS...` at `place` to completion (it bounds its own run
+/// time) and parses the one JSON line it prints; panics with its stderr if
+/// there is none.
+pub fn run_json(egprobe: &Path, place: &Place, args: &[String]) -> Value {
+    let mut cmd = Command::new(egprobe);
+    cmd.args(place.args()).args(args).stdin(Stdio::null());
+    die_with_parent(&mut cmd, libc::SIGKILL);
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run egprobe {args:?} at {place:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "egprobe {args:?} at {place:?} printed no JSON report ({e}); status {}, stdout {stdout:?}, stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// `egprobe udp-burst`: `count` datagrams from one unconnected UDP socket to
+/// `dst`, as fast as possible. Returns its report (`pid`, `ok`, `eperm`,
+/// `other`, ...).
+pub fn udp_burst(egprobe: &Path, place: &Place, dst: SocketAddr, count: u32) -> Value {
+    run_json(
+        egprobe,
+        place,
+        &[
+            "udp-burst".into(),
+            dst.ip().to_string(),
+            dst.port().to_string(),
+            "--count".into(),
+            count.to_string(),
+        ],
+    )
+}
+
+/// One destination of `egprobe flows`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowSpec {
+    pub proto: Proto,
+    pub dst: SocketAddr,
+}
+
+impl FlowSpec {
+    /// As egprobe writes it: `tcp,ADDR,PORT`.
+    pub fn arg(&self) -> String {
+        format!(
+            "{},{},{}",
+            self.proto.name(),
+            self.dst.ip(),
+            self.dst.port()
+        )
+    }
+}
+
+/// What `egprobe flows` reported.
+#[derive(Clone, Debug)]
+pub struct FlowsReport {
+    pub pid: u32,
+    /// Per spec, one outcome per round: `ok` or `STAGE:ERRNO`.
+    pub outcomes: Vec<Vec<String>>,
+}
+
+/// `egprobe flows`: `rounds` rounds over `specs` from one process (one TCP
+/// connection per TCP spec, kept across rounds; one UDP socket per family).
+pub fn flows(egprobe: &Path, place: &Place, rounds: u32, specs: &[FlowSpec]) -> FlowsReport {
+    let mut args = vec!["flows".to_owned(), "--rounds".into(), rounds.to_string()];
+    args.extend(specs.iter().map(FlowSpec::arg));
+    let v = run_json(egprobe, place, &args);
+    let pid = v["pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or_else(|| panic!("flows report without pid: {v}"));
+    let results = v["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("flows report without results: {v}"));
+    assert_eq!(results.len(), specs.len(), "one result per spec: {v}");
+    let outcomes = results
+        .iter()
+        .zip(specs)
+        .map(|(r, spec)| {
+            assert_eq!(r["spec"], spec.arg(), "results in spec order: {v}");
+            r["outcomes"]
+                .as_array()
+                .unwrap_or_else(|| panic!("no outcomes: {r}"))
+                .iter()
+                .map(|o| o.as_str().unwrap_or("?").to_owned())
+                .collect()
+        })
+        .collect();
+    FlowsReport { pid, outcomes }
+}
+
+/// How many attempts of a connect loop's summary started between the
+/// CLOCK_MONOTONIC instants `from_ns` and `to_ns`.
+pub fn attempts_between(summary: &Value, from_ns: u64, to_ns: u64) -> usize {
+    summary["attempt_at_mono_ns"]
+        .as_array()
+        .unwrap_or_else(|| panic!("connect-loop summary without attempt times"))
+        .iter()
+        .filter_map(Value::as_u64)
+        .filter(|t| (from_ns..=to_ns).contains(t))
+        .count()
+}
+
+#[derive(Default)]
+struct LoopLines {
+    lines: Vec<Value>,
+    bad: Vec<String>,
+    eof: bool,
+}
+
+/// A running `egprobe connect-loop` (see egprobe's docs): its progress
+/// lines are collected by a reader thread; [`ConnectLoop::finish`] closes
+/// its stdin, which ends the loop, and returns the summary. Killed on drop.
+pub struct ConnectLoop {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    shared: std::sync::Arc<(std::sync::Mutex<LoopLines>, std::sync::Condvar)>,
+    desc: String,
+}
+
+impl ConnectLoop {
+    /// Starts the loop and waits (10 s at most) for its `started` line.
+    /// `max` bounds its run time should [`ConnectLoop::finish`] never come.
+    pub fn start(
+        egprobe: &Path,
+        place: &Place,
+        dst: SocketAddr,
+        rate: u32,
+        max: Duration,
+    ) -> ConnectLoop {
+        let desc = format!("egprobe connect-loop tcp {dst} at {rate}/s at {place:?}");
+        let mut cmd = Command::new(egprobe);
+        cmd.args(place.args())
+            .args([
+                "connect-loop",
+                "tcp",
+                &dst.ip().to_string(),
+                &dst.port().to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--duration-ms",
+                &max.as_millis().to_string(),
+                "--timeout-ms",
+                "1000",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        die_with_parent(&mut cmd, libc::SIGKILL);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let shared = std::sync::Arc::new((
+            std::sync::Mutex::new(LoopLines::default()),
+            std::sync::Condvar::new(),
+        ));
+        {
+            let shared = std::sync::Arc::clone(&shared);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let mut s = shared.0.lock().unwrap_or_else(|p| p.into_inner());
+                    match serde_json::from_str::<Value>(&line) {
+                        Ok(v) if v.is_object() => s.lines.push(v),
+                        _ => s.bad.push(line),
+                    }
+                    shared.1.notify_all();
+                }
+                shared.0.lock().unwrap_or_else(|p| p.into_inner()).eof = true;
+                shared.1.notify_all();
+            });
+        }
+        let lp = ConnectLoop {
+            child,
+            stdin,
+            shared,
+            desc,
+        };
+        lp.wait_line("its started line", Duration::from_secs(10), |v| {
+            v["started"] == true
+        });
+        lp
+    }
+
+    /// Waits (at most `timeout`) for a line matching `pred`; panics naming
+    /// `what` otherwise.
+    fn wait_line(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut s = self.shared.0.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(v) = s.lines.iter().find(|v| pred(v)) {
+                return v.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || s.eof {
+                panic!(
+                    "{}: no line for {what} within {timeout:?} (its stdout {}); last line {:?}; bad lines {:?}",
+                    self.desc,
+                    if s.eof { "closed" } else { "is open" },
+                    s.lines.last(),
+                    s.bad
+                );
+            }
+            s = self
+                .shared
+                .1
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits for a progress line with at least `attempts` attempts and
+    /// returns it.
+    pub fn wait_attempts(&self, attempts: u64, timeout: Duration) -> Value {
+        self.wait_line(&format!("{attempts} attempts"), timeout, |v| {
+            v["progress"] == true && v["attempts"].as_u64().is_some_and(|a| a >= attempts)
+        })
+    }
+
+    /// The latest progress line, if any.
+    pub fn latest(&self) -> Option<Value> {
+        let s = self.shared.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.lines
+            .iter()
+            .rev()
+            .find(|v| v["progress"] == true)
+            .cloned()
+    }
+
+    /// Ends the loop (closes its stdin) and returns its summary line.
+    pub fn finish(mut self) -> Value {
+        drop(self.stdin.take());
+        let done = self.wait_line("its summary", Duration::from_secs(10), |v| {
+            v["done"] == true
+        });
+        let _ = self.child.wait();
+        done
+    }
+}
+
+impl Drop for ConnectLoop {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

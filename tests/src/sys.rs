@@ -139,10 +139,7 @@ pub fn ip_output(args: &[&str]) -> String {
 /// The envguard agent binary: `$ENVGUARD_BIN`, else
 /// `<tests crate>/../target/debug/envguard`. Panics if it does not exist.
 pub fn envguard_bin() -> PathBuf {
-    let path = match std::env::var_os("ENVGUARD_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/envguard"),
-    };
+    let path = envguard_bin_path();
     if !path.is_file() {
         panic!(
             "the envguard agent binary is missing at {}: run the suite with `cargo xtask test` \
@@ -152,6 +149,14 @@ pub fn envguard_bin() -> PathBuf {
         );
     }
     path
+}
+
+/// Where the agent binary should be (see [`envguard_bin`]); never panics.
+pub fn envguard_bin_path() -> PathBuf {
+    match std::env::var_os("ENVGUARD_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/envguard"),
+    }
 }
 
 /// This host's node name, as `uname -n` prints it.
@@ -179,4 +184,154 @@ pub fn signal(pid: u32, sig: libc::c_int) {
 /// Whether a process with this pid exists (zombies included).
 pub fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// CLOCK_MONOTONIC now, in ns: the clock `egprobe connect-loop` reports
+/// times in, so both sides can be compared.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// The bpffs under which the tests' pin roots live.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
+
+/// Whether `dir` is on a bpf file system.
+pub fn is_bpffs(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs is plain data.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C path and a writable buffer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    // f_type's width differs between targets; BPF_FS_MAGIC fits in 32 bits.
+    rc == 0 && (st.f_type as u64 & 0xffff_ffff) == u64::from(BPF_FS_MAGIC)
+}
+
+/// Makes sure a bpffs is mounted at [`BPFFS`] before any agent starts: the
+/// agent mounts one itself when it is missing, but agents that start at the
+/// same moment (tests run in parallel) would each mount one, stacked, and
+/// hide each other's pins. Mounting it once here, as the agent would, avoids
+/// that. Panics saying what to do if it cannot.
+pub fn ensure_bpffs() {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    let res = DONE.get_or_init(|| {
+        let dir = Path::new(BPFFS);
+        if is_bpffs(dir) {
+            return Ok(());
+        }
+        // SAFETY: constant, NUL-terminated strings.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c"/sys/fs/bpf".as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 && !is_bpffs(dir) {
+            return Err(format!(
+                "{BPFFS} is not a bpf file system and mounting one failed ({}): run `mount -t bpf bpf {BPFFS}`",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    });
+    if let Err(e) = res {
+        panic!("the envguard integration tests pin state under {BPFFS}: {e}");
+    }
+}
+
+/// What a one-shot `envguard` command did.
+#[derive(Debug)]
+pub struct CmdOutput {
+    /// `None`: it did not exit within the timeout and was killed.
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOutput {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+}
+
+/// Runs `envguard ARGS...` to completion, killing it after `timeout`.
+/// Never panics (drop paths use it); a missing binary is reported as a
+/// failed run.
+pub fn run_envguard(bin: &Path, args: &[&str], timeout: std::time::Duration) -> CmdOutput {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return CmdOutput {
+                status: None,
+                stdout: String::new(),
+                stderr: format!("cannot run {} {}: {e}", bin.display(), args.join(" ")),
+            };
+        }
+    };
+    fn read_all(p: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_string(&mut s);
+            }
+            s
+        })
+    }
+    let readers = [read_all(child.stdout.take()), read_all(child.stderr.take())];
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let [out, err] = readers.map(|r| r.join().unwrap_or_default());
+    CmdOutput {
+        status,
+        stdout: out,
+        stderr: err,
+    }
+}
+
+/// `envguard detach --pin-root DIR`.
+pub fn envguard_detach(bin: &Path, pin_root: &Path) -> CmdOutput {
+    let dir = pin_root.display().to_string();
+    run_envguard(
+        bin,
+        &["detach", "--pin-root", &dir],
+        std::time::Duration::from_secs(20),
+    )
 }

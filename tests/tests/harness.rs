@@ -6,9 +6,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::Duration;
 
-use envguard_tests::process::{gone, whoami};
-use envguard_tests::{Client, Family, Lab, Mode, Probe, Proto, Site, client_addr, sys};
+use envguard_tests::lab::REMOTE_PORTS;
+use envguard_tests::process::{flows, gone, udp_burst, whoami};
+use envguard_tests::{
+    AgentOptions, Client, Family, FlowSpec, Lab, Mode, Probe, Proto, Site, client_addr, sys,
+};
 
 const EGPROBE: &str = env!("CARGO_BIN_EXE_egprobe");
 
@@ -18,6 +22,7 @@ struct Footprint {
     netns: Vec<String>,
     cgroup_dir: Option<PathBuf>,
     policy: Option<PathBuf>,
+    pin_root: Option<PathBuf>,
     pids: Vec<u32>,
 }
 
@@ -29,6 +34,7 @@ fn footprint(lab: &Lab, pids: Vec<u32>) -> Footprint {
         ],
         cgroup_dir: Some(lab.cg.abs("")),
         policy: Some(lab.policy_path().to_owned()),
+        pin_root: Some(lab.pin_root().path().to_owned()),
         pids,
     }
 }
@@ -56,6 +62,12 @@ fn assert_cleaned_up(fp: &Footprint) {
         !policy.exists(),
         "policy file {} still exists after the lab was dropped",
         policy.display()
+    );
+    let pin_root = fp.pin_root.as_ref().expect("pin root recorded");
+    assert!(
+        !pin_root.exists(),
+        "pin root {} still exists after the lab was dropped",
+        pin_root.display()
     );
     for &pid in &fp.pids {
         assert!(
@@ -205,6 +217,74 @@ fn probe_reports_errors_faithfully() {
 }
 
 #[test]
+fn load_probes_report_faithfully() {
+    let mut lab = Lab::new(EGPROBE, Mode::Enforce);
+    lab.serve_remote_sites();
+    let prod = |port| SocketAddr::new(Site::Prod.addr(Family::V4), port);
+    // Without an agent every attempt connects, at the rate asked for.
+    let lp = lab.connect_loop(Client::Dev, prod(9000), 300);
+    lp.wait_attempts(100, Duration::from_secs(10));
+    let s = lp.finish();
+    assert!(
+        s["attempts"].as_u64().is_some_and(|a| a >= 100)
+            && s["ok"] == s["attempts"]
+            && s["connected"] == s["attempts"]
+            && s["rate"].as_f64().is_some_and(|r| r >= 200.0),
+        "{s}"
+    );
+    // Nothing listens on 9999: refused by the peer, counted as other, not EPERM.
+    let lp = lab.connect_loop(Client::Dev, prod(9999), 300);
+    lp.wait_attempts(20, Duration::from_secs(10));
+    let s = lp.finish();
+    assert!(
+        s["other"] == s["attempts"]
+            && s["eperm"] == 0
+            && s["connected"] == 0
+            && s["errors"].as_object().is_some_and(|e| e
+                .keys()
+                .all(|k| k.starts_with("connect: Connection refused"))),
+        "{s}"
+    );
+    let r = udp_burst(
+        lab.egprobe(),
+        &lab.client_place(Client::Dev),
+        prod(9000),
+        100,
+    );
+    assert!(r["ok"] == 100 && r["eperm"] == 0 && r["other"] == 0, "{r}");
+    // flows: every site and port connects and echoes, over two rounds; a
+    // refused TCP connect is reported with its errno.
+    let mut specs: Vec<FlowSpec> = Vec::new();
+    for fam in Family::ALL {
+        for site in Site::ALL {
+            for (proto, port) in REMOTE_PORTS {
+                specs.push(FlowSpec {
+                    proto,
+                    dst: SocketAddr::new(site.addr(fam), port),
+                });
+            }
+        }
+    }
+    specs.push(FlowSpec {
+        proto: Proto::Tcp,
+        dst: prod(9999),
+    });
+    let report = flows(lab.egprobe(), &lab.client_place(Client::Dev), 2, &specs);
+    let refused = format!("connect:{}", libc::ECONNREFUSED);
+    for (spec, got) in specs.iter().zip(&report.outcomes) {
+        let want = if spec.dst.port() == 9999 {
+            refused.as_str()
+        } else {
+            "ok"
+        };
+        assert!(
+            got.len() == 2 && got.iter().all(|o| o == want),
+            "{spec:?}: expected {want} twice, got {got:?}"
+        );
+    }
+}
+
+#[test]
 fn guards_clean_up_when_a_test_panics() {
     let recorded = Mutex::new(Footprint::default());
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -217,6 +297,27 @@ fn guards_clean_up_when_a_test_panics() {
     }));
     assert!(result.is_err(), "the closure must have panicked");
     assert_cleaned_up(&recorded.lock().unwrap());
+}
+
+#[test]
+fn guards_detach_a_pinned_agent_when_a_test_panics() {
+    let recorded = Mutex::new(None);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut lab = Lab::new(EGPROBE, Mode::Enforce);
+        // Without --detach-on-exit: only the pin root's guard can clean up.
+        lab.spawn_agent(&AgentOptions::pinned());
+        let pinned = lab.footprint();
+        assert!(!pinned.pins.is_empty(), "the agent pinned nothing");
+        *recorded.lock().unwrap() = Some((footprint(&lab, Vec::new()), pinned));
+        panic!("deliberate panic with a pinned agent running");
+    }));
+    assert!(result.is_err(), "the closure must have panicked");
+    let (fp, pinned) = recorded
+        .into_inner()
+        .unwrap()
+        .expect("the lab was recorded");
+    assert_cleaned_up(&fp);
+    pinned.assert_all_gone(None, "after a lab with a pinned agent was dropped");
 }
 
 #[test]

@@ -9,29 +9,41 @@ pub mod status;
 
 use std::path::Path;
 
-use crate::{policy::Policy, sys};
+use crate::{
+    error::Diagnostic,
+    policy::{Policy, lint::lint},
+    sys,
+};
 
 /// Problems that do not stop a policy from loading but that an operator should
-/// hear about: they usually mean it does less than intended.
-pub fn policy_warnings(policy: &Policy, cgroup_mount: Option<&Path>) -> Vec<String> {
+/// hear about: they usually mean it does less than intended. The policy's lint
+/// warnings (`policy::lint`), then, given the cgroup2 mount, the listed cgroups
+/// that do not exist yet. Each displays as `FILE:LINE: message`.
+pub fn policy_warnings(policy: &Policy, cgroup_mount: Option<&Path>) -> Vec<Diagnostic> {
+    let mut out = lint(policy);
+    if let Some(mount) = cgroup_mount {
+        out.extend(missing_cgroups(policy, mount));
+    }
+    out
+}
+
+/// The policy's cgroups that do not exist (yet) under the cgroup2 mount: a
+/// fact of this host, not a fault of the file.
+pub fn missing_cgroups(policy: &Policy, mount: &Path) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     for env in &policy.envs {
-        if env.cgroups.is_empty() && env.cidrs.is_empty() {
-            out.push(format!(
-                "env {} lists no cgroups and no CIDRs: it matches nothing",
-                env.name
-            ));
-        }
-        if let Some(mount) = cgroup_mount {
-            for c in &env.cgroups {
-                if sys::cgroup_id(&sys::cgroup_dir(mount, c)).is_none() {
-                    out.push(format!(
+        for (i, c) in env.cgroups.iter().enumerate() {
+            if sys::cgroup_id(&sys::cgroup_dir(mount, c)).is_none() {
+                out.push(Diagnostic {
+                    path: policy.path.clone(),
+                    line: env.lines.cgroups.get(i).copied(),
+                    message: format!(
                         "cgroup {c} of env {} does not exist yet under {}; it will belong to {} once created",
                         env.name,
                         mount.display(),
                         env.name
-                    ));
-                }
+                    ),
+                });
             }
         }
     }

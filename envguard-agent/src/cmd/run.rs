@@ -53,6 +53,11 @@ pub struct RunArgs {
     /// from it is classified again). Changing it replaces the pinned maps.
     #[arg(long, value_name = "N")]
     pub flow_cache_entries: Option<u32>,
+    /// Repeats of one violating flow within this long of its last record are
+    /// counted in the kernel and reported as one `violation_rollup` per
+    /// interval instead of one record each (0 sends every one).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub dedup_interval: std::time::Duration,
     /// Print the kernel verifier's log when it rejects a program.
     #[arg(long)]
     pub verifier_log: bool,
@@ -68,6 +73,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             verifier_log: args.verifier_log,
             ringbuf_bytes: args.ringbuf_bytes,
             flow_cache_entries: args.flow_cache_entries,
+            dedup_interval: args.dedup_interval,
         },
         control_socket: args
             .control_socket

@@ -6,6 +6,9 @@
 //!   connect tcp|udp ADDR PORT [--timeout-ms N] [--bind SRC]
 //!   serve   tcp|udp ADDR[,ADDR...] PORT
 //!   whoami
+//!   connect-loop tcp ADDR PORT [--rate N] [--duration-ms N] [--timeout-ms N]
+//!   udp-burst ADDR PORT --count N
+//!   flows [--rounds N] [--timeout-ms N] tcp|udp,ADDR,PORT...
 //! ```
 //!
 //! `--cgroup` writes the probe's pid into `ABS_DIR/cgroup.procs` and
@@ -22,6 +25,28 @@
 //!   `{"ready":true,"pid":P}` and echoes forever (thread per socket and per
 //!   TCP connection).
 //! - `whoami`: `{"pid":P,"cgroup":"/path","netns_ino":N}`.
+//!
+//! Except for these, which print several lines or report many operations:
+//! - `connect-loop`: prints `{"started":true,...}`, then TCP connect + line
+//!   echo attempts paced at `--rate` per second (default 300, each bounded
+//!   by `--timeout-ms`, default 1000), one fresh socket each, with a
+//!   `{"progress":true,"attempts":N,...}` line every 100 ms, until
+//!   `--duration-ms` (default 10000) passed or its stdin reached EOF; then a
+//!   `{"done":true,...}` summary: counts of attempts, `connected` (connect
+//!   succeeded), `ok` (echo too), `eperm` (refused at connect), `other`
+//!   failures by kind, the achieved rate, the largest gap between two
+//!   attempts, the CLOCK_MONOTONIC start time of every attempt and those of
+//!   the first connected and failed ones (`mono_ns` fields share the tests'
+//!   clock).
+//! - `udp-burst`: one unconnected UDP socket, `--count` `sendto`s of one
+//!   datagram to ADDR PORT as fast as possible, no receive:
+//!   `{"pid":P,"sent":N,"ok":K,"eperm":E,"other":O,"errors":{...}}`.
+//! - `flows`: per `--rounds` (default 3), every spec in order: TCP specs keep
+//!   one connection each (connected in the first round, or again after a
+//!   failure) and echo one line on it per round; UDP specs share one
+//!   unconnected socket per family and `sendto` + `recvfrom` the echo.
+//!   `{"pid":P,"results":[{"spec":"tcp,ADDR,PORT","outcomes":["ok","connect:1",...]}]}`
+//!   with each outcome `ok` or `STAGE:ERRNO`.
 //!
 //! Setup failures (bad arguments, cgroup or namespace not joinable) print a
 //! message on stderr and exit with status 2 without printing JSON.
@@ -43,7 +68,9 @@ fn die(msg: impl std::fmt::Display) -> ! {
 
 fn usage() -> ! {
     die("usage: egprobe [--cgroup DIR] [--netns NAME] \
-         (connect tcp|udp ADDR PORT [--timeout-ms N] [--bind SRC] | serve tcp|udp ADDR[,ADDR...] PORT | whoami)")
+         (connect tcp|udp ADDR PORT [--timeout-ms N] [--bind SRC] | serve tcp|udp ADDR[,ADDR...] PORT | whoami \
+         | connect-loop tcp ADDR PORT [--rate N] [--duration-ms N] [--timeout-ms N] | udp-burst ADDR PORT --count N \
+         | flows [--rounds N] [--timeout-ms N] tcp|udp,ADDR,PORT...)")
 }
 
 fn main() {
@@ -80,6 +107,9 @@ fn main() {
         "connect" => connect(&args),
         "serve" => serve(&args),
         "whoami" => whoami(),
+        "connect-loop" => connect_loop(&args),
+        "udp-burst" => udp_burst(&args),
+        "flows" => flows(&args),
         _ => usage(),
     }
 }
@@ -521,4 +551,372 @@ fn whoami() {
         });
     let netns_ino = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).ok();
     print_line(json!({"pid": std::process::id(), "cgroup": cgroup, "netns_ino": netns_ino}));
+}
+
+// ----------------------------------------------------------- connect-loop
+
+/// CLOCK_MONOTONIC in ns: the same clock in every process, so the tests can
+/// place the probe's events relative to their own.
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Whether stdin reached EOF or was closed; never blocks. Input is discarded.
+fn stdin_closed() -> bool {
+    let mut pfd = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
+        return false;
+    }
+    if pfd.revents & libc::POLLIN != 0 {
+        let mut buf = [0u8; 256];
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        return n <= 0;
+    }
+    pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+fn parse_num<T: std::str::FromStr>(what: &str, s: &str) -> T {
+    s.parse()
+        .unwrap_or_else(|_| die(format!("bad {what} {s:?}")))
+}
+
+/// Keeps at most this many timestamps per list in the summary.
+const MAX_TIMES: usize = 100;
+
+#[derive(Default)]
+struct LoopStats {
+    attempts: u64,
+    connected: u64,
+    ok: u64,
+    eperm: u64,
+    other: u64,
+    errors: std::collections::BTreeMap<String, u64>,
+    connected_at_ns: Vec<u64>,
+    failed_at_ns: Vec<u64>,
+    /// Start of every attempt (up to `MAX_ATTEMPT_TIMES`).
+    attempt_at_ns: Vec<u64>,
+    max_gap_ns: u64,
+}
+
+/// Keeps at most this many attempt start times (about 3 minutes at 300/s).
+const MAX_ATTEMPT_TIMES: usize = 60_000;
+
+impl LoopStats {
+    fn counts(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("attempts".into(), self.attempts.into());
+        m.insert("connected".into(), self.connected.into());
+        m.insert("ok".into(), self.ok.into());
+        m.insert("eperm".into(), self.eperm.into());
+        m.insert("other".into(), self.other.into());
+        m
+    }
+}
+
+fn connect_loop(args: &[String]) {
+    if args.len() < 3 || !parse_proto(&args[0]) {
+        die("connect-loop supports tcp only");
+    }
+    let dst = SocketAddr::new(parse_ip(&args[1]), parse_port(&args[2]));
+    let mut rate: u64 = 300;
+    let mut duration_ms: u64 = 10_000;
+    let mut timeout_ms: u64 = 1000;
+    let mut rest = args[3..].iter();
+    while let Some(opt) = rest.next() {
+        let val = rest.next().unwrap_or_else(|| usage());
+        match opt.as_str() {
+            "--rate" => rate = parse_num("rate", val),
+            "--duration-ms" => duration_ms = parse_num("duration", val),
+            "--timeout-ms" => timeout_ms = parse_num("timeout", val),
+            _ => usage(),
+        }
+    }
+    if rate == 0 {
+        die("--rate must be positive");
+    }
+    // Whatever happens, never outlive the duration by much.
+    let secs = u32::try_from((duration_ms + 2 * timeout_ms) / 1000 + 10).unwrap_or(u32::MAX);
+    // SAFETY: alarm has no preconditions.
+    unsafe { libc::alarm(secs) };
+    let timeout = Duration::from_millis(timeout_ms);
+    let period_ns = 1_000_000_000 / rate;
+    let pid = std::process::id();
+    let start = mono_ns();
+    print_line(json!({"started": true, "pid": pid, "mono_ns": start}));
+
+    let mut st = LoopStats::default();
+    let mut last: Option<u64> = None;
+    let mut next_progress = start + 100_000_000;
+    let progress = |st: &LoopStats, now: u64| {
+        let mut m = st.counts();
+        m.insert("progress".into(), true.into());
+        m.insert("mono_ns".into(), now.into());
+        print_line(Value::Object(m));
+    };
+    loop {
+        let now = mono_ns();
+        if now - start >= duration_ms * 1_000_000 || stdin_closed() {
+            break;
+        }
+        let due = start + st.attempts * period_ns;
+        if now < due {
+            std::thread::sleep(Duration::from_nanos(due - now));
+        }
+        let t = mono_ns();
+        if let Some(prev) = last {
+            st.max_gap_ns = st.max_gap_ns.max(t - prev);
+        }
+        last = Some(t);
+        st.attempts += 1;
+        if st.attempt_at_ns.len() < MAX_ATTEMPT_TIMES {
+            st.attempt_at_ns.push(t);
+        }
+        let mut local = None;
+        match tcp_exchange(dst, None, timeout, &mut local) {
+            Ok(()) => {
+                st.connected += 1;
+                st.ok += 1;
+                if st.connected_at_ns.len() < MAX_TIMES {
+                    st.connected_at_ns.push(t);
+                }
+            }
+            Err(Failure { stage, err }) => {
+                if stage == "connect" && err.raw_os_error() == Some(libc::EPERM) {
+                    st.eperm += 1;
+                } else {
+                    st.other += 1;
+                    if stage != "connect" && stage != "socket" {
+                        st.connected += 1;
+                        if st.connected_at_ns.len() < MAX_TIMES {
+                            st.connected_at_ns.push(t);
+                        }
+                    }
+                    *st.errors.entry(format!("{stage}: {err}")).or_default() += 1;
+                }
+                if st.failed_at_ns.len() < MAX_TIMES {
+                    st.failed_at_ns.push(t);
+                }
+            }
+        }
+        let now = mono_ns();
+        if now >= next_progress {
+            progress(&st, now);
+            next_progress = now + 100_000_000;
+        }
+    }
+    let end = mono_ns();
+    let elapsed_ns = (end - start).max(1);
+    let mut m = st.counts();
+    m.insert("done".into(), true.into());
+    m.insert("pid".into(), pid.into());
+    m.insert("errors".into(), json!(st.errors));
+    m.insert("elapsed_ms".into(), (elapsed_ns / 1_000_000).into());
+    m.insert(
+        "rate".into(),
+        (st.attempts as f64 * 1e9 / elapsed_ns as f64).into(),
+    );
+    m.insert("max_gap_ms".into(), (st.max_gap_ns as f64 / 1e6).into());
+    m.insert("start_mono_ns".into(), start.into());
+    m.insert("end_mono_ns".into(), end.into());
+    m.insert("connected_at_mono_ns".into(), json!(st.connected_at_ns));
+    m.insert("failed_at_mono_ns".into(), json!(st.failed_at_ns));
+    m.insert("attempt_at_mono_ns".into(), json!(st.attempt_at_ns));
+    print_line(Value::Object(m));
+}
+
+// -------------------------------------------------------------- udp-burst
+
+fn unspecified(dst: &SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::from([0u8; 4]), 0),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::from([0u16; 8]), 0),
+    }
+}
+
+fn udp_burst(args: &[String]) {
+    if args.len() != 4 || args[2] != "--count" {
+        usage();
+    }
+    let dst = SocketAddr::new(parse_ip(&args[0]), parse_port(&args[1]));
+    let count: u64 = parse_num("count", &args[3]);
+    // SAFETY: alarm has no preconditions.
+    unsafe { libc::alarm(60) };
+    let sock = UdpSocket::bind(unspecified(&dst))
+        .unwrap_or_else(|e| die(format!("bind udp for {dst}: {e}")));
+    let msg = payload();
+    let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
+    let mut errors = std::collections::BTreeMap::<String, u64>::new();
+    for _ in 0..count {
+        match sock.send_to(msg.as_bytes(), dst) {
+            Ok(_) => ok += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+            Err(e) => {
+                other += 1;
+                *errors.entry(e.to_string()).or_default() += 1;
+            }
+        }
+    }
+    print_line(json!({
+        "pid": std::process::id(),
+        "local": sock.local_addr().ok().map(|a| a.to_string()),
+        "sent": count,
+        "ok": ok,
+        "eperm": eperm,
+        "other": other,
+        "errors": errors,
+    }));
+}
+
+// ------------------------------------------------------------------ flows
+
+fn outcome(stage: &str, err: &io::Error) -> String {
+    match err.raw_os_error() {
+        Some(n) => format!("{stage}:{n}"),
+        None => format!("{stage}:{err}"),
+    }
+}
+
+/// One round of a TCP spec: (re)connect if needed, then echo one line.
+fn flow_tcp(conn: &mut Option<TcpStream>, dst: SocketAddr, timeout: Duration, tag: &str) -> String {
+    if conn.is_none() {
+        let connected = raw_socket(&dst, libc::SOCK_STREAM)
+            .map_err(|e| outcome("socket", &e))
+            .and_then(|fd| {
+                nonblocking_connect(&fd, dst, timeout).map_err(|e| outcome("connect", &e))?;
+                let s = TcpStream::from(fd);
+                s.set_nonblocking(false)
+                    .and_then(|()| s.set_read_timeout(Some(timeout)))
+                    .and_then(|()| s.set_write_timeout(Some(timeout)))
+                    .map_err(|e| outcome("connect", &e))?;
+                Ok(s)
+            });
+        match connected {
+            Ok(s) => *conn = Some(s),
+            Err(o) => return o,
+        }
+    }
+    let stream = conn.as_ref().expect("connected above");
+    let msg = format!("{tag}\n");
+    let result = (|| {
+        (&*stream)
+            .write_all(msg.as_bytes())
+            .map_err(|e| outcome("send", &e))?;
+        let mut echo = String::new();
+        BufReader::new(stream)
+            .read_line(&mut echo)
+            .map_err(|e| outcome("recv", &e))?;
+        if echo == msg {
+            Ok(())
+        } else {
+            Err(format!("echo:{echo:?}"))
+        }
+    })();
+    match result {
+        Ok(()) => "ok".into(),
+        Err(o) => {
+            *conn = None;
+            o
+        }
+    }
+}
+
+/// One round of a UDP spec: sendto, then receive the echo (older, late
+/// echoes of other datagrams are skipped).
+fn flow_udp(sock: &UdpSocket, dst: SocketAddr, timeout: Duration, tag: &str) -> String {
+    if let Err(e) = sock.send_to(tag.as_bytes(), dst) {
+        return outcome("send", &e);
+    }
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return format!("recv:{}", libc::ETIMEDOUT);
+        }
+        if let Err(e) = sock.set_read_timeout(Some(left)) {
+            return outcome("recv", &e);
+        }
+        match sock.recv_from(&mut buf) {
+            Ok((n, _)) if &buf[..n] == tag.as_bytes() => return "ok".into(),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return format!("recv:{}", libc::ETIMEDOUT);
+            }
+            Err(e) => return outcome("recv", &e),
+        }
+    }
+}
+
+fn flows(args: &[String]) {
+    let mut rounds: usize = 3;
+    let mut timeout_ms: u64 = 2000;
+    let mut specs: Vec<(bool, SocketAddr, String)> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--rounds" => rounds = parse_num("rounds", it.next().unwrap_or_else(|| usage())),
+            "--timeout-ms" => {
+                timeout_ms = parse_num("timeout", it.next().unwrap_or_else(|| usage()))
+            }
+            spec => {
+                let parts: Vec<&str> = spec.split(',').collect();
+                if parts.len() != 3 {
+                    die(format!("bad flow spec {spec:?} (tcp|udp,ADDR,PORT)"));
+                }
+                let dst = SocketAddr::new(parse_ip(parts[1]), parse_port(parts[2]));
+                specs.push((parse_proto(parts[0]), dst, spec.to_owned()));
+            }
+        }
+    }
+    if specs.is_empty() {
+        usage();
+    }
+    let timeout = Duration::from_millis(timeout_ms);
+    let ops = u64::try_from(rounds * specs.len()).unwrap_or(u64::MAX);
+    let secs = u32::try_from(ops.saturating_mul(timeout_ms) / 1000 + 10).unwrap_or(u32::MAX);
+    // SAFETY: alarm has no preconditions.
+    unsafe { libc::alarm(secs) };
+    let pid = std::process::id();
+    let bind_udp = |dst: &SocketAddr| {
+        UdpSocket::bind(unspecified(dst)).unwrap_or_else(|e| die(format!("bind udp: {e}")))
+    };
+    let udp4 = bind_udp(&"0.0.0.0:0".parse().expect("literal"));
+    let udp6 = bind_udp(&"[::]:0".parse().expect("literal"));
+    let mut conns: Vec<Option<TcpStream>> = specs.iter().map(|_| None).collect();
+    let mut outcomes: Vec<Vec<String>> = specs.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, (tcp, dst, _)) in specs.iter().enumerate() {
+            let tag = format!("egprobe {pid} flow {i} round {round}");
+            let o = if *tcp {
+                flow_tcp(&mut conns[i], *dst, timeout, &tag)
+            } else {
+                let sock = if dst.is_ipv4() { &udp4 } else { &udp6 };
+                flow_udp(sock, *dst, timeout, &tag)
+            };
+            outcomes[i].push(o);
+        }
+    }
+    let results: Vec<Value> = specs
+        .iter()
+        .zip(outcomes)
+        .map(|((_, _, spec), o)| json!({"spec": spec, "outcomes": o}))
+        .collect();
+    print_line(json!({"pid": pid, "results": results}));
 }
