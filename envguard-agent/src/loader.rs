@@ -18,8 +18,8 @@ use aya::{
 };
 use envguard_common::{
     config::{AgentState, Config, Counter, EnvLoss, PolicyMeta},
-    event::{DecisionKey, DedupKey, DedupValue, ViolationEvent},
-    flow::{BoundKey, BoundValue, FlowKey, FlowVerdict, TupleKey},
+    event::{DecisionKey, DedupKey, DedupValue},
+    flow::{BoundKey, BoundValue},
     maps,
     policy::{EnvName, EnvValue, MAX_ENV_NAME, PairKey, RuleKey, RuleValue},
     programs,
@@ -90,35 +90,27 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { context, source }
 }
 
-/// Names the maps' layout: the version, every shared type's size and every
-/// capacity, including the ones options override.
-fn layout_name(opts: &Options) -> String {
-    let numbers: Vec<u64> = vec![
-        u64::from(maps::LAYOUT_VERSION),
-        size_of::<Config>() as u64,
-        size_of::<PolicyMeta>() as u64,
-        size_of::<EnvLoss>() as u64,
-        size_of::<AgentState>() as u64,
-        size_of::<EnvValue>() as u64,
-        size_of::<RuleKey>() as u64,
-        size_of::<RuleValue>() as u64,
-        size_of::<FlowKey>() as u64,
-        size_of::<FlowVerdict>() as u64,
-        size_of::<TupleKey>() as u64,
-        size_of::<BoundKey>() as u64,
-        size_of::<BoundValue>() as u64,
-        size_of::<ViolationEvent>() as u64,
-        u64::from(maps::MAX_CGROUPS),
-        u64::from(maps::MAX_CIDRS),
-        u64::from(maps::MAX_RULE_ENTRIES),
-        u64::from(maps::MAX_ENVS),
-        u64::from(opts.flow_cache_entries.unwrap_or(maps::MAX_FLOWS)),
-        u64::from(maps::MAX_INBOUND_TUPLES),
-        u64::from(maps::MAX_BOUND_SOCKETS),
-        u64::from(opts.ringbuf_bytes.unwrap_or(maps::EVENTS_BYTES)),
-    ];
-    let bytes: Vec<u8> = numbers.iter().flat_map(|n| n.to_le_bytes()).collect();
-    format!("layout-{:016x}", sys::fnv1a(&[&bytes]))
+/// Names the maps' layout: the version and every map's type, key and value
+/// size, flags and capacity as the object defines them (with the options'
+/// overrides), so maps of another layout are never adopted.
+fn layout_name(opts: &Options) -> Result<String> {
+    let obj = aya_obj::Object::parse(OBJECT)
+        .map_err(|e| bpf_err("parsing the eBPF object", e))?;
+    let mut defs: Vec<(&String, &aya_obj::Map)> = obj.maps.iter().collect();
+    defs.sort_by_key(|(name, _)| *name);
+    let mut bytes = maps::LAYOUT_VERSION.to_le_bytes().to_vec();
+    for (name, m) in defs {
+        let max_entries = match name.as_str() {
+            maps::EVENTS => opts.ringbuf_bytes.unwrap_or(m.max_entries()),
+            maps::FLOW_VERDICTS => opts.flow_cache_entries.unwrap_or(m.max_entries()),
+            _ => m.max_entries(),
+        };
+        bytes.extend(name.as_bytes());
+        for n in [m.map_type(), m.key_size(), m.value_size(), m.map_flags(), max_entries] {
+            bytes.extend(n.to_le_bytes());
+        }
+    }
+    Ok(format!("layout-{:016x}", sys::fnv1a(&[&bytes])))
 }
 
 /// The kernel side of a running agent: the object (maps and programs), the
@@ -150,7 +142,7 @@ impl Kernel {
         sys::raise_memlock_limit();
         sys::ensure_bpffs(&opts.pin_root)?;
         let lock = sys::lock_dir(&opts.pin_root)?;
-        let layout_dir = opts.pin_root.join(layout_name(opts));
+        let layout_dir = opts.pin_root.join(layout_name(opts)?);
         let maps_dir = layout_dir.join("maps");
         fs::create_dir_all(&maps_dir)
             .map_err(io_err(format!("creating {}", maps_dir.display())))?;
