@@ -21,7 +21,7 @@ use envguard_common::{
     event::{DecisionKey, DedupKey, DedupValue},
     flow::{BoundKey, BoundValue},
     maps,
-    policy::{EnvName, EnvValue, MAX_ENV_NAME, PairKey, RuleKey, RuleValue},
+    policy::{EnvName, EnvValue, MAX_ENV_NAME, PairKey, RuleValue},
     programs,
 };
 
