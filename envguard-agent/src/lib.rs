@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod events;
+pub mod explain;
 pub mod loader;
 pub mod policy;
 pub mod scan;

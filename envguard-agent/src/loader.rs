@@ -66,8 +66,9 @@ pub struct Options {
     pub dedup_interval: std::time::Duration,
 }
 
-/// An error with its whole source chain: aya's errors keep the errno there.
-fn bpf_err(context: impl Into<String>, e: impl std::error::Error) -> Error {
+/// An error's message with its whole source chain: aya's errors keep the
+/// errno there.
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -75,7 +76,11 @@ fn bpf_err(context: impl Into<String>, e: impl std::error::Error) -> Error {
         message.push_str(&s.to_string());
         source = s.source();
     }
-    bpf_msg(context, message)
+    message
+}
+
+fn bpf_err(context: impl Into<String>, e: impl std::error::Error) -> Error {
+    bpf_msg(context, error_chain(&e))
 }
 
 fn bpf_msg(context: impl Into<String>, message: impl Into<String>) -> Error {
@@ -559,17 +564,8 @@ fn attach_program(
     // (systemd's, other tools') stays in force, and a call or packet passes
     // only if every program passes it.
     let mode = CgroupAttachMode::Single;
-    let chain = |e: &dyn std::error::Error| {
-        let mut m = e.to_string();
-        let mut s = e.source();
-        while let Some(x) = s {
-            m.push_str(&format!(": {x}"));
-            s = x.source();
-        }
-        m
-    };
-    let prog_err = |e: ProgramError| chain(&e);
-    let link_err = |e: aya::programs::links::LinkError| chain(&e);
+    let prog_err = |e: ProgramError| error_chain(&e);
+    let link_err = |e: aya::programs::links::LinkError| error_chain(&e);
     match prog {
         Program::CgroupSockAddr(p) => {
             let id = p.attach(dir, mode).map_err(prog_err)?;

@@ -2,6 +2,7 @@
 pub mod check;
 pub mod detach;
 pub mod events;
+pub mod explain;
 pub mod mode;
 pub mod reload;
 pub mod run;
