@@ -30,6 +30,7 @@ use crate::{
     control::{self, Actor, Call, Request, Response},
     error::Error,
     events::{self, CounterRecord, LostEvents, PolicyLoaded, Stream},
+    explain::{Endpoint, ModeState, PortProto},
     loader::{self, Kernel, Options},
     policy::{
         Mode, Policy,
@@ -72,7 +73,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
         .into());
     }
-    warn_about(&policy, &settings.policy, &mount, &root_rel);
+    warn_about(&policy, &mount, &root_rel);
 
     let mut kernel = Kernel::open(&settings.kernel)?;
     // Env ids as the adopted state has them, so its counters and bound-socket
@@ -197,9 +198,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     result
 }
 
-fn warn_about(policy: &Policy, path: &Path, mount: &Path, root_rel: &str) {
+fn warn_about(policy: &Policy, mount: &Path, root_rel: &str) {
     for w in crate::cmd::policy_warnings(policy, Some(mount)) {
-        log::warn!("{}: {w}", path.display());
+        log::warn!("{w}");
     }
     for c in policy.envs.iter().flat_map(|e| &e.cgroups) {
         if !is_below(c, root_rel) {
@@ -408,9 +409,7 @@ impl Daemon {
                 for_secs,
             } => self.set_mode(&mode, from, to, for_secs, actor),
             Request::Reload => self.reload(actor),
-            Request::Explain { .. } => Err(anyhow::anyhow!(
-                "explain through the agent is not available yet; use `envguard explain --policy FILE`"
-            )),
+            Request::Explain { from, to, port } => self.explain(&from, &to, &port),
             // Served by the control task itself.
             Request::Events {} => Err(anyhow::anyhow!("events are streamed by the socket task")),
         };
@@ -418,6 +417,34 @@ impl Daemon {
             Ok(v) => Response::ok(v),
             Err(e) => Response::err(format!("{e:#}")),
         }
+    }
+
+    /// What-if against the live policy and modes, runtime switches included.
+    fn explain(&self, from: &str, to: &str, port: &str) -> anyhow::Result<serde_json::Value> {
+        let from: Endpoint = from.parse().map_err(anyhow::Error::msg)?;
+        let to: Endpoint = to.parse().map_err(anyhow::Error::msg)?;
+        let port: PortProto = port.parse().map_err(anyhow::Error::msg)?;
+        let mut modes = ModeState::from_policy(&self.policy);
+        if let Some(o) = &self.global {
+            modes.global = o.mode;
+        }
+        for ((f, t), o) in &self.pairs {
+            let origin = match o.expires {
+                Some((_, at)) => format!("envguard mode, until {}", events::rfc3339(at)),
+                None => "envguard mode".to_owned(),
+            };
+            modes.push_pair(f, t, o.mode, origin);
+        }
+        let e = crate::explain::explain(
+            &self.policy,
+            &self.compiled,
+            &from,
+            &to,
+            port.proto,
+            port.port,
+            &modes,
+        )?;
+        Ok(serde_json::to_value(e)?)
     }
 
     fn emit_policy_loaded(&mut self, actor: Option<Actor>) -> anyhow::Result<()> {
@@ -677,7 +704,7 @@ impl Daemon {
                 );
             }
         };
-        warn_about(&policy, &self.settings.policy, &self.mount, &self.root_rel);
+        warn_about(&policy, &self.mount, &self.root_rel);
         let tracker = CgroupTracker::new(&self.mount, &compiled);
         let mode = mode_value(self.global_mode(&policy));
         let pairs = self.pair_modes(&compiled);

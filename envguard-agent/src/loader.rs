@@ -99,8 +99,7 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 /// size, flags and capacity as the object defines them (with the options'
 /// overrides), so maps of another layout are never adopted.
 fn layout_name(opts: &Options) -> Result<String> {
-    let obj = aya_obj::Object::parse(OBJECT)
-        .map_err(|e| bpf_err("parsing the eBPF object", e))?;
+    let obj = aya_obj::Object::parse(OBJECT).map_err(|e| bpf_err("parsing the eBPF object", e))?;
     let mut defs: Vec<(&String, &aya_obj::Map)> = obj.maps.iter().collect();
     defs.sort_by_key(|(name, _)| *name);
     let mut bytes = maps::LAYOUT_VERSION.to_le_bytes().to_vec();
@@ -111,7 +110,13 @@ fn layout_name(opts: &Options) -> Result<String> {
             _ => m.max_entries(),
         };
         bytes.extend(name.as_bytes());
-        for n in [m.map_type(), m.key_size(), m.value_size(), m.map_flags(), max_entries] {
+        for n in [
+            m.map_type(),
+            m.key_size(),
+            m.value_size(),
+            m.map_flags(),
+            max_entries,
+        ] {
             bytes.extend(n.to_le_bytes());
         }
     }

@@ -1,6 +1,6 @@
 //! `envguard`: the command line. Everything else lives in the library.
 use clap::{Parser, Subcommand};
-use envguard_agent::cmd::{check, detach, events, mode, reload, run, status};
+use envguard_agent::cmd::{check, detach, events, explain, mode, reload, run, status};
 
 /// envguard keeps workloads of different environments (dev, staging, prod…)
 /// on one host from talking to each other, enforced by eBPF programs on cgroup
@@ -21,6 +21,7 @@ enum Command {
     Mode(mode::ModeArgs),
     Reload(reload::ReloadArgs),
     Events(events::EventsArgs),
+    Explain(explain::ExplainArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +37,7 @@ fn main() -> std::process::ExitCode {
         Command::Mode(args) => mode::mode(args),
         Command::Reload(args) => reload::reload(args),
         Command::Events(args) => events::events(args),
+        Command::Explain(args) => explain::explain(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

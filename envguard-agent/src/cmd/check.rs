@@ -53,7 +53,9 @@ pub fn check_with(
     let compiled = compile(&policy)?;
     let warnings = lint(&policy);
     let missing = cgroup_mount.map_or_else(Vec::new, |m| super::missing_cgroups(&policy, m));
-    for w in warnings.iter().chain(&missing) {
+    let mut all: Vec<_> = warnings.iter().chain(&missing).collect();
+    all.sort_by_key(|d| d.line);
+    for w in all {
         writeln!(err, "warning: {w}").context("writing to stderr")?;
     }
     let allow = policy

@@ -19,11 +19,12 @@ use crate::{
 /// Problems that do not stop a policy from loading but that an operator should
 /// hear about: they usually mean it does less than intended. The policy's lint
 /// warnings (`policy::lint`), then, given the cgroup2 mount, the listed cgroups
-/// that do not exist yet. Each displays as `FILE:LINE: message`.
+/// that do not exist yet; in file order. Each displays as `FILE:LINE: message`.
 pub fn policy_warnings(policy: &Policy, cgroup_mount: Option<&Path>) -> Vec<Diagnostic> {
     let mut out = lint(policy);
     if let Some(mount) = cgroup_mount {
         out.extend(missing_cgroups(policy, mount));
+        out.sort_by_key(|d| d.line);
     }
     out
 }

@@ -258,12 +258,12 @@ impl Lint<'_> {
                     "{what} repeats the global mode \"{}\": it changes nothing unless the global mode is switched at run time (`envguard mode`)",
                     pm.mode
                 ))
-            } else if let Some(env) = self.idle_self_pair(pm) {
-                Some(format!(
-                    "{what} never matters: flows within {env} are violations only when a [[deny]] matches them or {env} fails closed, and neither can happen"
-                ))
             } else {
-                None
+                self.idle_self_pair(pm).map(|env| {
+                    format!(
+                        "{what} never matters: flows within {env} are violations only when a [[deny]] matches them or {env} fails closed, and neither can happen"
+                    )
+                })
             };
             if let Some(m) = message {
                 self.warn(pm.line, m);
@@ -734,6 +734,214 @@ cidrs = ["10.1.2.128/25", "2001:db8::/32"]
                 "cgroups = [\"/prod.slice\"]\non_agent_loss = \"closed\"\n"
             )
         ));
+    }
+
+    /// What happens to each flow between envs that can hold one (not the
+    /// empty ones): allowed, or a violation in some mode.
+    fn outcome(p: &Policy) -> Vec<String> {
+        use crate::{
+            explain::{ModeState, decide},
+            policy::{
+                compile::compile,
+                ports::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+            },
+        };
+        let flows: Vec<(u8, u16)> = [
+            0, 1, 22, 53, 5432, 8000, 8079, 8080, 8081, 8100, 8101, 65535,
+        ]
+        .into_iter()
+        .flat_map(|p| [(PROTO_TCP, p), (PROTO_UDP, p)])
+        .chain([(PROTO_ICMP, 0)])
+        .collect();
+        let c = compile(p).unwrap();
+        let modes = ModeState::from_policy(p);
+        let empty: Vec<&str> = p
+            .envs
+            .iter()
+            .filter(|e| e.cgroups.is_empty() && e.cidrs.is_empty())
+            .map(|e| e.name.as_str())
+            .collect();
+        let ids: Vec<u32> = c
+            .env_ids()
+            .filter(|&id| !empty.contains(&c.env_name(id)))
+            .collect();
+        let mut out = Vec::new();
+        for &s in &ids {
+            for &d in &ids {
+                let (sn, dn) = (c.env_name(s), c.env_name(d));
+                for &(proto, port) in &flows {
+                    let what = if decide(&c, s, d, proto, port).allowed {
+                        "allowed".to_owned()
+                    } else {
+                        format!("violation, {}", modes.mode_of(sn, dn).0)
+                    };
+                    out.push(format!("{sn} -> {dn} {port}/{proto}: {what}"));
+                }
+            }
+        }
+        out
+    }
+
+    fn changes(a: &[String], b: &[String]) -> Vec<String> {
+        a.iter()
+            .zip(b)
+            .filter(|(x, y)| x != y)
+            .map(|(x, y)| format!("{x} => {y}"))
+            .collect()
+    }
+
+    /// Removes, one at a time, each rule and pair mode the lint warns about,
+    /// and asserts that no flow's fate changes (for a pair mode repeating the
+    /// global mode, only while the global mode stays). Returns how many rules
+    /// and pair modes were warned about.
+    #[track_caller]
+    fn assert_warned_are_useless(policy: &Policy) -> (usize, usize) {
+        let warned: Vec<usize> = lint(policy).iter().filter_map(|d| d.line).collect();
+        let before = outcome(policy);
+        let mut counts = (0, 0);
+        for r in policy.rules.iter().filter(|r| warned.contains(&r.line)) {
+            counts.0 += 1;
+            let mut p = policy.clone();
+            p.rules.retain(|x| x.line != r.line);
+            let changed = changes(&before, &outcome(&p));
+            assert!(
+                changed.is_empty(),
+                "removing {r} changes: {changed:#?}\nlint: {:#?}",
+                lint(policy)
+            );
+        }
+        for pm in policy
+            .pair_modes
+            .iter()
+            .filter(|p| warned.contains(&p.line))
+        {
+            counts.1 += 1;
+            let mut p = policy.clone();
+            p.pair_modes.retain(|x| x.line != pm.line);
+            let changed = changes(&before, &outcome(&p));
+            assert!(
+                changed.is_empty(),
+                "removing the pair mode at line {} changes: {changed:#?}",
+                pm.line
+            );
+            if pm.mode != policy.mode {
+                let other = match policy.mode {
+                    crate::policy::Mode::Audit => crate::policy::Mode::Enforce,
+                    crate::policy::Mode::Enforce => crate::policy::Mode::Audit,
+                };
+                let (mut q, mut q0) = (p.clone(), policy.clone());
+                q.mode = other;
+                q0.mode = other;
+                let changed = changes(&outcome(&q0), &outcome(&q));
+                assert!(
+                    changed.is_empty(),
+                    "removing the pair mode at line {} changes, in the other global mode: {changed:#?}",
+                    pm.line
+                );
+            }
+        }
+        counts
+    }
+
+    /// Soundness, checked: removing a rule or pair mode the lint calls
+    /// useless changes no flow's fate.
+    #[test]
+    fn what_the_lint_calls_useless_changes_nothing() {
+        let text = format!(
+            "{ENVS}[envs.ghost]\n[defaults]\nhost = \"deny\"\n\
+             [[allow]]\nfrom = \"*\"\nto = \"shared\"\nports = [\"53\", \"8000-8100/tcp\"]\n\
+             [[allow]]\nfrom = \"dev\"\nto = \"shared\"\nports = [\"8080/tcp\"]\n\
+             [[allow]]\nfrom = \"dev\"\nto = \"dev\"\n\
+             [[allow]]\nfrom = \"dev\"\nto = \"prod\"\nports = [\"22/tcp\"]\n\
+             [[allow]]\nfrom = \"prod\"\nto = \"world\"\n\
+             [[allow]]\nfrom = \"dev\"\nto = \"ghost\"\n\
+             [[allow]]\nfrom = \"prod\"\nto = \"dev\"\nports = [\"5432/tcp\"]\n\
+             [[allow]]\nfrom = \"prod\"\nto = \"dev\"\nports = [\"5432/tcp\"]\n\
+             [[deny]]\nfrom = \"*\"\nto = \"prod\"\nports = [\"tcp\"]\n\
+             [[deny]]\nfrom = \"dev\"\nto = \"prod\"\nports = [\"22/tcp\"]\n\
+             [[pair_mode]]\nfrom = \"dev\"\nto = \"prod\"\nmode = \"audit\"\n\
+             [[pair_mode]]\nfrom = \"*\"\nto = \"prod\"\nmode = \"audit\"\n\
+             [[pair_mode]]\nfrom = \"dev\"\nto = \"shared\"\nmode = \"enforce\"\n\
+             [[pair_mode]]\nfrom = \"shared\"\nto = \"shared\"\nmode = \"audit\"\n"
+        );
+        let policy = Policy::parse(Path::new("p.toml"), &text).unwrap();
+        // Every kind above is found: the covered 8080, the self pair, the
+        // denied 22, the world the defaults allow, the empty env, the
+        // duplicate, the covered deny; the overridden, repeated and idle
+        // pair modes.
+        assert_eq!(
+            assert_warned_are_useless(&policy),
+            (7, 3),
+            "{:#?}",
+            lint(&policy)
+        );
+    }
+
+    /// The same check over many generated policies.
+    #[test]
+    fn generated_policies_keep_the_lint_sound() {
+        let mut seed: u64 = 0x5eed;
+        let mut pick = |n: usize| {
+            // xorshift64*
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            (seed.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+        };
+        let sels = ["*", "host", "world", "dev", "prod", "shared"];
+        let ports = [
+            None,
+            Some("\"53\""),
+            Some("\"53/udp\""),
+            Some("\"tcp\""),
+            Some("\"8000-8100/tcp\""),
+            Some("\"8080/tcp\""),
+            Some("\"1-65535/tcp\""),
+            Some("\"icmp\""),
+            Some("\"53\", \"8080/tcp\""),
+            Some("\"8000-8079/tcp\", \"8080-8100/tcp\""),
+        ];
+        let defaults = ["allow", "deny"];
+        let modes = ["audit", "enforce"];
+        let (mut warned_rules, mut warned_pms) = (0, 0);
+        for _ in 0..300 {
+            let mut text = format!(
+                "mode = \"{}\"\n[defaults]\nhost = \"{}\"\nworld = \"{}\"\n\
+                 [envs.dev]\ncgroups = [\"/dev\"]\n[envs.prod]\ncidrs = [\"198.18.10.0/24\"]\n\
+                 [envs.shared]\ncidrs = [\"198.18.0.0/28\"]\n",
+                modes[pick(2)],
+                defaults[pick(2)],
+                defaults[pick(2)]
+            );
+            for _ in 0..pick(7) {
+                let table = ["allow", "allow", "deny"][pick(3)];
+                text.push_str(&format!(
+                    "[[{table}]]\nfrom = \"{}\"\nto = \"{}\"\n",
+                    sels[pick(sels.len())],
+                    sels[pick(sels.len())]
+                ));
+                if let Some(p) = ports[pick(ports.len())] {
+                    text.push_str(&format!("ports = [{p}]\n"));
+                }
+            }
+            for _ in 0..pick(4) {
+                text.push_str(&format!(
+                    "[[pair_mode]]\nfrom = \"{}\"\nto = \"{}\"\nmode = \"{}\"\n",
+                    sels[pick(sels.len())],
+                    sels[pick(sels.len())],
+                    modes[pick(2)]
+                ));
+            }
+            let policy = Policy::parse(Path::new("p.toml"), &text).unwrap();
+            let (r, p) = assert_warned_are_useless(&policy);
+            warned_rules += r;
+            warned_pms += p;
+        }
+        // The generator does exercise the lint.
+        assert!(
+            warned_rules > 50 && warned_pms > 30,
+            "{warned_rules} {warned_pms}"
+        );
     }
 
     #[test]

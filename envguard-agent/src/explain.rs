@@ -1,0 +1,1028 @@
+//! What-if: the decision envguard takes for one flow, and why — each side's
+//! env and what put it there, the deciding rule, and what the mode does.
+//!
+//! Pure: it reads the compiled policy (`policy::compile::Compiled`) with the
+//! same lookups as the kernel's `decide` (longest-prefix match over the rule
+//! and CIDR entries, deepest listed cgroup), so it cannot drift from what is
+//! enforced. The agent-loss fail modes are left out: they only apply while no
+//! agent runs.
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use envguard_common::{
+    event::{AF_INET, ViolationEvent},
+    policy::{RULE_NONE, RULE_PREFIX_PORT, RuleKey},
+};
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    events::rule_label,
+    policy::{
+        ANY, Mode, OnLoss, Policy, PortSpec, Selector, compile::Compiled, normalize_cgroup,
+        ports::proto_name,
+    },
+    scan,
+};
+
+/// One side of a flow, as given on the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// An address: its env is the longest-prefix match over the envs' CIDRs
+    /// (an IPv4-mapped IPv6 address counts as IPv4), else `world`.
+    Ip(IpAddr),
+    /// A cgroup path below the cgroup2 mount (normalised): the env of its
+    /// deepest listed ancestor, else `host`.
+    Cgroup(String),
+    /// An env by name: `host`, `world` or a declared env.
+    Env(String),
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.starts_with('/') {
+            return normalize_cgroup(s).map(Endpoint::Cgroup);
+        }
+        if let Ok(ip) = s.trim_start_matches('[').trim_end_matches(']').parse() {
+            return Ok(Endpoint::Ip(ip));
+        }
+        if s == ANY {
+            return Err(
+                "\"*\" is not one env: give an IP address, a cgroup path or an env name".to_owned(),
+            );
+        }
+        if s.is_empty()
+            || !s
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            let hint = if s.parse::<IpNetwork>().is_ok() {
+                " (a CIDR: give one address of it)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "{s:?} is not an IP address, a cgroup path (starting with '/') or an env name{hint}"
+            ));
+        }
+        Ok(Endpoint::Env(s.to_owned()))
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Ip(ip) => write!(f, "{ip}"),
+            Endpoint::Cgroup(path) => f.write_str(path),
+            Endpoint::Env(name) => f.write_str(name),
+        }
+    }
+}
+
+/// A protocol and a destination port: `443/tcp`, `53/udp`, or a bare `icmp` /
+/// `icmpv6` (no port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortProto {
+    /// IP protocol number.
+    pub proto: u8,
+    /// 0 for ICMP, as the kernel looks it up.
+    pub port: u16,
+}
+
+impl FromStr for PortProto {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let specs = PortSpec::parse_entry(s)?;
+        match specs.as_slice() {
+            [PortSpec { proto, ports: None }]
+                if proto_name(*proto).is_some_and(|n| n.starts_with("icmp")) =>
+            {
+                Ok(PortProto {
+                    proto: *proto,
+                    port: 0,
+                })
+            }
+            [PortSpec { ports: None, .. }] => {
+                Err(format!("{s:?} names no port: give one, e.g. 443/{s}"))
+            }
+            [
+                PortSpec {
+                    proto,
+                    ports: Some((lo, hi)),
+                },
+            ] if lo == hi => Ok(PortProto {
+                proto: *proto,
+                port: *lo,
+            }),
+            [_] => Err(format!("{s:?} is a range: explain takes one port")),
+            _ => Err(format!("{s:?} names no protocol: give {s}/tcp or {s}/udp")),
+        }
+    }
+}
+
+impl fmt::Display for PortProto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match proto_name(self.proto) {
+            Some(name) if name.starts_with("icmp") => f.write_str(name),
+            Some(name) => write!(f, "{}/{name}", self.port),
+            None => write!(f, "{}/{}", self.port, self.proto),
+        }
+    }
+}
+
+/// The modes in force: the global one and the per-pair overrides. Offline it
+/// comes from the policy ([`ModeState::from_policy`]); the agent fills it with
+/// its live state (the policy's entries, then its runtime overrides pushed
+/// after them, so that they win).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModeState {
+    pub global: Mode,
+    /// In order of precedence: a later entry for the same pair wins.
+    pub pairs: Vec<PairOverride>,
+}
+
+/// A pair handled in its own mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairOverride {
+    pub from: Selector,
+    pub to: Selector,
+    pub mode: Mode,
+    /// Where it comes from, for people: `[[pair_mode]] * -> prod, line 40`,
+    /// `envguard mode, until 2026-11-23T11:00:00Z`.
+    pub origin: String,
+}
+
+impl ModeState {
+    /// The modes a policy file sets.
+    pub fn from_policy(policy: &Policy) -> ModeState {
+        ModeState {
+            global: policy.mode,
+            pairs: policy
+                .pair_modes
+                .iter()
+                .map(|pm| PairOverride {
+                    from: pm.from.clone(),
+                    to: pm.to.clone(),
+                    mode: pm.mode,
+                    origin: format!("[[pair_mode]] {} -> {}, line {}", pm.from, pm.to, pm.line),
+                })
+                .collect(),
+        }
+    }
+
+    /// Adds an override for one pair of envs, winning over every earlier entry.
+    pub fn push_pair(&mut self, from: &str, to: &str, mode: Mode, origin: impl Into<String>) {
+        self.pairs.push(PairOverride {
+            from: Selector::Env(from.to_owned()),
+            to: Selector::Env(to.to_owned()),
+            mode,
+            origin: origin.into(),
+        });
+    }
+
+    /// The mode a violation from env `from` to env `to` is handled in, and
+    /// the override that set it (`None`: the global mode).
+    pub fn mode_of(&self, from: &str, to: &str) -> (Mode, Option<&PairOverride>) {
+        let matches = |s: &Selector, env: &str| match s {
+            Selector::Any => true,
+            Selector::Env(n) => n == env,
+        };
+        match self
+            .pairs
+            .iter()
+            .rev()
+            .find(|p| matches(&p.from, from) && matches(&p.to, to))
+        {
+            Some(p) => (p.mode, Some(p)),
+            None => (self.global, None),
+        }
+    }
+}
+
+/// The policy's decision for a flow between two env ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The deciding rule id as in events: an index into `Policy::rules`,
+    /// `compile::RULE_DEFAULT_*`, or `RULE_NONE` (same env allowed, or no
+    /// allow rule).
+    pub rule: u32,
+}
+
+/// The kernel's decision (`decide` in the kernel's classify.rs, fail modes
+/// aside) from the compiled entries: a matching deny wins, then same env is
+/// allowed, then a matching allow; else a violation. Both lookups are
+/// longest-prefix matches, so the rule named is the one the kernel names.
+pub fn decide(compiled: &Compiled, src: u32, dst: u32, proto: u8, port: u16) -> Decision {
+    let key = RuleKey::new(src, dst, proto, port);
+    if let Some(rule) = longest_match(&compiled.deny_rules, &key) {
+        return Decision {
+            allowed: false,
+            rule,
+        };
+    }
+    if src == dst {
+        return Decision {
+            allowed: true,
+            rule: RULE_NONE,
+        };
+    }
+    match longest_match(&compiled.rules, &key) {
+        Some(rule) => Decision {
+            allowed: true,
+            rule,
+        },
+        None => Decision {
+            allowed: false,
+            rule: RULE_NONE,
+        },
+    }
+}
+
+/// The rule id of the longest entry whose prefix matches `key`, as an LPM
+/// trie lookup with the full key (`RULE_PREFIX_PORT` bits) finds it.
+fn longest_match(entries: &[(u32, RuleKey, u32)], key: &RuleKey) -> Option<u32> {
+    let bits = key_bits(key);
+    entries
+        .iter()
+        .filter(|(prefix, k, _)| {
+            *prefix <= RULE_PREFIX_PORT && prefix_matches(&key_bits(k), &bits, *prefix)
+        })
+        .max_by_key(|(prefix, _, _)| *prefix)
+        .map(|(_, _, rule)| *rule)
+}
+
+/// A rule key's bytes in trie order.
+fn key_bits(k: &RuleKey) -> [u8; 11] {
+    let mut b = [0; 11];
+    b[..4].copy_from_slice(&k.src_env);
+    b[4..8].copy_from_slice(&k.dst_env);
+    b[8] = k.proto;
+    b[9..].copy_from_slice(&k.port);
+    b
+}
+
+fn prefix_matches(a: &[u8], b: &[u8], bits: u32) -> bool {
+    let (whole, rest) = ((bits / 8) as usize, bits % 8);
+    if a[..whole] != b[..whole] {
+        return false;
+    }
+    rest == 0 || {
+        let mask = 0xffu8 << (8 - rest);
+        a[whole] & mask == b[whole] & mask
+    }
+}
+
+/// One side of the flow: its env and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Side {
+    /// As given: an address, a cgroup path or an env name.
+    pub input: String,
+    pub env: String,
+    /// `cidr`, `cgroup`, `named` or `default`.
+    pub env_from: String,
+    /// E.g. `cidr 198.18.10.0/24 of prod`, `default: in no CIDR → world`.
+    pub reason: String,
+}
+
+/// The rule that decided, named as in `violation` events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecidingRule {
+    pub label: String,
+    /// The rule's line in the policy file; `None` for defaults.
+    pub line: Option<usize>,
+}
+
+/// What the mode in force does with the decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeEffect {
+    /// `audit` or `enforce`.
+    pub mode: String,
+    /// `global`, or `pair dev->prod` when the pair has its own mode.
+    pub scope: String,
+    /// Where the pair's mode comes from (`[[pair_mode]] …, line N`, a runtime
+    /// override); `None` for the global mode.
+    pub origin: Option<String>,
+    /// As in events: `allowed`, `denied` (refused or dropped) or `audited`.
+    pub verdict: String,
+    /// For people: `allowed`, `refused`, `allowed and reported`.
+    pub effect: String,
+}
+
+/// The answer of `envguard explain`; JSON with `--json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub from: Side,
+    pub to: Side,
+    /// `tcp`, `udp`, `icmp`, `icmpv6`, or the protocol number.
+    pub proto: String,
+    /// `None` for ICMP.
+    pub port: Option<u16>,
+    /// `allowed` or `violation`.
+    pub decision: String,
+    pub rule: DecidingRule,
+    pub mode: ModeEffect,
+    /// What offline reasoning cannot see (e.g. a destination on this host).
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("unknown env {name:?}; known: {known}")]
+    UnknownEnv { name: String, known: String },
+}
+
+/// Explains the flow from `from` to `to` on `proto`/`port` under `compiled`
+/// (compiled from `policy`) with the modes in `modes`.
+pub fn explain(
+    policy: &Policy,
+    compiled: &Compiled,
+    from: &Endpoint,
+    to: &Endpoint,
+    proto: u8,
+    port: u16,
+    modes: &ModeState,
+) -> Result<Explanation, ExplainError> {
+    let mut notes = Vec::new();
+    // The kernel looks up same-host peers for TCP and UDP only.
+    let socket_peer = proto_name(proto).is_some_and(|n| n == "tcp" || n == "udp");
+    let (src, from_side) = resolve(compiled, from, None, &mut notes)?;
+    let (dst, to_side) = resolve(compiled, to, Some(socket_peer), &mut notes)?;
+    let decision = decide(compiled, src, dst, proto, port);
+
+    let label = if decision.allowed && decision.rule == RULE_NONE {
+        "same-env (flows within one env are allowed)".to_owned()
+    } else {
+        rule_label(
+            policy,
+            compiled,
+            &labelled_event(src, dst, proto, decision.rule),
+        )
+    };
+    let line = policy.rules.get(decision.rule as usize).map(|r| r.line);
+
+    let (mode, pair) = modes.mode_of(&from_side.env, &to_side.env);
+    let (verdict, effect) = match (decision.allowed, mode) {
+        (true, _) => ("allowed", "allowed"),
+        (false, Mode::Enforce) => ("denied", "refused"),
+        (false, Mode::Audit) => ("audited", "allowed and reported"),
+    };
+    let scope = match pair {
+        Some(_) => format!("pair {}->{}", from_side.env, to_side.env),
+        None => "global".to_owned(),
+    };
+
+    let same_env = from_side.env == to_side.env;
+    for side in [&from_side, &to_side]
+        .into_iter()
+        .take(if same_env { 1 } else { 2 })
+    {
+        if let Some(env) = policy.envs.iter().find(|e| e.name == side.env)
+            && env.on_agent_loss != OnLoss::Keep
+        {
+            notes.push(format!(
+                "once no agent has run for {}, {}'s fail mode decides instead: {}",
+                humantime::format_duration(env.agent_loss_timeout),
+                env.name,
+                match env.on_agent_loss {
+                    OnLoss::Open => "allowed",
+                    _ => "a violation",
+                }
+            ));
+        }
+    }
+
+    let icmp = proto_name(proto).is_some_and(|n| n.starts_with("icmp"));
+    Ok(Explanation {
+        from: from_side,
+        to: to_side,
+        proto: proto_name(proto).map_or_else(|| proto.to_string(), str::to_owned),
+        port: (!icmp).then_some(port),
+        decision: if decision.allowed {
+            "allowed"
+        } else {
+            "violation"
+        }
+        .to_owned(),
+        rule: DecidingRule { label, line },
+        mode: ModeEffect {
+            mode: mode.to_string(),
+            scope,
+            origin: pair.map(|p| p.origin.clone()),
+            verdict: verdict.to_owned(),
+            effect: effect.to_owned(),
+        },
+        notes,
+    })
+}
+
+/// The env id of one side, and why. `destination`: for the destination side,
+/// whether the kernel would look for a receiving socket on this host.
+fn resolve(
+    compiled: &Compiled,
+    endpoint: &Endpoint,
+    destination: Option<bool>,
+    notes: &mut Vec<String>,
+) -> Result<(u32, Side), ExplainError> {
+    let input = endpoint.to_string();
+    let side = |env: u32, env_from: &str, reason: String| {
+        (
+            env,
+            Side {
+                input: input.clone(),
+                env: compiled.env_name(env).to_owned(),
+                env_from: env_from.to_owned(),
+                reason,
+            },
+        )
+    };
+    Ok(match endpoint {
+        Endpoint::Env(name) => {
+            let env = compiled
+                .env_id(name)
+                .ok_or_else(|| ExplainError::UnknownEnv {
+                    name: name.clone(),
+                    known: compiled
+                        .env_ids()
+                        .map(|id| compiled.env_name(id))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+            side(env, "named", "named env".to_owned())
+        }
+        Endpoint::Cgroup(path) => {
+            if path == "/sys/fs/cgroup" || path.starts_with("/sys/fs/cgroup/") {
+                notes.push(format!(
+                    "cgroup paths are relative to the cgroup2 mount: {path} is probably {}",
+                    path.trim_start_matches("/sys/fs/cgroup/unified")
+                        .trim_start_matches("/sys/fs/cgroup")
+                ));
+            }
+            if destination == Some(true) {
+                notes.push(
+                    "a destination on this host: the kernel takes the env of the receiving socket's cgroup, as here, if the socket was bound while envguard ran (else host)"
+                        .to_owned(),
+                );
+            }
+            match scan::deepest_listed(path, &compiled.cgroups) {
+                Some((listed, env)) if listed == path => {
+                    side(*env, "cgroup", format!("cgroup {listed} (listed)"))
+                }
+                Some((listed, env)) => side(
+                    *env,
+                    "cgroup",
+                    format!("cgroup {listed} (deepest listed ancestor)"),
+                ),
+                None => side(
+                    envguard_common::policy::ENV_HOST,
+                    "default",
+                    "default: below no listed cgroup → host".to_owned(),
+                ),
+            }
+        }
+        Endpoint::Ip(ip) => {
+            let ip = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(*v6), IpAddr::V4),
+                v4 => *v4,
+            };
+            if destination == Some(true) && (ip.is_loopback() || ip.is_unspecified()) {
+                notes.push(format!(
+                    "{ip} is on this host: in the kernel the socket that receives it decides its env; explain that socket's cgroup instead"
+                ));
+            }
+            match cidr_of(compiled, ip) {
+                Some((net, env)) => side(
+                    env,
+                    "cidr",
+                    format!("cidr {net} of {}", compiled.env_name(env)),
+                ),
+                None => side(
+                    envguard_common::policy::ENV_WORLD,
+                    "default",
+                    "default: in no CIDR → world".to_owned(),
+                ),
+            }
+        }
+    })
+}
+
+/// The longest CIDR entry containing `ip`, and its env id.
+fn cidr_of(compiled: &Compiled, ip: IpAddr) -> Option<(IpNetwork, u32)> {
+    match ip {
+        IpAddr::V4(a) => compiled
+            .cidrs_v4
+            .iter()
+            .filter(|(p, net, _)| prefix_matches(net, &a.octets(), *p))
+            .max_by_key(|(p, _, _)| *p)
+            .and_then(|(p, net, env)| Some((IpNetwork::new((*net).into(), *p as u8).ok()?, *env))),
+        IpAddr::V6(a) => compiled
+            .cidrs_v6
+            .iter()
+            .filter(|(p, net, _)| prefix_matches(net, &a.octets(), *p))
+            .max_by_key(|(p, _, _)| *p)
+            .and_then(|(p, net, env)| Some((IpNetwork::new((*net).into(), *p as u8).ok()?, *env))),
+    }
+}
+
+/// The fields `events::rule_label` reads, so that explain names a rule
+/// exactly as a `violation` event does.
+fn labelled_event(src: u32, dst: u32, proto: u8, rule: u32) -> ViolationEvent {
+    ViolationEvent {
+        boot_ns: 0,
+        cgroup_id: 0,
+        peer_cgroup_id: 0,
+        src_addr: [0; 16],
+        dst_addr: [0; 16],
+        comm: [0; 16],
+        pid: 0,
+        uid: u32::MAX,
+        src_env: src,
+        dst_env: dst,
+        src_port: 0,
+        dst_port: 0,
+        family: AF_INET,
+        proto,
+        hook: 0,
+        verdict: 0,
+        direction: 0,
+        src_env_from: 0,
+        dst_env_from: 0,
+        mode: 0,
+        rule,
+    }
+}
+
+impl fmt::Display for Explanation {
+    /// A few aligned lines for people.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let width = self.from.input.len().max(self.to.input.len());
+        let env_width = self.from.env.len().max(self.to.env.len());
+        for (name, s) in [("from", &self.from), ("to", &self.to)] {
+            writeln!(
+                f,
+                "{name:<9}{:<width$}  {:<env_width$}  {}",
+                s.input, s.env, s.reason
+            )?;
+        }
+        let port = match self.port {
+            Some(p) => format!("{p}/{}", self.proto),
+            None => self.proto.clone(),
+        };
+        writeln!(
+            f,
+            "{:<9}{} -> {}, {port}",
+            "flow", self.from.env, self.to.env
+        )?;
+        writeln!(f, "{:<9}{}", "decision", self.decision)?;
+        let line = self
+            .rule
+            .line
+            .filter(|l| !self.rule.label.contains(&format!("(line {l})")))
+            .map_or_else(String::new, |l| format!(" (line {l})"));
+        writeln!(f, "{:<9}{}{line}", "rule", self.rule.label)?;
+        let origin = self
+            .mode
+            .origin
+            .as_ref()
+            .map_or_else(String::new, |o| format!("  [{o}]"));
+        write!(
+            f,
+            "{:<9}{} ({}): {}{origin}",
+            "mode", self.mode.mode, self.mode.scope, self.mode.effect
+        )?;
+        for note in &self.notes {
+            write!(f, "\n{:<9}{note}", "note")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::policy::{compile::compile, ports::PROTO_TCP};
+
+    const POLICY: &str = r#"mode = "enforce"
+
+[envs.prod]
+cgroups = ["/prod.slice", "/prod.slice/dev-sandbox.slice/prod-agent.service"]
+cidrs = ["198.18.10.0/24", "2001:db8:10::/48"]
+
+[envs.dev]
+cgroups = ["/dev.slice", "/prod.slice/dev-sandbox.slice"]
+cidrs = ["198.18.20.0/24", "198.18.10.128/25"]
+
+[envs.staging]
+cgroups = ["/staging.slice"]
+cidrs = ["198.18.30.0/24"]
+
+[envs.shared]
+cidrs = ["198.18.0.0/28"]
+on_agent_loss = "open"
+
+[[allow]]
+from = "*"
+to = "shared"
+ports = ["53", "8000-8100/tcp"]
+
+[[allow]]
+from = "dev"
+to = "prod"
+ports = ["5432/tcp"]
+
+[[deny]]
+from = "*"
+to = "shared"
+ports = ["8080/tcp"]
+
+[[pair_mode]]
+from = "dev"
+to = "staging"
+mode = "audit"
+"#;
+
+    struct Fixture {
+        policy: Policy,
+        compiled: Compiled,
+        modes: ModeState,
+    }
+
+    fn fixture(text: &str) -> Fixture {
+        let policy = Policy::parse(Path::new("p.toml"), text).expect("valid");
+        let compiled = compile(&policy).expect("compiles");
+        let modes = ModeState::from_policy(&policy);
+        Fixture {
+            policy,
+            compiled,
+            modes,
+        }
+    }
+
+    impl Fixture {
+        fn explain(&self, from: &str, to: &str, port: &str) -> Explanation {
+            let port: PortProto = port.parse().unwrap();
+            explain(
+                &self.policy,
+                &self.compiled,
+                &from.parse().unwrap(),
+                &to.parse().unwrap(),
+                port.proto,
+                port.port,
+                &self.modes,
+            )
+            .unwrap()
+        }
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            "198.18.10.1".parse(),
+            Ok(Endpoint::Ip("198.18.10.1".parse().unwrap()))
+        );
+        assert_eq!(
+            "[2001:db8::1]".parse(),
+            Ok(Endpoint::Ip("2001:db8::1".parse().unwrap()))
+        );
+        assert_eq!(
+            "/prod.slice//app.service/".parse(),
+            Ok(Endpoint::Cgroup("/prod.slice/app.service".into()))
+        );
+        assert_eq!("world".parse(), Ok(Endpoint::Env("world".into())));
+        for bad in ["*", "", "198.18.10.0/24", "a b", "/a/../b"] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad:?} must not parse");
+        }
+    }
+
+    #[test]
+    fn ports_parse() {
+        let p = |s: &str| s.parse::<PortProto>();
+        assert_eq!(
+            p("443/tcp"),
+            Ok(PortProto {
+                proto: PROTO_TCP,
+                port: 443
+            })
+        );
+        assert_eq!(p("icmp").unwrap().port, 0);
+        assert_eq!(p("icmp").unwrap().to_string(), "icmp");
+        assert_eq!(p("53/udp").unwrap().to_string(), "53/udp");
+        for bad in ["53", "tcp", "1-2/tcp", "53/sctp", "0/tcp"] {
+            assert!(p(bad).is_err(), "{bad:?} must not parse");
+        }
+    }
+
+    #[test]
+    fn ip_by_longest_prefix_and_default_world() {
+        let f = fixture(POLICY);
+        // 198.18.10.200 is in prod's /24 and dev's /25: the /25 wins.
+        let e = f.explain("198.18.10.200", "198.18.10.1", "5432/tcp");
+        assert_eq!(e.from.env, "dev");
+        assert_eq!(e.from.env_from, "cidr");
+        assert_eq!(e.from.reason, "cidr 198.18.10.128/25 of dev");
+        assert_eq!(e.to.reason, "cidr 198.18.10.0/24 of prod");
+        assert_eq!(e.decision, "allowed");
+        assert_eq!(e.rule.label, "allow dev -> prod [5432/tcp] (line 24)");
+        assert_eq!(e.rule.line, Some(24));
+        assert_eq!(e.mode.effect, "allowed");
+
+        // IPv6, and IPv4-mapped IPv6 counting as IPv4.
+        let e = f.explain("::ffff:198.18.20.7", "2001:db8:10::5", "22/tcp");
+        assert_eq!((e.from.env.as_str(), e.to.env.as_str()), ("dev", "prod"));
+        assert_eq!(e.to.reason, "cidr 2001:db8:10::/48 of prod");
+        assert_eq!(e.decision, "violation");
+        assert_eq!(
+            e.rule.label,
+            "default:cross-env (no allow rule for dev -> prod)"
+        );
+        assert_eq!(e.rule.line, None);
+        assert_eq!(e.mode.scope, "global");
+        assert_eq!(e.mode.verdict, "denied");
+        assert_eq!(e.mode.effect, "refused");
+
+        let e = f.explain("/dev.slice", "203.0.113.9", "443/tcp");
+        assert_eq!(e.to.env, "world");
+        assert_eq!(e.to.env_from, "default");
+        assert_eq!(e.to.reason, "default: in no CIDR → world");
+        assert_eq!(e.decision, "allowed");
+        assert_eq!(e.rule.label, "default:world=allow");
+    }
+
+    #[test]
+    fn cgroup_by_deepest_listed_ancestor() {
+        let f = fixture(POLICY);
+        let e = f.explain(
+            "/prod.slice/dev-sandbox.slice/job-1.scope",
+            "/prod.slice/db.service",
+            "5432/tcp",
+        );
+        assert_eq!(e.from.env, "dev");
+        assert_eq!(
+            e.from.reason,
+            "cgroup /prod.slice/dev-sandbox.slice (deepest listed ancestor)"
+        );
+        assert_eq!(e.to.env, "prod");
+        assert_eq!(e.to.reason, "cgroup /prod.slice (deepest listed ancestor)");
+        // Deeper still, prod again.
+        let e = f.explain(
+            "/prod.slice/dev-sandbox.slice/prod-agent.service",
+            "staging",
+            "80/tcp",
+        );
+        assert_eq!(e.from.env, "prod");
+        assert!(e.from.reason.ends_with("(listed)"), "{}", e.from.reason);
+        // Below nothing listed: host.
+        let e = f.explain("/system.slice/sshd.service", "prod", "22/tcp");
+        assert_eq!(e.from.env, "host");
+        assert_eq!(e.from.reason, "default: below no listed cgroup → host");
+        assert_eq!(e.rule.label, "default:host=allow");
+        assert_eq!(e.decision, "allowed");
+    }
+
+    #[test]
+    fn env_names_and_same_env() {
+        let f = fixture(POLICY);
+        let e = f.explain("prod", "prod", "22/tcp");
+        assert_eq!(e.from.env_from, "named");
+        assert_eq!(e.from.reason, "named env");
+        assert_eq!(e.decision, "allowed");
+        assert!(e.rule.label.starts_with("same-env"), "{}", e.rule.label);
+        let err = explain(
+            &f.policy,
+            &f.compiled,
+            &Endpoint::Env("qa".into()),
+            &Endpoint::Env("prod".into()),
+            PROTO_TCP,
+            1,
+            &f.modes,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "unknown env \"qa\"; known: host, world, dev, prod, shared, staging"
+        );
+    }
+
+    #[test]
+    fn deny_beats_allow_and_port_ranges() {
+        let f = fixture(POLICY);
+        // Inside the allowed range…
+        let e = f.explain("dev", "198.18.0.5", "8081/tcp");
+        assert_eq!(e.decision, "allowed");
+        assert_eq!(e.rule.line, Some(19));
+        // …but 8080/tcp is denied, even though the allow covers it.
+        let e = f.explain("dev", "198.18.0.5", "8080/tcp");
+        assert_eq!(e.decision, "violation");
+        assert_eq!(e.rule.label, "deny * -> shared [8080/tcp] (line 29)");
+        assert_eq!(e.rule.line, Some(29));
+        assert_eq!(e.mode.effect, "refused");
+        // A deny applies within one env too.
+        let e = f.explain("shared", "shared", "8080/tcp");
+        assert_eq!(e.decision, "violation");
+        // Just outside the range.
+        let e = f.explain("dev", "shared", "8101/tcp");
+        assert_eq!(e.decision, "violation");
+        // `53` is TCP and UDP; ICMP is not allowed.
+        assert_eq!(f.explain("dev", "shared", "53/udp").decision, "allowed");
+        assert_eq!(f.explain("dev", "shared", "icmp").decision, "violation");
+        assert_eq!(f.explain("dev", "shared", "icmp").port, None);
+    }
+
+    #[test]
+    fn pair_mode_changes_what_the_mode_does() {
+        let f = fixture(POLICY);
+        let e = f.explain("/dev.slice/app.service", "198.18.30.4", "443/tcp");
+        assert_eq!((e.from.env.as_str(), e.to.env.as_str()), ("dev", "staging"));
+        assert_eq!(e.decision, "violation");
+        assert_eq!(e.mode.mode, "audit");
+        assert_eq!(e.mode.scope, "pair dev->staging");
+        assert_eq!(e.mode.verdict, "audited");
+        assert_eq!(e.mode.effect, "allowed and reported");
+        assert_eq!(
+            e.mode.origin.as_deref(),
+            Some("[[pair_mode]] dev -> staging, line 34")
+        );
+        // The reverse pair has no mode of its own.
+        let e = f.explain("staging", "dev", "443/tcp");
+        assert_eq!(e.mode.scope, "global");
+        assert_eq!(e.mode.effect, "refused");
+
+        // The live state: a runtime override wins over the policy's.
+        let mut modes = f.modes.clone();
+        modes.push_pair("dev", "staging", Mode::Enforce, "envguard mode");
+        modes.global = Mode::Audit;
+        let e = explain(
+            &f.policy,
+            &f.compiled,
+            &Endpoint::Env("dev".into()),
+            &Endpoint::Env("staging".into()),
+            PROTO_TCP,
+            443,
+            &modes,
+        )
+        .unwrap();
+        assert_eq!(e.mode.effect, "refused");
+        assert_eq!(e.mode.origin.as_deref(), Some("envguard mode"));
+        let e = explain(
+            &f.policy,
+            &f.compiled,
+            &Endpoint::Env("staging".into()),
+            &Endpoint::Env("dev".into()),
+            PROTO_TCP,
+            443,
+            &modes,
+        )
+        .unwrap();
+        assert_eq!(e.mode.effect, "allowed and reported");
+    }
+
+    #[test]
+    fn defaults_deny() {
+        let text = POLICY.replace(
+            "mode = \"enforce\"\n",
+            "mode = \"enforce\"\n[defaults]\nhost = \"deny\"\nworld = \"deny\"\n",
+        );
+        let f = fixture(&text);
+        let e = f.explain("/system.slice/cron.service", "prod", "22/tcp");
+        assert_eq!(e.decision, "violation");
+        assert_eq!(e.rule.label, "default:host=deny");
+        let e = f.explain("prod", "192.0.2.1", "443/tcp");
+        assert_eq!(e.decision, "violation");
+        assert_eq!(e.rule.label, "default:world=deny");
+        // An explicit allow still opens the way to shared.
+        assert_eq!(f.explain("host", "shared", "53/udp").decision, "allowed");
+        // host <-> world: either side's deny is enough.
+        let only_world = POLICY.replace(
+            "mode = \"enforce\"\n",
+            "mode = \"enforce\"\n[defaults]\nworld = \"deny\"\n",
+        );
+        let f = fixture(&only_world);
+        let e = f.explain("host", "world", "443/tcp");
+        assert_eq!(e.decision, "violation");
+        assert_eq!(e.rule.label, "default:world=deny");
+        assert_eq!(f.explain("host", "prod", "443/tcp").decision, "allowed");
+    }
+
+    /// The README's semantics, read straight off the policy: the compiled
+    /// lookups must agree with it everywhere.
+    fn by_the_book(p: &Policy, src: &str, dst: &str, proto: u8, port: u16) -> bool {
+        use crate::policy::{Action, Default, HOST, WORLD};
+        let sel =
+            |s: &Selector, env: &str| matches!(s, Selector::Any) || *s == Selector::Env(env.into());
+        let matches = |r: &&crate::policy::Rule| {
+            sel(&r.from, src)
+                && sel(&r.to, dst)
+                && r.ports.as_ref().is_none_or(|specs| {
+                    specs.iter().any(|s| {
+                        s.proto == proto && s.ports.is_none_or(|(lo, hi)| lo <= port && port <= hi)
+                    })
+                })
+        };
+        if p.rules
+            .iter()
+            .filter(|r| r.action == Action::Deny)
+            .any(|r| matches(&r))
+        {
+            return false;
+        }
+        if src == dst
+            || p.rules
+                .iter()
+                .filter(|r| r.action == Action::Allow)
+                .any(|r| matches(&r))
+        {
+            return true;
+        }
+        let involves = |e: &str| src == e || dst == e;
+        (involves(HOST) || involves(WORLD))
+            && !(involves(HOST) && p.default_host == Default::Deny)
+            && !(involves(WORLD) && p.default_world == Default::Deny)
+    }
+
+    #[test]
+    fn decisions_agree_with_the_policy_semantics() {
+        let variants = [
+            POLICY.to_owned(),
+            POLICY.replace(
+                "mode = \"enforce\"\n",
+                "mode = \"enforce\"\n[defaults]\nhost = \"deny\"\n",
+            ),
+            POLICY.replace(
+                "mode = \"enforce\"\n",
+                "mode = \"enforce\"\n[defaults]\nworld = \"deny\"\n",
+            ),
+        ];
+        let ports = [
+            1, 22, 53, 5432, 7999, 8000, 8063, 8064, 8079, 8080, 8081, 8100, 8101, 65535,
+        ];
+        for text in &variants {
+            let f = fixture(text);
+            for src in f.compiled.env_ids() {
+                for dst in f.compiled.env_ids() {
+                    let (s, d) = (f.compiled.env_name(src), f.compiled.env_name(dst));
+                    let flows = ports
+                        .iter()
+                        .flat_map(|&p| [(PROTO_TCP, p), (crate::policy::ports::PROTO_UDP, p)])
+                        .chain([(crate::policy::ports::PROTO_ICMP, 0)]);
+                    for (proto, port) in flows {
+                        assert_eq!(
+                            decide(&f.compiled, src, dst, proto, port).allowed,
+                            by_the_book(&f.policy, s, d, proto, port),
+                            "{s} -> {d} {port}/{proto}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn notes_and_human_output() {
+        let f = fixture(POLICY);
+        let e = f.explain("dev", "127.0.0.1", "5432/tcp");
+        assert!(
+            e.notes.iter().any(|n| n.contains("is on this host")),
+            "{:?}",
+            e.notes
+        );
+        // No same-host socket lookup for ICMP, nor for a source.
+        assert!(f.explain("dev", "127.0.0.1", "icmp").notes.is_empty());
+        assert!(f.explain("::1", "dev", "22/tcp").notes.is_empty());
+        assert_eq!(f.explain("shared", "shared", "53/udp").notes.len(), 1);
+        let e = f.explain("dev", "shared", "53/udp");
+        assert!(
+            e.notes.iter().any(|n| n.contains("shared's fail mode")),
+            "{:?}",
+            e.notes
+        );
+
+        let e = f.explain("/dev.slice/app.service", "198.18.10.1", "5432/tcp");
+        assert!(e.notes.is_empty(), "{:?}", e.notes);
+        assert_eq!(
+            e.to_string(),
+            "\
+from     /dev.slice/app.service  dev   cgroup /dev.slice (deepest listed ancestor)
+to       198.18.10.1             prod  cidr 198.18.10.0/24 of prod
+flow     dev -> prod, 5432/tcp
+decision allowed
+rule     allow dev -> prod [5432/tcp] (line 24)
+mode     enforce (global): allowed"
+        );
+
+        // JSON round trip, for the agent's answer to a client.
+        let json = serde_json::to_string(&e).unwrap();
+        let back: Explanation = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, e);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["to"]["env_from"], "cidr");
+        assert_eq!(v["rule"]["line"], 24);
+        assert_eq!(v["mode"]["verdict"], "allowed");
+    }
+}
