@@ -117,19 +117,37 @@ fn bpf_linker() -> anyhow::Result<()> {
     fs::write(&stamp, want).with_context(|| format!("writing {}", stamp.display()))
 }
 
-/// The integration tests drive `ip` (iproute2) to make namespaces and veths.
+/// Tools the tests drive, each installed from Debian only when missing:
+/// `ip` (iproute2) for the integration tests' namespaces and veths,
+/// `promtool` (prometheus) to check the metrics exposition, and `rsyslogd`
+/// (rsyslog) for the syslog sink's end-to-end test (it runs its own rsyslogd
+/// with its own config; no system service is needed).
 fn test_tools() -> anyhow::Result<()> {
-    if Command::new("ip")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
+    let works = |cmd: &str, arg: &str| {
+        Command::new(cmd)
+            .arg(arg)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let mut missing = Vec::new();
+    if !works("ip", "-V") {
+        missing.push("iproute2");
+    }
+    if !works("promtool", "--version") {
+        missing.push("prometheus");
+    }
+    // /usr/sbin is not on every PATH.
+    if !works("rsyslogd", "-v") && !works("/usr/sbin/rsyslogd", "-v") {
+        missing.push("rsyslog");
+    }
+    if missing.is_empty() {
         return Ok(());
     }
-    crate::run(Command::new("apt-get").args([
-        "install",
-        "-y",
-        "--no-install-recommends",
-        "iproute2",
-    ]))
+    crate::run(Command::new("apt-get").arg("update"))?;
+    crate::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )
 }
