@@ -3,8 +3,8 @@
 //! runtime state; the control socket's tasks send it requests.
 use std::{
     collections::{BTreeMap, HashMap},
-    io::{BufWriter, Stdout},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -32,11 +32,14 @@ use crate::{
     events::{self, CounterRecord, LostEvents, PolicyLoaded, Stream},
     explain::{Endpoint, ModeState, PortProto},
     loader::{self, Kernel, Options},
+    metrics,
     policy::{
         Mode, Policy,
         compile::{Compiled, compile_with_ids, mode_value},
     },
+    ratelimit::TokenBucket,
     scan,
+    sinks::{Fanout, SinkConfig},
     sys::{self, CgroupNames},
 };
 
@@ -55,6 +58,12 @@ pub struct Settings {
     pub control_socket: PathBuf,
     pub control_group: Option<u32>,
     pub detach_on_exit: bool,
+    /// Where records go; each sink has its own bounded queue.
+    pub sinks: Vec<SinkConfig>,
+    pub sink_queue: usize,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Records per second and burst for `violation` records.
+    pub rate_limit: Option<(f64, u32)>,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -119,7 +128,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         names.insert(id, path);
     }
     let (events_tx, _) = broadcast::channel(SUBSCRIBER_QUEUE);
-    let stream = Stream::new(BufWriter::new(std::io::stdout())).with_subscribers(events_tx.clone());
+    let fanout = Fanout::new(settings.sinks.clone(), settings.sink_queue)?;
+    let mut stream = Stream::new(fanout).with_subscribers(events_tx.clone());
+    if let Some((rate, burst)) = settings.rate_limit {
+        stream = stream.with_rate_limit(TokenBucket::new(rate, burst));
+    }
+    let snapshot = Arc::new(Mutex::new(metrics::Snapshot::new()));
+    let metrics_server = match settings.metrics_listen {
+        Some(addr) => {
+            log::info!("serving Prometheus metrics on http://{addr}/metrics");
+            Some(metrics::serve(addr, snapshot.clone()).await?)
+        }
+        None => None,
+    };
     let (calls_tx, calls_rx) = mpsc::channel(64);
     let server = control::serve(
         &settings.control_socket,
@@ -167,6 +188,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         pairs: BTreeMap::new(),
         dedup_reported,
         next_rollup: Instant::now() + settings.kernel.dedup_interval,
+        snapshot,
+        lost_totals: BTreeMap::new(),
     };
     daemon.emit_policy_loaded(None)?;
     if let Some(prev) = previous.filter(|p| p.heartbeat_ns != 0) {
@@ -178,10 +201,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let result = daemon.serve(ring, calls_rx).await;
     server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     let _ = std::fs::remove_file(&settings.control_socket);
     let pin_root = daemon.kernel.pin_root().to_owned();
-    // Closes every fd of ours; the pins keep enforcement in place.
-    drop(daemon);
+    // Whatever the sinks still hold goes out (bounded wait), then every fd of
+    // ours closes; the pins keep enforcement in place.
+    let Daemon { stream, kernel, .. } = daemon;
+    stream.into_inner().flush_and_close();
+    drop(kernel);
     if settings.detach_on_exit {
         let removed = loader::detach(&pin_root)?;
         log::info!(
@@ -226,7 +255,7 @@ struct Daemon {
     policy: Policy,
     compiled: Compiled,
     names: CgroupNames,
-    stream: Stream<BufWriter<Stdout>>,
+    stream: Stream<Fanout>,
     tracker: CgroupTracker,
     /// Per `Counter`: the value already reported.
     counters_reported: [u64; NUM_COUNTERS as usize],
@@ -243,6 +272,10 @@ struct Daemon {
     /// Per violating flow: repeats already reported in rollups.
     dedup_reported: HashMap<DedupKey, u64>,
     next_rollup: Instant,
+    /// What the metrics endpoint serves, refreshed every housekeeping tick.
+    snapshot: Arc<Mutex<metrics::Snapshot>>,
+    /// Records lost since start, per source (metrics).
+    lost_totals: BTreeMap<String, u64>,
 }
 
 #[derive(Serialize)]
@@ -291,6 +324,8 @@ impl Daemon {
                     self.stream.flush()?;
                 }
                 _ = sighup.recv() => {
+                    // logrotate moves the file, then sends SIGHUP.
+                    self.stream_out().reopen();
                     if let Err(e) = self.reload(Actor::agent("SIGHUP")) {
                         log::error!("reload on SIGHUP refused, the old policy stays in force: {e}");
                     }
@@ -383,19 +418,62 @@ impl Daemon {
             self.rollups()?;
         }
         let lost = self.kernel.counter(Counter::EventsLost)?;
+        let mut losses = Vec::new();
         if lost > self.kernel.lost_reported {
-            self.stream.emit(
-                "lost_events",
-                None,
-                &LostEvents {
-                    source: "ringbuf",
-                    count: lost - self.kernel.lost_reported,
-                },
-            )?;
+            losses.push(("ringbuf".to_owned(), lost - self.kernel.lost_reported));
             self.kernel.lost_reported = lost;
         }
+        // A loss report that its own sink drops is counted at the next tick.
+        losses.extend(self.stream_out().take_dropped());
+        for (source, count) in losses {
+            *self.lost_totals.entry(source.clone()).or_default() += count;
+            self.stream
+                .emit("lost_events", None, &LostEvents { source, count })?;
+        }
+        self.update_metrics()?;
         self.stream.flush()?;
         self.kernel.heartbeat()?;
+        Ok(())
+    }
+
+    fn stream_out(&mut self) -> &Fanout {
+        self.stream.out()
+    }
+
+    fn update_metrics(&mut self) -> anyhow::Result<()> {
+        let mut decisions = Vec::new();
+        for (k, count) in self.kernel.decisions()? {
+            let (from, to) = (
+                self.compiled.env_name(k.src_env),
+                self.compiled.env_name(k.dst_env),
+            );
+            let (verdict, mode) = match k.verdict {
+                VERDICT_DENIED => ("denied", "enforce".to_owned()),
+                VERDICT_AUDITED => ("audited", "audit".to_owned()),
+                _ => ("allowed", self.pair_mode(from, to).0.to_string()),
+            };
+            decisions.push(metrics::Decision {
+                src_env: from.to_owned(),
+                dst_env: to.to_owned(),
+                verdict: verdict.to_owned(),
+                mode,
+                direction: if k.direction == envguard_common::event::DIRECTION_EGRESS {
+                    "egress"
+                } else {
+                    "ingress"
+                }
+                .to_owned(),
+                proto: crate::policy::ports::proto_name(k.proto)
+                    .map_or_else(|| k.proto.to_string(), str::to_owned),
+                count,
+            });
+        }
+        let mut s = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        s.decisions = decisions;
+        s.events_emitted = self.stream.emitted.clone();
+        s.events_lost = self.lost_totals.clone();
+        s.events_suppressed = self.stream.suppressed();
+        s.policy_revision = u64::from(self.kernel.generation());
         Ok(())
     }
 

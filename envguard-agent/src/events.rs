@@ -1,7 +1,7 @@
 //! The JSON-lines event stream. Field names are a contract with log pipelines
 //! (documented in the README); add fields, never rename or remove them.
 use std::{
-    io::Write,
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -17,6 +17,8 @@ use crate::{
         compile::{Compiled, RULE_DEFAULT_HOST, RULE_DEFAULT_WORLD},
         ports::proto_name,
     },
+    ratelimit::{Admit, TokenBucket},
+    sinks::Fanout,
     sys::{self, CgroupNames},
 };
 
@@ -112,41 +114,86 @@ pub struct CounterRecord {
     pub count: u64,
 }
 
+/// `source`: `ringbuf` (the kernel's buffer was full) or `queue:<sink>` (a
+/// slow or dead sink's queue was).
 #[derive(Serialize)]
 pub struct LostEvents {
-    pub source: &'static str,
+    pub source: String,
     pub count: u64,
 }
 
-/// Writes records with a header (`kind`, `time`, `seq`, `host`) in front of the
-/// body's fields. `seq` counts every record of this run from 0 with no gaps, so
-/// a consumer can tell whether it missed any.
+/// Where a stream's lines go.
+pub trait LineOut {
+    /// One record, without its newline. Must not block on a slow consumer.
+    fn send(&mut self, line: &str);
+}
+
+impl LineOut for Fanout {
+    fn send(&mut self, line: &str) {
+        Fanout::send(self, line);
+    }
+}
+
+impl LineOut for Vec<String> {
+    fn send(&mut self, line: &str) {
+        self.push(line.to_owned());
+    }
+}
+
+/// Writes records with a header (`kind`, `time`, `seq`, `boot_id`, `host`) in
+/// front of the body's fields. `seq` counts every record of this run from 0
+/// with no gaps, so a consumer can tell whether it missed any.
 ///
 /// Each record also goes to the control socket's subscribers (`envguard
 /// events --follow`); a subscriber that falls behind loses records and is told.
-pub struct Stream<W: Write> {
-    out: W,
+/// With a rate limit, `violation` records beyond it are suppressed and the
+/// next one that goes out carries `"suppressed": N`.
+pub struct Stream<O: LineOut> {
+    out: O,
     seq: u64,
     /// Names this agent run: with `seq`, a consumer can prove it saw every record.
     boot_id: String,
     host: String,
     subscribers: Option<tokio::sync::broadcast::Sender<String>>,
+    limit: Option<TokenBucket>,
+    /// Records sent, per kind (for metrics).
+    pub emitted: BTreeMap<String, u64>,
 }
 
-impl<W: Write> Stream<W> {
-    pub fn new(out: W) -> Self {
+impl<O: LineOut> Stream<O> {
+    pub fn new(out: O) -> Self {
         Self {
             out,
             seq: 0,
             boot_id: sys::random_id(),
             host: sys::hostname(),
             subscribers: None,
+            limit: None,
+            emitted: BTreeMap::new(),
         }
     }
 
     pub fn with_subscribers(mut self, tx: tokio::sync::broadcast::Sender<String>) -> Self {
         self.subscribers = Some(tx);
         self
+    }
+
+    pub fn with_rate_limit(mut self, bucket: TokenBucket) -> Self {
+        self.limit = Some(bucket);
+        self
+    }
+
+    /// `violation` records suppressed by the rate limit so far.
+    pub fn suppressed(&self) -> u64 {
+        self.limit.as_ref().map_or(0, TokenBucket::suppressed_total)
+    }
+
+    pub fn into_inner(self) -> O {
+        self.out
+    }
+
+    pub fn out(&self) -> &O {
+        &self.out
     }
 
     /// Emits one record; `boot_ns` is its CLOCK_BOOTTIME time, `None` for now.
@@ -156,6 +203,17 @@ impl<W: Write> Stream<W> {
         boot_ns: Option<u64>,
         body: &T,
     ) -> std::io::Result<()> {
+        // Only violations are limited: a rollup's count, a loss report or a
+        // mode change must never be what a flood pushes out.
+        let mut suppressed = 0;
+        if kind == "violation"
+            && let Some(bucket) = &mut self.limit
+        {
+            match bucket.admit(std::time::Instant::now()) {
+                Admit::Suppress => return Ok(()),
+                Admit::Emit { suppressed: n } => suppressed = n,
+            }
+        }
         let unix_ns = match boot_ns {
             Some(ns) => sys::boot_ns_to_unix_ns(ns),
             None => std::time::SystemTime::now()
@@ -173,11 +231,14 @@ impl<W: Write> Stream<W> {
         let body = serde_json::to_value(body).map_err(std::io::Error::other)?;
         if let (Some(h), serde_json::Value::Object(b)) = (value.as_object_mut(), body) {
             h.extend(b);
+            if suppressed > 0 {
+                h.insert("suppressed".into(), suppressed.into());
+            }
         }
         let line = serde_json::to_string(&value).map_err(std::io::Error::other)?;
-        self.out.write_all(line.as_bytes())?;
-        self.out.write_all(b"\n")?;
+        self.out.send(&line);
         self.seq += 1;
+        *self.emitted.entry(kind.to_owned()).or_default() += 1;
         if let Some(tx) = &self.subscribers {
             // No subscriber is not an error.
             let _ = tx.send(line);
@@ -185,8 +246,9 @@ impl<W: Write> Stream<W> {
         Ok(())
     }
 
+    /// Kept for the call sites' shape: sinks flush by themselves when idle.
     pub fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
+        Ok(())
     }
 }
 
@@ -404,29 +466,16 @@ mod tests {
 
     #[test]
     fn records_carry_header_then_body_with_gapless_seq() {
-        let mut out = Vec::new();
-        let mut s = Stream::new(&mut out);
-        s.emit(
-            "lost_events",
-            None,
-            &LostEvents {
-                source: "ringbuf",
-                count: 3,
-            },
-        )
-        .unwrap();
-        s.emit(
-            "lost_events",
-            Some(0),
-            &LostEvents {
-                source: "ringbuf",
-                count: 1,
-            },
-        )
-        .unwrap();
-        let text = String::from_utf8(out).unwrap();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
+        let mut s = Stream::new(Vec::new());
+        let lost = |count| LostEvents {
+            source: "ringbuf".into(),
+            count,
+        };
+        s.emit("lost_events", None, &lost(3)).unwrap();
+        s.emit("lost_events", Some(0), &lost(1)).unwrap();
+        let lines: Vec<serde_json::Value> = s
+            .into_inner()
+            .iter()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(lines.len(), 2);

@@ -213,6 +213,11 @@ impl Kernel {
         self.config.mode
     }
 
+    /// The policy generation in force (bumped by every load).
+    pub fn generation(&self) -> u32 {
+        self.config.generation
+    }
+
     /// Writes a compiled policy into the inactive slot of the policy maps, then
     /// makes it active with one update of CONFIG: no program ever sees a
     /// half-written policy, and cached verdicts of the old one go stale.

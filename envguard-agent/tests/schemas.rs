@@ -284,8 +284,7 @@ agent_loss_timeout = "2s"
     let mut names = CgroupNames::new(Path::new("/nonexistent-cgroup-mount"));
     names.insert(709, "/dev.slice/app.service".to_owned());
 
-    let mut out = Vec::new();
-    let mut stream = Stream::new(&mut out);
+    let mut stream = Stream::new(Vec::<String>::new());
     let mapped = |a: [u8; 4]| std::net::Ipv4Addr::from(a).to_ipv6_mapped().octets();
     let kernel_records = [
         // connect4 from dev to prod, enforce: no local address yet.
@@ -358,7 +357,7 @@ agent_loss_timeout = "2s"
             "lost_events",
             None,
             &LostEvents {
-                source: "ringbuf",
+                source: "ringbuf".into(),
                 count: 5,
             },
         )
@@ -426,8 +425,7 @@ agent_loss_timeout = "2s"
     let now = envguard_agent::sys::boot_ns();
     let body = events::rollup(&compiled, &mut names, &k, 41, now - 5_000_000_000, now);
     stream.emit("violation_rollup", Some(now), &body).unwrap();
-    drop(stream);
-    let text = String::from_utf8(out).unwrap();
+    let text = stream.into_inner().join("\n");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 10);
     check_stream(&lines).unwrap_or_else(|e| panic!("{e}"));

@@ -7,6 +7,7 @@ use crate::{
     control,
     daemon::{self, Settings},
     loader::{self, Options},
+    sinks::{SinkConfig, SyslogTarget},
 };
 
 /// Enforce a policy: load it into the kernel, attach, stream violation events.
@@ -58,6 +59,38 @@ pub struct RunArgs {
     /// interval instead of one record each (0 sends every one).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub dedup_interval: std::time::Duration,
+    /// Also append records to this file (rotated by size, reopened on SIGHUP
+    /// for logrotate).
+    #[arg(long, value_name = "PATH")]
+    pub events_file: Option<PathBuf>,
+    /// Rotate the events file when it would grow past this many MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 100)]
+    pub events_file_max_mb: u64,
+    /// Rotated events files to keep (PATH.1 … PATH.N).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub events_file_backups: u32,
+    /// Also send records to syslog as RFC 5424 messages: `unix:/dev/log`
+    /// (a unix datagram socket) or `udp:127.0.0.1:514`.
+    #[arg(long, value_name = "TARGET", value_parser = parse_syslog)]
+    pub syslog: Option<SyslogTarget>,
+    /// Do not write records to stdout (when another sink takes them).
+    #[arg(long)]
+    pub no_stdout: bool,
+    /// Records each sink may fall behind by before it loses some (counted and
+    /// reported as `lost_events` with source `queue:<sink>`).
+    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    pub sink_queue: usize,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9477 (off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// At most this many `violation` records per second (a token bucket; the
+    /// next record that goes out carries `suppressed`: N). Off by default:
+    /// in-kernel dedup already folds repeats.
+    #[arg(long, value_name = "PER_SEC")]
+    pub rate_limit: Option<f64>,
+    /// Burst allowed by --rate-limit [default: one second's worth].
+    #[arg(long, value_name = "N", requires = "rate_limit")]
+    pub rate_burst: Option<u32>,
     /// Print the kernel verifier's log when it rejects a program.
     #[arg(long)]
     pub verifier_log: bool,
@@ -81,12 +114,52 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| control::socket_for(&args.pin_root)),
         control_group,
         detach_on_exit: args.detach_on_exit,
+        sinks: sinks(args),
+        sink_queue: args.sink_queue.max(1),
+        metrics_listen: args.metrics_listen,
+        rate_limit: args
+            .rate_limit
+            .map(|r| (r, args.rate_burst.unwrap_or(r.ceil().max(1.0) as u32))),
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
         .block_on(daemon::run(settings))
+}
+
+fn sinks(args: &RunArgs) -> Vec<SinkConfig> {
+    let mut out = Vec::new();
+    if !args.no_stdout {
+        out.push(SinkConfig::Stdout);
+    }
+    if let Some(path) = &args.events_file {
+        out.push(SinkConfig::File {
+            path: path.clone(),
+            max_bytes: args.events_file_max_mb.saturating_mul(1 << 20),
+            backups: args.events_file_backups,
+        });
+    }
+    if let Some(target) = &args.syslog {
+        out.push(SinkConfig::Syslog {
+            target: target.clone(),
+            app_name: "envguard".to_owned(),
+        });
+    }
+    out
+}
+
+fn parse_syslog(s: &str) -> Result<SyslogTarget, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        return Ok(SyslogTarget::Unix(PathBuf::from(path)));
+    }
+    if let Some(addr) = s.strip_prefix("udp:") {
+        return addr
+            .parse()
+            .map(SyslogTarget::Udp)
+            .map_err(|e| format!("invalid UDP address {addr:?}: {e}"));
+    }
+    Err(format!("{s:?}: expected unix:/dev/log or udp:HOST:PORT"))
 }
 
 fn group_id(name: &str) -> anyhow::Result<u32> {
