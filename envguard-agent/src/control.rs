@@ -2,10 +2,13 @@
 //! connection (one line, size-limited, schema-checked) and answers with one
 //! JSON line — or, for `events`, with the event stream.
 //!
-//! Every request carries the caller's credentials (SO_PEERCRED). The socket's
-//! file mode decides who may connect (0600 root, or 0660 with a group for
-//! read-only users); state-changing requests are refused unless the caller is
-//! root or holds CAP_NET_ADMIN.
+//! Every request carries the caller's credentials (SO_PEERCRED, taken by the
+//! kernel when the client connected). The socket's file mode decides who may
+//! connect (0600 root, or 0660 with a group for read-only users);
+//! state-changing requests are refused unless the caller connected as root.
+//! Capabilities are deliberately not honoured: they can only be read from the
+//! peer's *current* process state, which a client can change after connecting
+//! (exec a setuid or file-capability binary and pass it the connection).
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
@@ -37,8 +40,10 @@ pub fn socket_for(pin_root: &Path) -> PathBuf {
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// A client that does not send its request in this time is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// `CAP_NET_ADMIN`'s bit in /proc/<pid>/status `CapEff`.
-const CAP_NET_ADMIN: u32 = 12;
+/// Connections served at once; more are closed at once, so idle clients (who
+/// are cut off after `REQUEST_TIMEOUT` anyway) cannot exhaust the agent's
+/// file descriptors.
+const MAX_CONNECTIONS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
@@ -57,7 +62,7 @@ pub enum Request {
         #[serde(default)]
         for_secs: Option<u64>,
     },
-    Reload,
+    Reload {},
     Explain {
         from: String,
         to: String,
@@ -70,7 +75,7 @@ pub enum Request {
 impl Request {
     /// Whether the request changes the agent's state.
     pub fn mutates(&self) -> bool {
-        matches!(self, Request::Mode { .. } | Request::Reload)
+        matches!(self, Request::Mode { .. } | Request::Reload {})
     }
 }
 
@@ -86,7 +91,8 @@ impl Actor {
     /// The agent itself (a break-glass expiry, SIGHUP).
     pub fn agent(what: &str) -> Actor {
         Actor {
-            uid: None,
+            // SAFETY: geteuid cannot fail.
+            uid: Some(unsafe { libc::geteuid() }),
             pid: Some(std::process::id() as i32),
             comm: what.to_owned(),
         }
@@ -155,16 +161,24 @@ pub fn serve(
         std::os::unix::fs::chown(path, Some(0), Some(gid))
             .map_err(io(format!("giving {} to group {gid}", path.display())))?;
     }
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        log::warn!(
+                            "control socket: {MAX_CONNECTIONS} connections already open; closing a new one"
+                        );
+                        continue;
+                    };
                     let calls = calls.clone();
                     let events = events.subscribe();
                     tokio::spawn(async move {
                         if let Err(e) = handle(stream, calls, events).await {
                             log::debug!("control connection: {e}");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -223,11 +237,11 @@ async fn handle(
         pid,
         comm: pid.map(comm_of).unwrap_or_default(),
     };
-    if request.mutates() && !may_change(cred.uid(), pid) {
+    if request.mutates() && cred.uid() != 0 {
         return reply(
             &mut write,
             &Response::err(format!(
-                "permission denied: {} changes envguard's state and needs root or CAP_NET_ADMIN (you are uid {})",
+                "permission denied: {} changes envguard's state and needs root (you are uid {})",
                 command_name(&request),
                 cred.uid()
             )),
@@ -277,7 +291,7 @@ fn command_name(r: &Request) -> &'static str {
     match r {
         Request::Status {} => "status",
         Request::Mode { .. } => "mode",
-        Request::Reload => "reload",
+        Request::Reload {} => "reload",
         Request::Explain { .. } => "explain",
         Request::Events {} => "events",
     }
@@ -287,22 +301,6 @@ fn comm_of(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
-}
-
-/// Root, or a process whose effective capabilities include CAP_NET_ADMIN.
-fn may_change(uid: u32, pid: Option<i32>) -> bool {
-    if uid == 0 {
-        return true;
-    }
-    let Some(pid) = pid else { return false };
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
 /// Client side: sends one request and returns the first answer line, and the

@@ -486,7 +486,7 @@ impl Daemon {
                 to,
                 for_secs,
             } => self.set_mode(&mode, from, to, for_secs, actor),
-            Request::Reload => self.reload(actor),
+            Request::Reload {} => self.reload(actor),
             Request::Explain { from, to, port } => self.explain(&from, &to, &port),
             // Served by the control task itself.
             Request::Events {} => Err(anyhow::anyhow!("events are streamed by the socket task")),
@@ -607,6 +607,9 @@ impl Daemon {
         actor: Actor,
     ) -> anyhow::Result<serde_json::Value> {
         let mode: Mode = mode.parse().map_err(anyhow::Error::msg)?;
+        if for_secs == Some(0) {
+            anyhow::bail!("a break-glass duration must be at least 1 s");
+        }
         let expires = for_secs.map(|s| {
             let d = Duration::from_secs(s);
             (Instant::now() + d, SystemTime::now() + d)

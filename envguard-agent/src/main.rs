@@ -29,6 +29,13 @@ fn main() -> std::process::ExitCode {
         .target(env_logger::Target::Stderr)
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        // A client whose output is cut (`envguard status | head -1`) should
+        // just stop. The daemon keeps Rust's default (SIGPIPE ignored), so a
+        // closed stdout is a sink error it counts, not its death.
+        // SAFETY: setting a signal disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match &cli.command {
         Command::Run(args) => run::run(args),
         Command::Check(args) => check::check(args),

@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -58,6 +58,17 @@ pub struct AgentOptions {
     /// `--dedup-interval`; `None` passes `0`: these tests count one record per
     /// violating attempt, which dedup would fold into rollups.
     pub dedup_interval: Option<String>,
+    /// `--control-group GROUP`: the control socket becomes 0660 for it.
+    pub control_group: Option<String>,
+    /// `--control-socket PATH` (and the client commands get it too);
+    /// `None`: the agent derives its socket from the pin root, and the
+    /// client commands find it with `--pin-root`.
+    pub control_socket: Option<PathBuf>,
+    /// What `policy_loaded`'s `envs` must be; `None`: [`STANDARD_ENVS`]
+    /// (the [`crate::Lab`] fills it in from its policy).
+    ///
+    /// [`STANDARD_ENVS`]: crate::policy::STANDARD_ENVS
+    pub envs: Option<Vec<String>>,
 }
 
 impl AgentOptions {
@@ -101,6 +112,18 @@ impl AgentOptions {
         self
     }
 
+    /// `--control-group GROUP`.
+    pub fn control_group(mut self, group: &str) -> Self {
+        self.control_group = Some(group.to_owned());
+        self
+    }
+
+    /// `--control-socket PATH`.
+    pub fn control_socket(mut self, path: &Path) -> Self {
+        self.control_socket = Some(path.to_owned());
+        self
+    }
+
     /// The `envguard run` arguments after `--policy`/`--cgroup-root`.
     fn args(&self, pin_root: &Path) -> Vec<String> {
         let mut a = vec!["--pin-root".to_owned(), pin_root.display().to_string()];
@@ -115,6 +138,12 @@ impl AgentOptions {
         }
         let dedup = self.dedup_interval.clone().unwrap_or_else(|| "0".into());
         a.extend(["--dedup-interval".into(), dedup]);
+        if let Some(g) = &self.control_group {
+            a.extend(["--control-group".into(), g.clone()]);
+        }
+        if let Some(p) = &self.control_socket {
+            a.extend(["--control-socket".into(), p.display().to_string()]);
+        }
         a
     }
 }
@@ -126,6 +155,12 @@ pub struct Agent {
     stderr: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
     ready: Value,
+    pin_root: PathBuf,
+    /// `--control-socket` as given, if it was.
+    explicit_socket: Option<PathBuf>,
+    /// The control socket the agent listens on, found through /proc once
+    /// it is ready; removed should the agent leave it behind.
+    control_socket: Option<PathBuf>,
 }
 
 impl Agent {
@@ -185,8 +220,38 @@ impl Agent {
             stderr,
             readers,
             ready: Value::Null,
+            pin_root: pin_root.to_owned(),
+            explicit_socket: opts.control_socket.clone(),
+            control_socket: None,
         };
-        agent.await_ready(policy, mode, pin_root, opts.expect_adopted);
+        let envs = opts.envs.clone().unwrap_or_else(|| {
+            crate::policy::STANDARD_ENVS
+                .iter()
+                .map(|e| (*e).to_owned())
+                .collect()
+        });
+        agent.await_ready(policy, mode, pin_root, opts.expect_adopted, &envs);
+        // The socket is bound before `policy_loaded` is printed.
+        let listening = crate::control::listening_unix_sockets(agent.pid());
+        agent.control_socket = match &agent.explicit_socket {
+            Some(want) => {
+                assert!(
+                    listening.contains(want),
+                    "the agent must listen on the --control-socket it was given ({}); it listens on {listening:?}",
+                    want.display()
+                );
+                Some(want.clone())
+            }
+            None => listening
+                .iter()
+                .find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("control"))
+                })
+                .or(listening.first())
+                .cloned(),
+        };
         agent
     }
 
@@ -196,6 +261,7 @@ impl Agent {
         mode: Mode,
         pin_root: &Path,
         expect_adopted: Option<bool>,
+        envs: &[String],
     ) {
         let deadline = Instant::now() + READY_TIMEOUT;
         let first = {
@@ -247,12 +313,7 @@ impl Agent {
             policy.display().to_string().into(),
         );
         want(&mut errs, "mode", &first["mode"], mode.name().into());
-        want(
-            &mut errs,
-            "envs",
-            &first["envs"],
-            crate::policy::STANDARD_ENVS.to_vec().into(),
-        );
+        want(&mut errs, "envs", &first["envs"], envs.to_vec().into());
         want(
             &mut errs,
             "pin_root",
@@ -297,6 +358,58 @@ impl Agent {
         self.child.as_ref().map_or(0, Child::id)
     }
 
+    /// The pin root it runs with.
+    pub fn pin_root(&self) -> &Path {
+        &self.pin_root
+    }
+
+    /// The path of the control socket it listens on (read from /proc when
+    /// it became ready). Panics if it listens on none.
+    pub fn control_socket(&self) -> &Path {
+        self.control_socket.as_deref().unwrap_or_else(|| {
+            panic!(
+                "agent {} listens on no unix socket (no control socket found through /proc/{}/fd and /proc/net/unix)",
+                self.pid(),
+                self.pid()
+            )
+        })
+    }
+
+    /// How the client commands find this agent: `--control-socket PATH` if
+    /// it was started with one, else `--pin-root DIR` (the agent derives
+    /// its socket from its pin root, and so does the client).
+    pub fn client_args(&self) -> Vec<String> {
+        match &self.explicit_socket {
+            Some(p) => vec!["--control-socket".into(), p.display().to_string()],
+            None => vec!["--pin-root".into(), self.pin_root.display().to_string()],
+        }
+    }
+
+    /// Runs `envguard ARGS... <client_args>` against this agent, as root
+    /// or, with `creds`, as another user (see [`crate::control::Creds`]).
+    pub fn cli(
+        &self,
+        args: &[&str],
+        creds: Option<&crate::control::Creds>,
+    ) -> crate::control::CliRun {
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        all.extend(self.client_args());
+        crate::control::run_cli(&all, creds)
+    }
+
+    /// `envguard status --json`'s result; panics with the command's output
+    /// if it fails.
+    pub fn status(&self) -> Value {
+        let r = self.cli(&["status", "--json"], None);
+        r.assert_ok("envguard status --json");
+        r.json()
+    }
+
+    /// The agent's resident set size (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        crate::control::vm_rss_kib(self.pid())
+    }
+
     /// SIGSTOP: the agent stops reading events (the kernel keeps enforcing).
     pub fn pause(&self) {
         sys::signal(self.pid(), libc::SIGSTOP);
@@ -316,6 +429,21 @@ impl Agent {
         }
         for r in self.readers.drain(..) {
             let _ = r.join();
+        }
+        self.remove_stale_socket();
+    }
+
+    /// Once the agent is gone: removes the control socket it left behind
+    /// (a SIGKILLed agent cannot remove it; the next one would).
+    fn remove_stale_socket(&mut self) {
+        if let Some(p) = self.control_socket.take()
+            && p.exists()
+            && let Err(e) = std::fs::remove_file(&p)
+        {
+            eprintln!(
+                "envguard-tests: cleanup: cannot remove the stale control socket {}: {e}",
+                p.display()
+            );
         }
     }
 
@@ -419,12 +547,22 @@ impl Agent {
         self.stop_with(libc::SIGTERM);
     }
 
+    /// [`Agent::stop`], returning every line the agent printed, up to its
+    /// exit (what it reports while stopping included).
+    pub fn stop_collect(self) -> Vec<Value> {
+        let shared = Arc::clone(&self.shared);
+        self.stop();
+        shared.lock().lines.clone()
+    }
+
     /// [`Agent::stop`] with another signal (SIGINT must behave the same).
     pub fn stop_with(mut self, sig: libc::c_int) {
         let status = self.terminate(sig);
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
+        let left = self.control_socket.clone().filter(|p| p.exists());
+        self.remove_stale_socket();
         let bad = self.shared.lock().bad.clone();
         match status {
             Some(st) if st.success() => {}
@@ -436,6 +574,10 @@ impl Agent {
         assert!(
             bad.is_empty(),
             "envguard run wrote malformed stdout lines: {bad:#?}"
+        );
+        assert!(
+            left.is_none(),
+            "envguard run exited 0 after signal {sig} but left its control socket {left:?} behind"
         );
     }
 
@@ -480,6 +622,7 @@ impl Drop for Agent {
                 other => eprintln!("envguard-tests: cleanup: agent stopped with status {other:?}"),
             }
         }
+        self.remove_stale_socket();
     }
 }
 

@@ -202,6 +202,26 @@ pub fn check_time(v: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// Nanoseconds since the epoch of an RFC 3339 timestamp, or None.
+pub fn rfc3339_ns(s: &str) -> Option<i128> {
+    let secs = parse_rfc3339(s)?;
+    let frac = s
+        .get(19..)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .map(|f| {
+            f.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .unwrap_or_default();
+    let nanos: i128 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<9}").parse().ok()?
+    };
+    Some(i128::from(secs) * 1_000_000_000 + nanos)
+}
+
 /// Seconds since the epoch of an RFC 3339 timestamp, or None.
 fn parse_rfc3339(s: &str) -> Option<i64> {
     let b = s.as_bytes();
@@ -272,6 +292,14 @@ mod tests {
             Some(1_709_210_096)
         );
         assert_eq!(parse_rfc3339("2024-02-29T12:34:56.1234567891Z"), None);
+        assert_eq!(
+            super::rfc3339_ns("2024-02-29T12:34:56.5Z"),
+            Some(1_709_210_096_500_000_000)
+        );
+        assert_eq!(
+            super::rfc3339_ns("2024-02-29T12:34:56.000000007Z"),
+            Some(1_709_210_096_000_000_007)
+        );
         assert_eq!(parse_rfc3339("2024-02-29 12:34:56Z"), None);
         assert_eq!(parse_rfc3339("2024-02-29T12:34:56"), None);
     }

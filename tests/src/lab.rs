@@ -111,6 +111,8 @@ pub struct Lab {
     policy: TempFile,
     egprobe: PathBuf,
     pub mode: Mode,
+    /// What the policy file was last written with (by this lab).
+    extras: std::sync::Mutex<PolicyExtras>,
 }
 
 impl Lab {
@@ -148,6 +150,7 @@ impl Lab {
             policy,
             egprobe,
             mode,
+            extras: std::sync::Mutex::new(extras.clone()),
         }
     }
 
@@ -155,10 +158,31 @@ impl Lab {
         self.policy.path()
     }
 
-    /// Rewrites the policy file (same mode and envs) for the next agent.
+    /// Rewrites the policy file (same mode) for the next agent, or for the
+    /// running one's next reload.
     pub fn set_policy(&self, extras: &PolicyExtras) {
-        self.policy
-            .rewrite(&standard_policy_with(self.mode, &self.cg.rel(""), extras));
+        self.policy.rewrite(&self.policy_text(extras));
+        *self.extras.lock().unwrap_or_else(|p| p.into_inner()) = extras.clone();
+    }
+
+    /// The standard policy for this lab's tree and mode, with `extras`.
+    pub fn policy_text(&self, extras: &PolicyExtras) -> String {
+        standard_policy_with(self.mode, &self.cg.rel(""), extras)
+    }
+
+    /// Writes `contents` as the policy file, as is (e.g. a broken one).
+    pub fn write_policy_raw(&self, contents: &str) {
+        self.policy.rewrite(contents);
+    }
+
+    /// Runs `envguard ARGS...` against the running agent (see [`Agent::cli`]).
+    pub fn cli(&self, args: &[&str]) -> crate::control::CliRun {
+        self.agent().cli(args, None)
+    }
+
+    /// `envguard status --json` of the running agent.
+    pub fn status(&self) -> serde_json::Value {
+        self.agent().status()
     }
 
     /// The pin root every agent of this lab uses.
@@ -186,12 +210,16 @@ impl Lab {
     /// `opts` and waits for its `policy_loaded`.
     pub fn spawn_agent(&mut self, opts: &AgentOptions) -> &Agent {
         assert!(self.agent.is_none(), "agent already started");
+        let mut opts = opts.clone();
+        if opts.envs.is_none() {
+            opts.envs = Some(self.extras.lock().unwrap_or_else(|p| p.into_inner()).envs());
+        }
         self.agent.insert(Agent::start(
             self.policy.path(),
             &self.cg.rel(""),
             self.mode,
             self.pin.path(),
-            opts,
+            &opts,
         ))
     }
 

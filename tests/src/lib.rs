@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod cgroup;
+pub mod control;
 pub mod event;
 pub mod lab;
 pub mod netns;
@@ -19,6 +20,7 @@ pub mod sys;
 
 pub use agent::{Agent, AgentOptions};
 pub use cgroup::CgroupTree;
+pub use control::{CliRun, Creds, Subscriber};
 pub use event::{Endpoint, Expected};
 pub use lab::{Case, Client, Lab, Side, Violation};
 pub use netns::{Family, Netns, Site, Topology, client_addr};

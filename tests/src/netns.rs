@@ -8,7 +8,11 @@
 //!     198.18.0.0/15 via 198.18.100.1              198.18.10.1/24    2001:db8:10::1/64    (prod)
 //!     2001:db8::/32 via 2001:db8:100::1           198.18.20.1/24    2001:db8:20::1/64    (dev)
 //!                                                 198.18.0.1/28     2001:db8:0:1::1/64   (shared)
+//!                                                 198.18.30.1/24    2001:db8:30::1/64    (staging)
 //! ```
+//!
+//! `staging` is an env only in policies built with `PolicyExtras::staging`;
+//! in the standard policy its address is in no CIDR (`world`).
 //!
 //! The client namespace is "this host" (its processes sit in the test's env
 //! cgroups); the server namespace plays the remote hosts of each env.
@@ -51,10 +55,22 @@ pub enum Site {
     Shared,
     /// In no env's CIDR: env `world`.
     World,
+    /// In `staging`'s CIDR, an env only policies with
+    /// [`crate::PolicyExtras::staging`] declare; not in [`Site::ALL`].
+    Staging,
 }
 
 impl Site {
+    /// The sites of the standard policy.
     pub const ALL: [Site; 4] = [Site::Prod, Site::Dev, Site::Shared, Site::World];
+    /// Every address the server veth carries: [`Site::ALL`] and `Staging`.
+    pub const EVERY: [Site; 5] = [
+        Site::Prod,
+        Site::Dev,
+        Site::Shared,
+        Site::World,
+        Site::Staging,
+    ];
 
     /// The env the agent must attribute this address to.
     pub fn env(self) -> &'static str {
@@ -63,6 +79,7 @@ impl Site {
             Site::Dev => "dev",
             Site::Shared => "shared",
             Site::World => "world",
+            Site::Staging => "staging",
         }
     }
 
@@ -80,10 +97,12 @@ impl Site {
             (Site::Dev, Family::V4) => Ipv4Addr::new(198, 18, 20, 1).into(),
             (Site::Shared, Family::V4) => Ipv4Addr::new(198, 18, 0, 1).into(),
             (Site::World, Family::V4) => Ipv4Addr::new(198, 18, 100, 1).into(),
+            (Site::Staging, Family::V4) => Ipv4Addr::new(198, 18, 30, 1).into(),
             (Site::Prod, Family::V6) => Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 1).into(),
             (Site::Dev, Family::V6) => Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 1).into(),
             (Site::Shared, Family::V6) => Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 1).into(),
             (Site::World, Family::V6) => Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1).into(),
+            (Site::Staging, Family::V6) => Ipv6Addr::new(0x2001, 0xdb8, 0x30, 0, 0, 0, 0, 1).into(),
         }
     }
 
@@ -178,7 +197,7 @@ impl Topology {
                 if fam == Family::V4 { 24 } else { 64 }
             );
             add_addr(c, cif, &ca);
-            for site in Site::ALL {
+            for site in Site::EVERY {
                 add_addr(
                     s,
                     sif,

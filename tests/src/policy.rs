@@ -36,16 +36,34 @@ pub fn standard_policy(mode: Mode, root: &str) -> String {
 }
 
 /// Additions to [`standard_policy`]: TOML lines inside `[envs.dev]` and
-/// `[envs.prod]` (e.g. `on_agent_loss = "open"`), and whole `[[allow]]`
-/// tables appended at the end. The envs stay the same ([`STANDARD_ENVS`]).
+/// `[envs.prod]` (e.g. `on_agent_loss = "open"`), whole `[[allow]]` tables
+/// and any other top-level tables (`[[deny]]`, `[[pair_mode]]`) appended at
+/// the end, and optionally a fourth env, `staging` (CIDRs only: the
+/// [`crate::Site::Staging`] addresses). The envs are [`STANDARD_ENVS`],
+/// plus `staging` if asked for ([`PolicyExtras::envs`]).
 #[derive(Clone, Debug, Default)]
 pub struct PolicyExtras {
     pub dev: String,
     pub prod: String,
     pub allow: String,
+    /// Further top-level tables, appended after `allow`.
+    pub tables: String,
+    /// Declare `[envs.staging]` with `cidrs = ["198.18.30.0/24", "2001:db8:30::/48"]`.
+    pub staging: bool,
 }
 
 impl PolicyExtras {
+    /// The envs `policy_loaded` must list for a policy with these extras
+    /// (sorted, as the agent lists them).
+    pub fn envs(&self) -> Vec<String> {
+        let mut envs: Vec<String> = STANDARD_ENVS.iter().map(|e| (*e).to_owned()).collect();
+        if self.staging {
+            envs.push("staging".into());
+        }
+        envs.sort();
+        envs
+    }
+
     /// `on_agent_loss = "<mode>"` and `agent_loss_timeout = "<timeout>"` lines.
     pub fn agent_loss(mode: &str, timeout: &str) -> String {
         format!("on_agent_loss = \"{mode}\"\nagent_loss_timeout = \"{timeout}\"\n")
@@ -70,15 +88,23 @@ cidrs = ["198.18.20.0/24", "2001:db8:20::/48"]
 [envs.shared]
 cidrs = ["198.18.0.0/28", "2001:db8:0:1::/64"]
 
+{staging}
 [[allow]]
 from = "*"
 to = "shared"
 ports = ["53/udp", "53/tcp", "8000-8100/tcp"]
-{allow}"#,
+{allow}
+{tables}"#,
         mode = mode.name(),
         dev = extras.dev,
         prod = extras.prod,
         allow = extras.allow,
+        tables = extras.tables,
+        staging = if extras.staging {
+            "\n[envs.staging]\ncidrs = [\"198.18.30.0/24\", \"2001:db8:30::/48\"]\n"
+        } else {
+            ""
+        },
     )
 }
 

@@ -342,6 +342,56 @@ pub fn attempts_between(summary: &Value, from_ns: u64, to_ns: u64) -> usize {
         .count()
 }
 
+/// One attempt of a connect loop, from its summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoopAttempt {
+    /// CLOCK_MONOTONIC start and end, ns.
+    pub at_ns: u64,
+    pub done_ns: u64,
+    /// `o` ok, `e` EPERM at connect, `c` connected but the exchange
+    /// failed, `x` any other failure.
+    pub outcome: char,
+}
+
+/// Every attempt of a connect loop's summary, in order. Panics if the
+/// summary's per-attempt lists are missing or disagree in length.
+pub fn loop_attempts(summary: &Value) -> Vec<LoopAttempt> {
+    let times = |field: &str| -> Vec<u64> {
+        summary[field]
+            .as_array()
+            .unwrap_or_else(|| panic!("connect-loop summary without {field}: {summary}"))
+            .iter()
+            .map(|t| {
+                t.as_u64()
+                    .unwrap_or_else(|| panic!("bad time in {field}: {t}"))
+            })
+            .collect()
+    };
+    let at = times("attempt_at_mono_ns");
+    let done = times("attempt_done_mono_ns");
+    let outcomes: Vec<char> = summary["attempt_outcomes"]
+        .as_str()
+        .unwrap_or_else(|| panic!("connect-loop summary without attempt_outcomes"))
+        .chars()
+        .collect();
+    assert!(
+        at.len() == done.len() && at.len() == outcomes.len(),
+        "connect-loop summary: {} attempt starts, {} ends, {} outcomes",
+        at.len(),
+        done.len(),
+        outcomes.len()
+    );
+    at.into_iter()
+        .zip(done)
+        .zip(outcomes)
+        .map(|((at_ns, done_ns), outcome)| LoopAttempt {
+            at_ns,
+            done_ns,
+            outcome,
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct LoopLines {
     lines: Vec<Value>,

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use envguard_tests::lab::REMOTE_PORTS;
-use envguard_tests::process::{flows, gone, udp_burst, whoami};
+use envguard_tests::process::{flows, gone, loop_attempts, udp_burst, whoami};
 use envguard_tests::{
     AgentOptions, Client, Family, FlowSpec, Lab, Mode, Probe, Proto, Site, client_addr, sys,
 };
@@ -117,6 +117,14 @@ fn topology_routes_every_site_and_cleans_up() {
             );
             assert_ne!(bound.port(), 0, "{}: bound port", case.desc);
         }
+        // The staging site (an env only some policies declare) over TCP.
+        let r = lab.probe(
+            Client::Dev,
+            Proto::Tcp,
+            SocketAddr::new(Site::Staging.addr(fam), 9000),
+            3000,
+        );
+        assert!(r.ok, "staging {} (no agent): {}", fam.name(), r.raw);
     }
     let pids = lab.server_pids();
     assert!(
@@ -232,10 +240,24 @@ fn load_probes_report_faithfully() {
             && s["rate"].as_f64().is_some_and(|r| r >= 200.0),
         "{s}"
     );
+    // Per attempt: start <= end <= next start, and the outcome.
+    let attempts = loop_attempts(&s);
+    assert_eq!(Some(attempts.len() as u64), s["attempts"].as_u64());
+    for (a, b) in attempts.iter().zip(attempts.iter().skip(1)) {
+        assert!(
+            a.at_ns <= a.done_ns && a.done_ns <= b.at_ns,
+            "{a:?} then {b:?}"
+        );
+    }
+    assert!(attempts.iter().all(|a| a.outcome == 'o'), "{attempts:?}");
     // Nothing listens on 9999: refused by the peer, counted as other, not EPERM.
     let lp = lab.connect_loop(Client::Dev, prod(9999), 300);
     lp.wait_attempts(20, Duration::from_secs(10));
     let s = lp.finish();
+    assert!(
+        loop_attempts(&s).iter().all(|a| a.outcome == 'x'),
+        "refused by the peer: outcome x for every attempt: {s}"
+    );
     assert!(
         s["other"] == s["attempts"]
             && s["eperm"] == 0
@@ -318,6 +340,25 @@ fn guards_detach_a_pinned_agent_when_a_test_panics() {
         .expect("the lab was recorded");
     assert_cleaned_up(&fp);
     pinned.assert_all_gone(None, "after a lab with a pinned agent was dropped");
+}
+
+#[test]
+fn a_killed_agent_leaves_no_control_socket() {
+    let mut lab = Lab::new(EGPROBE, Mode::Enforce);
+    lab.spawn_agent(&AgentOptions::ephemeral());
+    let socket = lab.agent().control_socket().to_owned();
+    assert!(
+        socket.exists(),
+        "{} exists while the agent runs",
+        socket.display()
+    );
+    // SIGKILL: the agent cannot remove its socket; the guard does.
+    lab.kill_agent();
+    assert!(
+        !socket.exists(),
+        "{} must be removed once the agent was killed",
+        socket.display()
+    );
 }
 
 #[test]

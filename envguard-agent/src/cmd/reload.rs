@@ -14,7 +14,7 @@ pub struct ReloadArgs {
 }
 
 pub fn reload(args: &ReloadArgs) -> anyhow::Result<()> {
-    let r = call_blocking(&args.socket.path(), &Request::Reload)?;
+    let r = call_blocking(&args.socket.path(), &Request::Reload {})?;
     if args.json {
         println!("{r}");
     } else {

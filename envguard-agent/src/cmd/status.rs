@@ -53,48 +53,73 @@ fn cut(s: &str, width: usize) -> String {
     format!("{out:<width$}")
 }
 
+/// A header line cut to the terminal's 80 columns.
+fn fit(line: String) -> String {
+    if line.chars().count() <= 80 {
+        line
+    } else {
+        let mut cut: String = line.chars().take(79).collect();
+        cut.push('…');
+        cut
+    }
+}
+
+/// `2026-11-23T11:09:23.476182128Z` → `11:09:23Z`: a revert is minutes away.
+fn clock(rfc3339: &str) -> String {
+    match rfc3339.split_once('T') {
+        Some((_, t)) => format!("{}Z", &t[..t.len().min(8)]),
+        None => rfc3339.to_owned(),
+    }
+}
+
 /// Renders the status for a terminal of 80 columns.
 pub fn render(s: &Value, colour: bool) -> String {
     let str_of = |v: &Value| v.as_str().unwrap_or("?").to_owned();
     let mut out = String::new();
     let uptime = s["uptime_s"].as_u64().unwrap_or(0);
-    out.push_str(&format!(
-        "envguard  pid {}, up {} (since {})\n",
-        s["pid"],
-        humantime::format_duration(std::time::Duration::from_secs(uptime)),
-        str_of(&s["since"])
-    ));
+    let mut head = vec![
+        format!(
+            "envguard  pid {}, up {} (since {})",
+            s["pid"],
+            humantime::format_duration(std::time::Duration::from_secs(uptime)),
+            str_of(&s["since"])
+        ),
+        format!("policy    {}", str_of(&s["policy"])),
+        // One space: a sha256 revision then fits 80 columns whole.
+        format!("revision {}", str_of(&s["revision"])),
+        format!(
+            "hooks     {} attached at {}",
+            s["hooks"].as_array().map_or(0, Vec::len),
+            str_of(&s["cgroup_root"])
+        ),
+        format!(
+            "pinned    {}{}",
+            str_of(&s["pin_root"]),
+            if s["adopted"].as_bool() == Some(true) {
+                " (adopted)"
+            } else {
+                ""
+            }
+        ),
+    ];
+    for p in s["pending_reverts"].as_array().into_iter().flatten() {
+        head.push(format!(
+            "pending   {}: {} until {}, then {}",
+            str_of(&p["scope"]),
+            str_of(&p["mode"]),
+            clock(&str_of(&p["expires_at"])),
+            str_of(&p["reverts_to"])
+        ));
+    }
+    for line in head {
+        out.push_str(&fit(line));
+        out.push('\n');
+    }
     out.push_str(&format!(
         "mode      {} ({})\n",
         paint(&str_of(&s["mode"]), colour),
         str_of(&s["mode_source"])
     ));
-    let revision = str_of(&s["revision"]);
-    out.push_str(&format!(
-        "policy    {}  {}\n",
-        str_of(&s["policy"]),
-        cut(&revision, 19).trim_end()
-    ));
-    out.push_str(&format!(
-        "hooks     {} attached at {}; pinned in {}{}\n",
-        s["hooks"].as_array().map_or(0, Vec::len),
-        str_of(&s["cgroup_root"]),
-        str_of(&s["pin_root"]),
-        if s["adopted"].as_bool() == Some(true) {
-            " (adopted)"
-        } else {
-            ""
-        }
-    ));
-    for p in s["pending_reverts"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "pending   {} is {} until {}, then {}\n",
-            str_of(&p["scope"]),
-            str_of(&p["mode"]),
-            str_of(&p["expires_at"]),
-            str_of(&p["reverts_to"])
-        ));
-    }
     let envs: Vec<String> = s["envs"]
         .as_array()
         .into_iter()
@@ -173,8 +198,11 @@ mod tests {
         }
         let s = serde_json::json!({"pid": 1, "uptime_s": 5, "since": "2026-11-23T10:00:00Z", "mode": "enforce",
             "mode_source": "policy", "policy": "/etc/envguard/policy.toml", "revision": "sha256:0123456789abcdef",
-            "hooks": ["a"], "cgroup_root": "/", "pin_root": "/sys/fs/bpf/envguard", "adopted": true,
-            "pending_reverts": [], "envs": envs, "pairs": pairs});
+            "hooks": ["a"], "cgroup_root": "/envguard-t-123456-7/a/very/long/attach/point/below/the/mount",
+            "pin_root": "/sys/fs/bpf/envguard-t-123456-7/and/a/long/way/down/to/the/pins", "adopted": true,
+            "pending_reverts": [{"scope": "environment-10->environment-11", "mode": "audit",
+                "expires_at": "2026-11-23T11:09:23.476182128Z", "reverts_to": "enforce"}],
+            "envs": envs, "pairs": pairs});
         let text = render(&s, false);
         for line in text.lines() {
             assert!(

@@ -9,6 +9,8 @@
 //!   connect-loop tcp ADDR PORT [--rate N] [--duration-ms N] [--timeout-ms N]
 //!   udp-burst ADDR PORT --count N
 //!   flows [--rounds N] [--timeout-ms N] tcp|udp,ADDR,PORT...
+//!   ctl-race SOCKET REQUEST PROGRAM [ARGS...]
+//!   hold MS
 //! ```
 //!
 //! `--cgroup` writes the probe's pid into `ABS_DIR/cgroup.procs` and
@@ -35,18 +37,32 @@
 //!   `{"done":true,...}` summary: counts of attempts, `connected` (connect
 //!   succeeded), `ok` (echo too), `eperm` (refused at connect), `other`
 //!   failures by kind, the achieved rate, the largest gap between two
-//!   attempts, the CLOCK_MONOTONIC start time of every attempt and those of
-//!   the first connected and failed ones (`mono_ns` fields share the tests'
-//!   clock).
+//!   attempts, the CLOCK_MONOTONIC start time of every attempt
+//!   (`attempt_at_mono_ns`), its end (`attempt_done_mono_ns`) and its
+//!   outcome (`attempt_outcomes`, one character per attempt: `o` ok, `e`
+//!   EPERM at connect, `c` connected but the echo failed, `x` any other
+//!   failure), and the start times of the first connected and failed ones
+//!   (`mono_ns` fields share the tests' clock).
 //! - `udp-burst`: one unconnected UDP socket, `--count` `sendto`s of one
 //!   datagram to ADDR PORT as fast as possible, no receive:
-//!   `{"pid":P,"sent":N,"ok":K,"eperm":E,"other":O,"errors":{...}}`.
+//!   `{"pid":P,"sent":N,"ok":K,"eperm":E,"other":O,"errors":{...},
+//!   "start_mono_ns":T0,"end_mono_ns":T1,"rate":R}`.
 //! - `flows`: per `--rounds` (default 3), every spec in order: TCP specs keep
 //!   one connection each (connected in the first round, or again after a
 //!   failure) and echo one line on it per round; UDP specs share one
 //!   unconnected socket per family and `sendto` + `recvfrom` the echo.
 //!   `{"pid":P,"results":[{"spec":"tcp,ADDR,PORT","outcomes":["ok","connect:1",...]}]}`
 //!   with each outcome `ok` or `STAGE:ERRNO`.
+//!
+//! - `ctl-race`: a hostile control-socket client. Connects to the unix
+//!   socket SOCKET, then forks: the parent execs PROGRAM (e.g. a setuid-root
+//!   `egprobe hold`) keeping its pid, the connecting one; the child waits
+//!   (at most 5 s) until that pid holds CAP_NET_ADMIN in its effective set,
+//!   then sends the REQUEST line on the connection and prints
+//!   `{"answer":LINE,"peer_had_net_admin":BOOL}`. Run it as an unprivileged
+//!   user: it shows whether the agent judges a request by what the
+//!   connecting process became after connecting.
+//! - `hold`: sleeps MS milliseconds, prints nothing.
 //!
 //! Setup failures (bad arguments, cgroup or namespace not joinable) print a
 //! message on stderr and exit with status 2 without printing JSON.
@@ -70,7 +86,8 @@ fn usage() -> ! {
     die("usage: egprobe [--cgroup DIR] [--netns NAME] \
          (connect tcp|udp ADDR PORT [--timeout-ms N] [--bind SRC] | serve tcp|udp ADDR[,ADDR...] PORT | whoami \
          | connect-loop tcp ADDR PORT [--rate N] [--duration-ms N] [--timeout-ms N] | udp-burst ADDR PORT --count N \
-         | flows [--rounds N] [--timeout-ms N] tcp|udp,ADDR,PORT...)")
+         | flows [--rounds N] [--timeout-ms N] tcp|udp,ADDR,PORT... \
+         | ctl-race SOCKET REQUEST PROGRAM [ARGS...] | hold MS)")
 }
 
 fn main() {
@@ -110,6 +127,11 @@ fn main() {
         "connect-loop" => connect_loop(&args),
         "udp-burst" => udp_burst(&args),
         "flows" => flows(&args),
+        "ctl-race" => ctl_race(&args),
+        "hold" => {
+            let ms: u64 = parse_num("duration", args.first().unwrap_or_else(|| usage()));
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         _ => usage(),
     }
 }
@@ -607,6 +629,11 @@ struct LoopStats {
     failed_at_ns: Vec<u64>,
     /// Start of every attempt (up to `MAX_ATTEMPT_TIMES`).
     attempt_at_ns: Vec<u64>,
+    /// End of every attempt (as many as `attempt_at_ns`).
+    attempt_done_ns: Vec<u64>,
+    /// Outcome of every attempt (as many as `attempt_at_ns`): `o` ok, `e`
+    /// EPERM at connect, `c` connected but the exchange failed, `x` other.
+    outcomes: String,
     max_gap_ns: u64,
 }
 
@@ -684,33 +711,43 @@ fn connect_loop(args: &[String]) {
             st.attempt_at_ns.push(t);
         }
         let mut local = None;
-        match tcp_exchange(dst, None, timeout, &mut local) {
+        let outcome = match tcp_exchange(dst, None, timeout, &mut local) {
             Ok(()) => {
                 st.connected += 1;
                 st.ok += 1;
                 if st.connected_at_ns.len() < MAX_TIMES {
                     st.connected_at_ns.push(t);
                 }
+                'o'
             }
             Err(Failure { stage, err }) => {
-                if stage == "connect" && err.raw_os_error() == Some(libc::EPERM) {
+                let o = if stage == "connect" && err.raw_os_error() == Some(libc::EPERM) {
                     st.eperm += 1;
+                    'e'
                 } else {
                     st.other += 1;
+                    *st.errors.entry(format!("{stage}: {err}")).or_default() += 1;
                     if stage != "connect" && stage != "socket" {
                         st.connected += 1;
                         if st.connected_at_ns.len() < MAX_TIMES {
                             st.connected_at_ns.push(t);
                         }
+                        'c'
+                    } else {
+                        'x'
                     }
-                    *st.errors.entry(format!("{stage}: {err}")).or_default() += 1;
-                }
+                };
                 if st.failed_at_ns.len() < MAX_TIMES {
                     st.failed_at_ns.push(t);
                 }
+                o
             }
-        }
+        };
         let now = mono_ns();
+        if st.attempt_done_ns.len() < st.attempt_at_ns.len() {
+            st.attempt_done_ns.push(now);
+            st.outcomes.push(outcome);
+        }
         if now >= next_progress {
             progress(&st, now);
             next_progress = now + 100_000_000;
@@ -733,6 +770,8 @@ fn connect_loop(args: &[String]) {
     m.insert("connected_at_mono_ns".into(), json!(st.connected_at_ns));
     m.insert("failed_at_mono_ns".into(), json!(st.failed_at_ns));
     m.insert("attempt_at_mono_ns".into(), json!(st.attempt_at_ns));
+    m.insert("attempt_done_mono_ns".into(), json!(st.attempt_done_ns));
+    m.insert("attempt_outcomes".into(), st.outcomes.into());
     print_line(Value::Object(m));
 }
 
@@ -758,6 +797,7 @@ fn udp_burst(args: &[String]) {
     let msg = payload();
     let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
     let mut errors = std::collections::BTreeMap::<String, u64>::new();
+    let start = mono_ns();
     for _ in 0..count {
         match sock.send_to(msg.as_bytes(), dst) {
             Ok(_) => ok += 1,
@@ -768,6 +808,7 @@ fn udp_burst(args: &[String]) {
             }
         }
     }
+    let end = mono_ns();
     print_line(json!({
         "pid": std::process::id(),
         "local": sock.local_addr().ok().map(|a| a.to_string()),
@@ -776,6 +817,9 @@ fn udp_burst(args: &[String]) {
         "eperm": eperm,
         "other": other,
         "errors": errors,
+        "start_mono_ns": start,
+        "end_mono_ns": end,
+        "rate": count as f64 * 1e9 / (end - start).max(1) as f64,
     }));
 }
 
@@ -919,4 +963,53 @@ fn flows(args: &[String]) {
         .map(|((_, _, spec), o)| json!({"spec": spec, "outcomes": o}))
         .collect();
     print_line(json!({"pid": pid, "results": results}));
+}
+
+// --------------------------------------------------------------- ctl-race
+
+/// Whether process `pid` holds CAP_NET_ADMIN (bit 12) in its effective set.
+fn has_net_admin(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 12) != 0)
+}
+
+fn ctl_race(args: &[String]) {
+    use std::os::unix::process::CommandExt;
+    if args.len() < 3 {
+        usage();
+    }
+    let (socket, request, program) = (&args[0], &args[1], &args[2]);
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| die(format!("connect {socket}: {e}")));
+    let parent = std::process::id();
+    // SAFETY: fork in a single-threaded process; the child only uses
+    // async-signal-safe calls until it runs plain Rust code of its own.
+    match unsafe { libc::fork() } {
+        -1 => die(format!("fork: {}", io::Error::last_os_error())),
+        0 => {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !has_net_admin(parent) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let had = has_net_admin(parent);
+            let mut w = &stream;
+            let _ = w.write_all(format!("{request}\n").as_bytes());
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut answer = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut answer);
+            print_line(json!({"answer": answer.trim(), "peer_had_net_admin": had}));
+            std::process::exit(0);
+        }
+        _ => {
+            // Keep the pid that connected; the connection stays open in the child.
+            let err = std::process::Command::new(program).args(&args[3..]).exec();
+            die(format!("exec {program}: {err}"));
+        }
+    }
 }
