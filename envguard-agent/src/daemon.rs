@@ -457,14 +457,8 @@ impl Daemon {
                 dst_env: to.to_owned(),
                 verdict: verdict.to_owned(),
                 mode,
-                direction: if k.direction == envguard_common::event::DIRECTION_EGRESS {
-                    "egress"
-                } else {
-                    "ingress"
-                }
-                .to_owned(),
-                proto: crate::policy::ports::proto_name(k.proto)
-                    .map_or_else(|| k.proto.to_string(), str::to_owned),
+                direction: events::direction_name(k.direction).to_owned(),
+                proto: events::proto_label(k.proto),
                 count,
             });
         }

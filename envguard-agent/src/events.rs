@@ -298,6 +298,27 @@ fn hook(h: u8) -> &'static str {
     }
 }
 
+fn verdict_name(v: u8) -> &'static str {
+    if v == ev::VERDICT_DENIED {
+        "denied"
+    } else {
+        "audited"
+    }
+}
+
+pub fn direction_name(d: u8) -> &'static str {
+    if d == ev::DIRECTION_EGRESS {
+        "egress"
+    } else {
+        "ingress"
+    }
+}
+
+/// A protocol's name, or its number when it has none here.
+pub fn proto_label(p: u8) -> String {
+    proto_name(p).map_or_else(|| p.to_string(), str::to_owned)
+}
+
 /// Names the decision behind a violation: which rule (or default) decided.
 pub fn rule_label(policy: &Policy, compiled: &Compiled, e: &ViolationEvent) -> String {
     match e.rule {
@@ -370,19 +391,16 @@ pub fn rollup<'a>(
         count,
         first_seen: time(first_ns),
         last_seen: time(last_ns),
+        // The key holds the verdict: a mode switch starts a new key.
         mode: if k.verdict == ev::VERDICT_DENIED {
             "enforce"
         } else {
             "audit"
         },
-        verdict: if k.verdict == ev::VERDICT_DENIED {
-            "denied"
-        } else {
-            "audited"
-        },
-        direction: if egress { "egress" } else { "ingress" },
+        verdict: verdict_name(k.verdict),
+        direction: direction_name(k.direction),
         hook: hook(k.hook),
-        proto: proto_name(k.proto).map_or_else(|| k.proto.to_string(), str::to_owned),
+        proto: proto_label(k.proto),
         source,
         destination,
         process: Process {
@@ -423,14 +441,10 @@ pub fn violation<'a>(
         } else {
             "audit"
         },
-        verdict: if e.verdict == ev::VERDICT_DENIED {
-            "denied"
-        } else {
-            "audited"
-        },
-        direction: if egress { "egress" } else { "ingress" },
+        verdict: verdict_name(e.verdict),
+        direction: direction_name(e.direction),
         hook: hook(e.hook),
-        proto: proto_name(e.proto).map_or_else(|| e.proto.to_string(), str::to_owned),
+        proto: proto_label(e.proto),
         source: endpoint(&e.src_addr, e.src_port, e.src_env, e.src_env_from, !egress),
         destination: endpoint(&e.dst_addr, e.dst_port, e.dst_env, e.dst_env_from, egress),
         process: Process {
