@@ -393,6 +393,8 @@ impl Daemon {
         for (path, id) in self.tracker.known() {
             self.names.insert(id, path);
         }
+        // Violations the rate limit held back and no later record reported.
+        self.stream.flush_suppressed()?;
         for (counter, kind, what) in [
             (Counter::FlowCacheFull, "map_full", maps::FLOW_VERDICTS),
             (Counter::BoundTableFull, "map_full", maps::BOUND_SOCKETS),
@@ -447,11 +449,19 @@ impl Daemon {
                 self.compiled.env_name(k.src_env),
                 self.compiled.env_name(k.dst_env),
             );
-            let (verdict, mode) = match k.verdict {
-                VERDICT_DENIED => ("denied", "enforce".to_owned()),
-                VERDICT_AUDITED => ("audited", "audit".to_owned()),
-                _ => ("allowed", self.pair_mode(from, to).0.to_string()),
+            let verdict = match k.verdict {
+                VERDICT_DENIED => "denied",
+                VERDICT_AUDITED => "audited",
+                _ => "allowed",
             };
+            // The mode the kernel took the decision in, so a series keeps its
+            // labels across mode switches.
+            let mode = if u32::from(k.mode) == mode_value(Mode::Enforce) {
+                "enforce"
+            } else {
+                "audit"
+            }
+            .to_owned();
             decisions.push(metrics::Decision {
                 src_env: from.to_owned(),
                 dst_env: to.to_owned(),

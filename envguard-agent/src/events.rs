@@ -188,6 +188,26 @@ impl<O: LineOut> Stream<O> {
         self.limit.as_ref().map_or(0, TokenBucket::suppressed_total)
     }
 
+    /// Reports violations the rate limit held back that no later violation
+    /// record carried in its `suppressed` field, as one
+    /// `{"kind":"violations_suppressed","count":N}`: called every housekeeping
+    /// tick and at shutdown, so a suppressed violation is never unreported.
+    pub fn flush_suppressed(&mut self) -> std::io::Result<()> {
+        let pending = self.limit.as_mut().map_or(0, TokenBucket::take_pending);
+        if pending == 0 {
+            return Ok(());
+        }
+        #[derive(Serialize)]
+        struct Suppressed {
+            count: u64,
+        }
+        self.emit(
+            "violations_suppressed",
+            None,
+            &Suppressed { count: pending },
+        )
+    }
+
     pub fn into_inner(self) -> O {
         self.out
     }

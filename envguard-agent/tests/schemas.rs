@@ -116,6 +116,7 @@ fn examples() -> Vec<Value> {
             header("oversized_record", 12),
             json!({"original_kind": "policy_rejected", "bytes": 20000, "limit": 8096}),
         ),
+        with(header("violations_suppressed", 13), json!({"count": 95})),
     ]
 }
 

@@ -26,19 +26,27 @@ pub struct DecisionKey {
     pub verdict: u8,
     pub direction: u8,
     pub proto: u8,
-    pub _pad: u8,
+    /// `config::MODE_*` the decision was taken in (the pair's, or the global).
+    pub mode: u8,
 }
 const _: () = assert!(core::mem::size_of::<DecisionKey>() == 12);
 
 impl DecisionKey {
-    pub const fn new(src_env: u32, dst_env: u32, verdict: u8, direction: u8, proto: u8) -> Self {
+    pub const fn new(
+        src_env: u32,
+        dst_env: u32,
+        verdict: u8,
+        direction: u8,
+        proto: u8,
+        mode: u8,
+    ) -> Self {
         Self {
             src_env,
             dst_env,
             verdict,
             direction,
             proto,
-            _pad: 0,
+            mode,
         }
     }
 }

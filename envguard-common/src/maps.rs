@@ -78,7 +78,7 @@ pub const ALL: [&str; 27] = [
 
 /// Bump when a map's type, key, value or meaning changes: pinned maps of
 /// another layout are never adopted, only replaced.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Number of env ids (`host`, `world` and the declared envs).
 pub const MAX_ENVS: u32 = 1024;

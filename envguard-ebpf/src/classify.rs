@@ -350,8 +350,15 @@ pub fn mode_of(cfg: &Config, src: u32, dst: u32) -> u32 {
 
 /// Counts one decision; exact whatever happens to events.
 #[inline(always)]
-pub fn count_decision(src: u32, dst: u32, verdict: u8, direction: u8, proto: u8) {
-    let key = DecisionKey::new(src, dst, verdict, direction, proto);
+pub fn count_decision(src: u32, dst: u32, decision: u32, mode: u32, direction: u8, proto: u8) {
+    let key = DecisionKey::new(
+        src,
+        dst,
+        verdict_of(decision, mode),
+        direction,
+        proto,
+        mode as u8,
+    );
     match DECISIONS.get_ptr_mut(&key) {
         // Per-CPU slot: no other writer.
         Some(c) => unsafe { *c += 1 },

@@ -246,13 +246,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     }
     remember(&flow, &v);
     let mode = mode_of(&cfg, src, dst);
-    count_decision(
-        src,
-        dst,
-        verdict_of(decision.decision, mode),
-        direction,
-        pkt.proto,
-    );
+    count_decision(src, dst, decision.decision, mode, direction, pkt.proto);
     if decision.is_violation() {
         let cgroup_id = unsafe { bpf_skb_cgroup_id(raw) };
         let dedup = DedupKey {

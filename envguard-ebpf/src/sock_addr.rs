@@ -76,7 +76,8 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     count_decision(
         local.env,
         remote.env,
-        verdict_of(decision.decision, mode),
+        decision.decision,
+        mode,
         DIRECTION_EGRESS,
         proto,
     );

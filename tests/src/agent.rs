@@ -4,11 +4,22 @@
 //! Every agent gets a pin root (`--pin-root`, owned by the caller: see
 //! [`crate::pin::PinRoot`]); SIGTERM leaves its enforcement in place unless
 //! it runs with `--detach-on-exit`.
+//!
+//! Every line an agent prints is also checked against the event contract by
+//! a validator thread: its record kind's JSON Schema in `docs/schemas` (with
+//! [`crate::schema_check`]: schema, header order, no undocumented field),
+//! one `boot_id`, and `seq` 0, 1, 2… without a gap unless the stream itself
+//! reports `queue:stdout` losses. A breach fails the test that owns the
+//! agent, naming the offending lines: [`Agent::stop`] asserts it, and so
+//! does dropping the agent (unless the test is already panicking), so no
+//! test can skip it — whether it stops, kills (a line a SIGKILL cut short is
+//! forgiven) or just drops its agent.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,6 +38,10 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 struct Stream {
     /// Every stdout line that parsed as a JSON object, in order.
     lines: Vec<Value>,
+    /// The same lines as the agent wrote them (without the newline).
+    raw: Vec<String>,
+    /// When the reader got each of them.
+    received_at: Vec<Instant>,
     /// Protocol errors: lines that are not JSON objects, non-increasing seq.
     bad: Vec<String>,
     last_seq: Option<u64>,
@@ -69,6 +84,27 @@ pub struct AgentOptions {
     ///
     /// [`STANDARD_ENVS`]: crate::policy::STANDARD_ENVS
     pub envs: Option<Vec<String>>,
+    /// `--events-file PATH`.
+    pub events_file: Option<PathBuf>,
+    /// `--events-file-max-mb N`.
+    pub events_file_max_mb: Option<u64>,
+    /// `--events-file-backups N`.
+    pub events_file_backups: Option<u32>,
+    /// `--syslog TARGET` (`unix:/path` or `udp:127.0.0.1:PORT`).
+    pub syslog: Option<String>,
+    /// `--sink-queue N`.
+    pub sink_queue: Option<usize>,
+    /// `--metrics-listen ADDR` (`127.0.0.1:0`: a port the kernel picks,
+    /// found with [`Agent::metrics_addr`]).
+    pub metrics_listen: Option<String>,
+    /// `--rate-limit PER_SEC`.
+    pub rate_limit: Option<String>,
+    /// `--rate-burst N`.
+    pub rate_burst: Option<u32>,
+    /// The program to run instead of `envguard` (the harness's own tests
+    /// use a stand-in that prints chosen lines); `None`:
+    /// [`sys::envguard_bin`].
+    pub binary: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -124,6 +160,46 @@ impl AgentOptions {
         self
     }
 
+    /// Runs `program` instead of `envguard` (see [`AgentOptions::binary`]).
+    pub fn binary(mut self, program: &Path) -> Self {
+        self.binary = Some(program.to_owned());
+        self
+    }
+
+    /// `--events-file PATH`, with `--events-file-max-mb` and
+    /// `--events-file-backups` when given.
+    pub fn events_file(mut self, path: &Path, max_mb: Option<u64>, backups: Option<u32>) -> Self {
+        self.events_file = Some(path.to_owned());
+        self.events_file_max_mb = max_mb;
+        self.events_file_backups = backups;
+        self
+    }
+
+    /// `--syslog TARGET`.
+    pub fn syslog(mut self, target: &str) -> Self {
+        self.syslog = Some(target.to_owned());
+        self
+    }
+
+    /// `--sink-queue N`.
+    pub fn sink_queue(mut self, n: usize) -> Self {
+        self.sink_queue = Some(n);
+        self
+    }
+
+    /// `--metrics-listen ADDR`.
+    pub fn metrics_listen(mut self, addr: &str) -> Self {
+        self.metrics_listen = Some(addr.to_owned());
+        self
+    }
+
+    /// `--rate-limit PER_SEC --rate-burst BURST`.
+    pub fn rate_limit(mut self, per_sec: &str, burst: u32) -> Self {
+        self.rate_limit = Some(per_sec.to_owned());
+        self.rate_burst = Some(burst);
+        self
+    }
+
     /// The `envguard run` arguments after `--policy`/`--cgroup-root`.
     fn args(&self, pin_root: &Path) -> Vec<String> {
         let mut a = vec!["--pin-root".to_owned(), pin_root.display().to_string()];
@@ -144,6 +220,30 @@ impl AgentOptions {
         if let Some(p) = &self.control_socket {
             a.extend(["--control-socket".into(), p.display().to_string()]);
         }
+        if let Some(p) = &self.events_file {
+            a.extend(["--events-file".into(), p.display().to_string()]);
+        }
+        if let Some(n) = self.events_file_max_mb {
+            a.extend(["--events-file-max-mb".into(), n.to_string()]);
+        }
+        if let Some(n) = self.events_file_backups {
+            a.extend(["--events-file-backups".into(), n.to_string()]);
+        }
+        if let Some(t) = &self.syslog {
+            a.extend(["--syslog".into(), t.clone()]);
+        }
+        if let Some(n) = self.sink_queue {
+            a.extend(["--sink-queue".into(), n.to_string()]);
+        }
+        if let Some(addr) = &self.metrics_listen {
+            a.extend(["--metrics-listen".into(), addr.clone()]);
+        }
+        if let Some(r) = &self.rate_limit {
+            a.extend(["--rate-limit".into(), r.clone()]);
+        }
+        if let Some(n) = self.rate_burst {
+            a.extend(["--rate-burst".into(), n.to_string()]);
+        }
         a
     }
 }
@@ -154,6 +254,13 @@ pub struct Agent {
     shared: Arc<Shared>,
     stderr: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
+    /// Checks every stdout line against its schema; returns the failures
+    /// once the stdout reader is done.
+    validator: Option<JoinHandle<Vec<SchemaFailure>>>,
+    /// The agent was SIGKILLed: its last line may have been cut short.
+    killed: bool,
+    /// Its pid, for messages written after it was reaped.
+    started_pid: u32,
     ready: Value,
     pin_root: PathBuf,
     /// `--control-socket` as given, if it was.
@@ -176,7 +283,7 @@ impl Agent {
         opts: &AgentOptions,
     ) -> Agent {
         sys::ensure_bpffs();
-        let bin = sys::envguard_bin();
+        let bin = opts.binary.clone().unwrap_or_else(sys::envguard_bin);
         let mut cmd = Command::new(&bin);
         cmd.arg("run")
             .arg("--policy")
@@ -198,6 +305,7 @@ impl Agent {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {} run: {e}", bin.display()));
+        let child_pid = child.id();
         let shared = Arc::new(Shared {
             stream: Mutex::new(Stream::default()),
             cond: Condvar::new(),
@@ -206,9 +314,13 @@ impl Agent {
         let out = child.stdout.take().expect("piped stdout");
         let err = child.stderr.take().expect("piped stderr");
         let mut readers = Vec::new();
+        let (to_validate, validate_rx) = mpsc::channel();
+        let validator = std::thread::spawn(move || validate(&validate_rx));
         {
             let shared = Arc::clone(&shared);
-            readers.push(std::thread::spawn(move || read_stdout(out, &shared)));
+            readers.push(std::thread::spawn(move || {
+                read_stdout(out, &shared, &to_validate)
+            }));
         }
         {
             let stderr = Arc::clone(&stderr);
@@ -219,6 +331,9 @@ impl Agent {
             shared,
             stderr,
             readers,
+            validator: Some(validator),
+            killed: false,
+            started_pid: child_pid,
             ready: Value::Null,
             pin_root: pin_root.to_owned(),
             explicit_socket: opts.control_socket.clone(),
@@ -424,6 +539,7 @@ impl Agent {
     /// reaped and its output is read to the end.
     pub fn kill(mut self) {
         if let Some(mut child) = self.child.take() {
+            self.killed = true;
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -431,6 +547,26 @@ impl Agent {
             let _ = r.join();
         }
         self.remove_stale_socket();
+        // Dropping it now checks what it printed (see the module docs).
+    }
+
+    /// SIGHUP: the agent reopens its events file and reloads its policy.
+    pub fn sighup(&self) {
+        sys::signal(self.pid(), libc::SIGHUP);
+    }
+
+    /// The address `--metrics-listen` made the agent listen on (the
+    /// kernel's choice for port 0), read from /proc. Panics if it listens
+    /// on no TCP socket.
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        let found = crate::sinks::listening_tcp(self.pid());
+        match found.as_slice() {
+            [one] => *one,
+            other => panic!(
+                "agent {} must listen on exactly one TCP socket (its --metrics-listen); it listens on {other:?}",
+                self.pid()
+            ),
+        }
     }
 
     /// Once the agent is gone: removes the control socket it left behind
@@ -462,6 +598,19 @@ impl Agent {
         let s = self.shared.lock();
         let end = range.end.min(s.lines.len());
         s.lines[range.start.min(end)..end].to_vec()
+    }
+
+    /// When the reader received line `i` (`None` if it has not yet).
+    pub fn received_at(&self, i: usize) -> Option<Instant> {
+        self.shared.lock().received_at.get(i).copied()
+    }
+
+    /// The lines `range` exactly as the agent wrote them (without their
+    /// newline), index for index with [`Agent::lines`].
+    pub fn raw_lines(&self, range: std::ops::Range<usize>) -> Vec<String> {
+        let s = self.shared.lock();
+        let end = range.end.min(s.raw.len());
+        s.raw[range.start.min(end)..end].to_vec()
     }
 
     /// Everything the agent wrote on stderr so far.
@@ -555,6 +704,15 @@ impl Agent {
         shared.lock().lines.clone()
     }
 
+    /// [`Agent::stop`], returning every line the agent printed as it wrote
+    /// it (without the newline), and parsed.
+    pub fn stop_collect_raw(self) -> (Vec<String>, Vec<Value>) {
+        let shared = Arc::clone(&self.shared);
+        self.stop();
+        let s = shared.lock();
+        (s.raw.clone(), s.lines.clone())
+    }
+
     /// [`Agent::stop`] with another signal (SIGINT must behave the same).
     pub fn stop_with(mut self, sig: libc::c_int) {
         let status = self.terminate(sig);
@@ -578,6 +736,41 @@ impl Agent {
         assert!(
             left.is_none(),
             "envguard run exited 0 after signal {sig} but left its control socket {left:?} behind"
+        );
+        self.assert_contract();
+    }
+
+    /// Once the stdout reader is done: panics, naming the offending lines,
+    /// if any line broke the event contract (see the module docs). Checks
+    /// only once.
+    fn assert_contract(&mut self) {
+        let Some(validator) = self.validator.take() else {
+            return;
+        };
+        let failures = validator.join().unwrap_or_else(|_| {
+            vec![SchemaFailure {
+                index: 0,
+                complete: true,
+                error: "the schema validator thread panicked".into(),
+            }]
+        });
+        let mut errs: Vec<String> = failures
+            .iter()
+            // A SIGKILL may cut the last line short; nothing else may.
+            .filter(|f| f.complete || !self.killed)
+            .map(|f| format!("stdout line {}: {}", f.index, f.error))
+            .collect();
+        errs.extend(seq_errors(&self.shared.lock().lines));
+        if errs.is_empty() {
+            return;
+        }
+        let n = errs.len();
+        errs.truncate(20);
+        panic!(
+            "envguard run (pid {}) printed {n} record(s) that break the event contract \
+             (docs/schemas/<kind>.schema.json, one boot_id, gapless seq); the first ones:\n  {}",
+            self.started_pid,
+            errs.join("\n  ")
         );
     }
 
@@ -623,12 +816,87 @@ impl Drop for Agent {
             }
         }
         self.remove_stale_socket();
+        // The agent is gone, so its stdout ends and the readers with it.
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        // A test that never stopped its agent explicitly still answers for
+        // what the agent printed; one that is already failing says why.
+        if !std::thread::panicking() {
+            self.assert_contract();
+        }
     }
 }
 
-fn read_stdout(out: impl Read, shared: &Shared) {
-    for line in BufReader::new(out).lines() {
-        let Ok(line) = line else { break };
+/// A line that failed [`crate::schema_check::validate_line`].
+struct SchemaFailure {
+    /// Its index among the stdout lines (0: `policy_loaded`).
+    index: usize,
+    /// Whether it ended with a newline.
+    complete: bool,
+    error: String,
+}
+
+/// The validator thread: checks each line it is sent until the reader is done.
+fn validate(lines: &mpsc::Receiver<(usize, String, bool)>) -> Vec<SchemaFailure> {
+    let mut failures = Vec::new();
+    for (index, line, complete) in lines {
+        if let Err(error) = crate::schema_check::validate_line(&line) {
+            failures.push(SchemaFailure {
+                index,
+                complete,
+                error,
+            });
+        }
+    }
+    failures
+}
+
+/// One `boot_id` for every record, and `seq` equal to the line's index —
+/// unless the stream reports that stdout itself lost records
+/// (`lost_events` from `queue:stdout`), which leaves gaps by design.
+fn seq_errors(lines: &[Value]) -> Vec<String> {
+    let mut errs = Vec::new();
+    let Some(boot_id) = lines.first().map(|l| &l["boot_id"]) else {
+        return errs;
+    };
+    let stdout_lost = lines
+        .iter()
+        .any(|l| l["kind"] == "lost_events" && l["source"] == "queue:stdout");
+    for (i, l) in lines.iter().enumerate() {
+        if l["boot_id"] != *boot_id {
+            errs.push(format!(
+                "stdout line {i}: boot_id {} differs from the first record's {boot_id}: {l}",
+                l["boot_id"]
+            ));
+        }
+        if !stdout_lost && l["seq"] != i {
+            errs.push(format!(
+                "stdout line {i}: seq {} where {i} was due (a gap, and no queue:stdout loss reported): {l}",
+                l["seq"]
+            ));
+        }
+    }
+    errs
+}
+
+fn read_stdout(out: impl Read, shared: &Shared, to_validate: &mpsc::Sender<(usize, String, bool)>) {
+    let mut reader = BufReader::new(out);
+    let mut buf = Vec::new();
+    let mut index = 0;
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let complete = buf.last() == Some(&b'\n');
+        if complete {
+            buf.pop();
+        }
+        let line = String::from_utf8_lossy(&buf).into_owned();
+        let _ = to_validate.send((index, line.clone(), complete));
+        index += 1;
         let mut s = shared.lock();
         match serde_json::from_str::<Value>(&line) {
             Ok(v) if v.is_object() => {
@@ -640,6 +908,8 @@ fn read_stdout(out: impl Read, shared: &Shared) {
                     }
                 }
                 s.lines.push(v);
+                s.raw.push(line);
+                s.received_at.push(Instant::now());
             }
             _ => s.bad.push(line),
         }

@@ -16,7 +16,15 @@ pub mod netns;
 pub mod pin;
 pub mod policy;
 pub mod process;
+pub mod sinks;
 pub mod sys;
+
+/// Checks records against `docs/schemas` (shared with the agent's own tests;
+/// see its module docs). Every line an [`Agent`] prints goes through it.
+#[path = "../../envguard-agent/tests/support/schema_check.rs"]
+// Written for test crates, where its `Schemas::new` is not public API.
+#[allow(clippy::new_without_default)]
+pub mod schema_check;
 
 pub use agent::{Agent, AgentOptions};
 pub use cgroup::CgroupTree;

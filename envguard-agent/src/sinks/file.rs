@@ -179,8 +179,9 @@ impl Sink for FileSink {
         }
     }
 
-    fn reopen(&mut self) {
-        // What is buffered belongs to the old file.
+    fn reopen(&mut self) -> u64 {
+        // What is buffered belongs to the old file; what cannot be written
+        // there is counted like any other loss of this sink.
         let lost = self.flush();
         if lost > 0 {
             log::warn!(
@@ -189,6 +190,7 @@ impl Sink for FileSink {
             );
         }
         self.try_open();
+        lost
     }
 }
 

@@ -98,8 +98,11 @@ impl SinkConfig {
 trait Sink: Send {
     fn push(&mut self, line: &str) -> u64;
     fn flush(&mut self) -> u64;
-    /// Reopens the output (a file sink after logrotate moved its file).
-    fn reopen(&mut self) {}
+    /// Reopens the output (a file sink after logrotate moved its file);
+    /// returns how many buffered lines could not be written before.
+    fn reopen(&mut self) -> u64 {
+        0
+    }
 }
 
 /// Counters shared between the caller's side and one sink thread.
@@ -294,10 +297,11 @@ fn run(mut sink: Box<dyn Sink>, rx: &mpsc::Receiver<Arc<str>>, shared: &Shared) 
             }
             Err(RecvTimeoutError::Disconnected) => break,
         };
+        let mut lost = 0;
         if shared.reopen.swap(false, Ordering::Relaxed) {
-            sink.reopen();
+            lost += sink.reopen();
         }
-        let mut lost = sink.push(&first);
+        lost += sink.push(&first);
         let mut n: u64 = 1;
         while n < MAX_BATCH as u64 {
             match rx.try_recv() {

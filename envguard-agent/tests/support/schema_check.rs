@@ -46,6 +46,7 @@ schemas!(
     "policy_rejected",
     "mode_change",
     "oversized_record",
+    "violations_suppressed",
 );
 
 /// The header every record starts with, in this order.
