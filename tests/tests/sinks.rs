@@ -35,7 +35,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use envguard_tests::control::assert_fields;
 use envguard_tests::process::udp_burst;
 use envguard_tests::schema_check::validate_line;
 use envguard_tests::sinks::{
