@@ -5,7 +5,7 @@
 //! `jsonschema = { version = "0.61", default-features = false }`, and is
 //! included by path, e.g. from `tests/src/lib.rs` of the root-only suite:
 //!
-//! ```ignore
+//! ```text
 //! #[path = "../../envguard-agent/tests/support/schema_check.rs"]
 //! pub mod schema_check;
 //!
