@@ -29,7 +29,10 @@
 //! is about decisions: the rule named in a violation's `rule` may still change
 //! when a redundant rule is removed. Whether listed cgroups exist is a fact of
 //! the host, not of the file: `cmd::policy_warnings` reports that.
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use ipnetwork::IpNetwork;
 
@@ -114,14 +117,28 @@ impl Lint<'_> {
                 }
             }
         }
+        // By (network, prefix) for the lookups below; validation refused the
+        // same CIDR twice, so keys are unique.
+        let by_net: HashMap<(IpAddr, u8), (IpNetwork, &str)> = all
+            .iter()
+            .map(|&(n, e, _)| ((n.network(), n.prefix()), (n, e)))
+            .collect();
+        let mut prefixes: Vec<u8> = all.iter().map(|(n, _, _)| n.prefix()).collect();
+        prefixes.sort_unstable_by(|a, b| b.cmp(a));
+        prefixes.dedup();
         for &(net, env, line) in &all {
             // The CIDR that decides an address of `net` once `net` is removed:
-            // the longest one that contains it.
-            let parent = all
+            // the longest one that contains it. One hash lookup per prefix
+            // length the policy uses, not a scan of every CIDR (100 000 CIDRs
+            // would make that 10^10 comparisons).
+            let parent = prefixes
                 .iter()
-                .filter(|(p, _, _)| p.prefix() < net.prefix() && p.contains(net.network()))
-                .max_by_key(|(p, _, _)| p.prefix());
-            let Some(&(outer, outer_env, _)) = parent else {
+                .filter(|&&p| p < net.prefix())
+                .find_map(|&p| {
+                    let outer = IpNetwork::new(net.network(), p).ok()?;
+                    by_net.get(&(outer.network(), p))
+                });
+            let Some(&(outer, outer_env)) = parent else {
                 continue;
             };
             let message = if outer_env == env {
