@@ -1,4 +1,4 @@
-//! Project chores: `cargo xtask setup | build | run | test`.
+//! Project chores: `cargo xtask setup | build | run | test | bench`.
 //!
 //! Every step is idempotent and installs what it needs itself, so the README's
 //! commands work on a fresh machine and CI never depends on a hand-made setup.
@@ -38,6 +38,13 @@ enum Cmd {
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Set up, build the agent in release mode and run the benchmarks (needs
+    /// root): prints a table, writes BENCHMARKS.md and bench/results.json.
+    /// `--quick` is the smoke run CI does; it writes under target/bench-quick/.
+    Bench {
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -86,6 +93,34 @@ fn main() -> anyhow::Result<()> {
             let mut cmd = Command::new("cargo");
             cmd.args(["test", "-p", "envguard-tests", "--"]).args(&args);
             cmd.env("ENVGUARD_BIN", &bin);
+            run(cmd.current_dir(&root))
+        }
+        Cmd::Bench { quick } => {
+            // SAFETY: geteuid cannot fail.
+            if unsafe { libc_geteuid() } != 0 {
+                bail!(
+                    "the benchmarks load eBPF programs and create cgroups and network namespaces: run `cargo xtask bench` as root"
+                );
+            }
+            setup::setup()?;
+            cargo(&root, &["build", "--release", "-p", "envguard-agent"])?;
+            let mut cmd = Command::new("cargo");
+            cmd.args([
+                "run",
+                "--release",
+                "-p",
+                "envguard-tests",
+                "--bin",
+                "envguard-bench",
+                "--",
+            ]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            cmd.arg("--agent")
+                .arg(root.join("target/release/envguard"))
+                .arg("--out")
+                .arg(&root);
             run(cmd.current_dir(&root))
         }
     }

@@ -1,0 +1,357 @@
+//! Generated policies: N disjoint IPv4 CIDRs inside 198.18.0.0/15 spread over
+//! 20 remote envs, the topology's own sites (prod, dev, shared), and R allow
+//! rules; the same policy rendered as TOML for envguard and as an nftables
+//! ruleset for the comparison arms.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+/// A small deterministic PRNG (splitmix64): the same seed gives the same
+/// policy on every run, so runs are comparable.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0; the modulo bias is irrelevant here).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// Remote-only envs the generated CIDRs belong to.
+pub const GEN_ENVS: usize = 20;
+/// The port every generated env may be reached on from `dev` (and `dev`
+/// from it): the flows the BPF_PROG_TEST_RUN packets use.
+pub const PROBE_PORT: u16 = 443;
+/// Ports of the end-to-end servers, allowed from `dev` to `shared`.
+pub const CRR_PORT: u16 = 7001;
+pub const RR_PORT: u16 = 7002;
+pub const IPERF_PORT: u16 = 5201;
+/// A port of `prod` no rule allows: violations for the event benchmark.
+pub const VIOLATION_PORT: u16 = 9000;
+
+/// /24s of 198.18.0.0/15 the topology's sites use (shared, prod, dev,
+/// staging, the veth): never handed out to generated CIDRs.
+const RESERVED_24: [u32; 5] = [0, 10, 20, 30, 100];
+
+/// One allow rule.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub from: String,
+    pub to: String,
+    /// `PORT/PROTO` or `LO-HI/PROTO`.
+    pub ports: Vec<String>,
+}
+
+/// A generated policy (see the module docs).
+pub struct GenPolicy {
+    /// (prefix length, network, env name), generated CIDRs only.
+    pub cidrs: Vec<(u8, Ipv4Addr, String)>,
+    pub rules: Vec<Rule>,
+    /// Total CIDRs in the policy, sites included.
+    pub total_cidrs: usize,
+}
+
+/// The topology's site CIDRs: (env, IPv4 CIDR, IPv6 CIDR).
+pub const SITES: [(&str, &str, &str); 3] = [
+    ("prod", "198.18.10.0/24", "2001:db8:10::/48"),
+    ("dev", "198.18.20.0/24", "2001:db8:20::/48"),
+    ("shared", "198.18.0.0/28", "2001:db8:0:1::/64"),
+];
+
+pub fn gen_env(i: usize) -> String {
+    format!("e{i:02}")
+}
+
+impl GenPolicy {
+    /// `total_cidrs` CIDRs in all (the 6 site CIDRs included, at least 6) and
+    /// `total_rules` allow rules (at least 3: dev → shared for the servers,
+    /// dev → any on [`PROBE_PORT`], any → dev on [`PROBE_PORT`]).
+    pub fn new(total_cidrs: usize, total_rules: usize, seed: u64) -> GenPolicy {
+        let mut rng = Rng::new(seed);
+        let n = total_cidrs.saturating_sub(2 * SITES.len());
+        let cidrs = gen_cidrs(n, &mut rng)
+            .into_iter()
+            .map(|(len, net)| (len, net, gen_env(rng.below(GEN_ENVS as u64) as usize)))
+            .collect();
+        let mut rules = vec![
+            Rule {
+                from: "dev".into(),
+                to: "shared".into(),
+                ports: vec![
+                    format!("{CRR_PORT}/tcp"),
+                    format!("{RR_PORT}/tcp"),
+                    format!("{IPERF_PORT}/tcp"),
+                    "53/udp".into(),
+                ],
+            },
+            Rule {
+                from: "dev".into(),
+                to: "*".into(),
+                ports: vec![format!("{PROBE_PORT}/tcp")],
+            },
+            Rule {
+                from: "*".into(),
+                to: "dev".into(),
+                ports: vec![format!("{PROBE_PORT}/tcp")],
+            },
+        ];
+        let mut i = 0u64;
+        while rules.len() < total_rules {
+            let a = rng.below(GEN_ENVS as u64) as usize;
+            let b = (a + 1 + rng.below(GEN_ENVS as u64 - 1) as usize) % GEN_ENVS;
+            // Distinct by construction: the port encodes the rule's index.
+            let port = 10_000 + i * 7 % 50_000;
+            let ports = match i % 4 {
+                0 => vec![format!("{port}/tcp")],
+                1 => vec![format!("{port}-{}/tcp", port + 1 + rng.below(200))],
+                2 => vec![format!("{port}/udp")],
+                _ => vec![format!("{port}/tcp"), format!("{}/udp", port + 1)],
+            };
+            rules.push(Rule {
+                from: gen_env(a),
+                to: gen_env(b),
+                ports,
+            });
+            i += 1;
+        }
+        GenPolicy {
+            cidrs,
+            rules,
+            total_cidrs: n + 2 * SITES.len(),
+        }
+    }
+
+    /// The policy as envguard TOML; `dev_cgroups` are the cgroups of env
+    /// `dev` (relative to the cgroup2 mount).
+    pub fn toml(&self, mode: &str, dev_cgroups: &[String]) -> String {
+        let mut s = format!("# generated by envguard-bench\nmode = \"{mode}\"\n\n");
+        for (env, v4, v6) in SITES {
+            let _ = writeln!(s, "[envs.{env}]");
+            if env == "dev" {
+                let list: Vec<String> = dev_cgroups.iter().map(|c| format!("\"{c}\"")).collect();
+                let _ = writeln!(s, "cgroups = [{}]", list.join(", "));
+            }
+            let _ = writeln!(s, "cidrs = [\"{v4}\", \"{v6}\"]\n");
+        }
+        for e in 0..GEN_ENVS {
+            let env = gen_env(e);
+            let _ = writeln!(s, "[envs.{env}]\ncidrs = [");
+            for (len, net, _) in self.cidrs.iter().filter(|c| c.2 == env) {
+                let _ = writeln!(s, "  \"{net}/{len}\",");
+            }
+            s.push_str("]\n\n");
+        }
+        for r in &self.rules {
+            let ports: Vec<String> = r.ports.iter().map(|p| format!("\"{p}\"")).collect();
+            let _ = writeln!(
+                s,
+                "[[allow]]\nfrom = \"{}\"\nto = \"{}\"\nports = [{}]\n",
+                r.from,
+                r.to,
+                ports.join(", ")
+            );
+        }
+        s
+    }
+
+    /// Every env's IPv4 CIDRs, sites included: (env, "a.b.c.d/len").
+    fn env_cidrs_v4(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = SITES
+            .iter()
+            .map(|(e, c, _)| ((*e).to_owned(), (*c).to_owned()))
+            .collect();
+        v.extend(
+            self.cidrs
+                .iter()
+                .map(|(len, net, env)| (env.clone(), format!("{net}/{len}"))),
+        );
+        v
+    }
+
+    /// The policy as seen by processes of `dev` (the cgroup `dev_cgroup`,
+    /// relative to the mount, at depth `level`), as a stateful nftables
+    /// ruleset: established flows pass on conntrack; a new flow's remote
+    /// address picks its env's chain through one interval verdict map; the
+    /// chain holds the allow rules of that env pair and drops the rest.
+    /// Addresses in no CIDR (`world`) pass, as envguard's default does.
+    pub fn nft_equivalent(&self, table: &str, dev_cgroup: &str, level: usize) -> String {
+        let cg = dev_cgroup.trim_start_matches('/');
+        let cidrs = self.env_cidrs_v4();
+        let mut s = format!("table inet {table} {{\n");
+        let mut envs: Vec<String> = SITES.iter().map(|s| s.0.to_owned()).collect();
+        envs.extend((0..GEN_ENVS).map(gen_env));
+        // Chains per remote env, both directions.
+        for env in envs.iter().filter(|e| *e != "dev") {
+            for (chain, from, to, dir) in [
+                (format!("dev_to_{env}"), "dev", env.as_str(), "dport"),
+                (format!("{env}_to_dev"), env.as_str(), "dev", "dport"),
+            ] {
+                let _ = writeln!(s, "  chain {chain} {{");
+                for r in self
+                    .rules
+                    .iter()
+                    .filter(|r| (r.from == from || r.from == "*") && (r.to == to || r.to == "*"))
+                {
+                    for p in &r.ports {
+                        let (ports, proto) = p.split_once('/').expect("PORT/PROTO");
+                        let _ = writeln!(s, "    {proto} {dir} {ports} accept");
+                    }
+                }
+                s.push_str("    drop\n  }\n");
+            }
+        }
+        for (name, dir) in [("dev_dst4", "dev_to_"), ("dev_src4", "_to_dev")] {
+            let _ = writeln!(
+                s,
+                "  map {name} {{\n    type ipv4_addr : verdict\n    flags interval\n    elements = {{"
+            );
+            let elems: Vec<String> = cidrs
+                .iter()
+                .map(|(env, c)| {
+                    let verdict = if env == "dev" {
+                        "accept".to_owned()
+                    } else if dir == "dev_to_" {
+                        format!("jump dev_to_{env}")
+                    } else {
+                        format!("jump {env}_to_dev")
+                    };
+                    format!("      {c} : {verdict}")
+                })
+                .collect();
+            s.push_str(&elems.join(",\n"));
+            s.push_str("\n    }\n  }\n");
+        }
+        let _ = writeln!(
+            s,
+            "  chain output {{\n    type filter hook output priority filter; policy accept;\n    \
+             ct state established,related accept\n    \
+             socket cgroupv2 level {level} \"{cg}\" ip daddr vmap @dev_dst4\n  }}\n  \
+             chain input {{\n    type filter hook input priority filter; policy accept;\n    \
+             ct state established,related accept\n    \
+             socket cgroupv2 level {level} \"{cg}\" ip saddr vmap @dev_src4\n  }}\n}}"
+        );
+        s
+    }
+
+    /// The known-bad reference: `rules` stateless rules, one per CIDR and
+    /// port, evaluated one after the other for every packet `dev` sends; none
+    /// matches the benchmark's traffic.
+    pub fn nft_linear(&self, table: &str, dev_cgroup: &str, level: usize, rules: usize) -> String {
+        let cg = dev_cgroup.trim_start_matches('/');
+        let mut s = format!("table inet {table} {{\n  chain linear {{\n");
+        for i in 0..rules {
+            let (len, net, _) = &self.cidrs[i % self.cidrs.len().max(1)];
+            let _ = writeln!(s, "    ip daddr {net}/{len} tcp dport {} drop", 20_000 + i);
+        }
+        let _ = writeln!(
+            s,
+            "  }}\n  chain output {{\n    type filter hook output priority filter; policy accept;\n    \
+             socket cgroupv2 level {level} \"{cg}\" jump linear\n  }}\n}}"
+        );
+        s
+    }
+
+    /// `count` addresses inside the generated CIDRs (random CIDR, random
+    /// host in it), for the classification-path packets.
+    pub fn sample_addrs(&self, count: usize, rng: &mut Rng) -> Vec<Ipv4Addr> {
+        (0..count)
+            .map(|_| {
+                if self.cidrs.is_empty() {
+                    return Ipv4Addr::new(198, 18, 10, 1 + rng.below(250) as u8);
+                }
+                let (len, net, _) = &self.cidrs[rng.below(self.cidrs.len() as u64) as usize];
+                let host_bits = 32 - u32::from(*len);
+                let off = if host_bits == 0 {
+                    0
+                } else {
+                    rng.below(1u64 << host_bits) as u32
+                };
+                Ipv4Addr::from(u32::from(*net) + off)
+            })
+            .collect()
+    }
+}
+
+/// `n` disjoint CIDRs in 198.18.0.0/15 outside the reserved /24s. Prefix
+/// lengths are uniform in [L, 32], with L the shortest that leaves the space
+/// at most 80 % used (10 CIDRs: /24–/32; 10 000: /28–/32; 100 000: all
+/// /32, the only way 100 000 fit in a /15). Allocation is a buddy allocator
+/// fed biggest-first, picking a random free block each time.
+fn gen_cidrs(n: usize, rng: &mut Rng) -> Vec<(u8, Ipv4Addr)> {
+    let base = u32::from(Ipv4Addr::new(198, 18, 0, 0));
+    let free_space = (512 - RESERVED_24.len()) as f64 * 256.0;
+    let mean_size = |l: u32| ((1u64 << (33 - l)) - 1) as f64 / f64::from(33 - l);
+    let min_len = (24..=32)
+        .find(|&l| n as f64 * mean_size(l) <= 0.8 * free_space)
+        .unwrap_or_else(|| panic!("{n} CIDRs do not fit in 198.18.0.0/15"));
+    let mut lens: Vec<u32> = (0..n)
+        .map(|_| min_len + rng.below(u64::from(33 - min_len)) as u32)
+        .collect();
+    lens.sort_unstable();
+    // Free blocks as (network, prefix length); every one is at least as big
+    // as the current request because requests come biggest first.
+    let mut free: Vec<(u32, u32)> = (0..512u32)
+        .filter(|i| !RESERVED_24.contains(i))
+        .map(|i| (base + (i << 8), 24))
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for len in lens {
+        let pick = rng.below(free.len() as u64) as usize;
+        let (mut net, mut blen) = free.swap_remove(pick);
+        while blen < len {
+            blen += 1;
+            // Keep one half free, go on splitting the other.
+            let half = 1u32 << (32 - blen);
+            if rng.below(2) == 0 {
+                free.push((net + half, blen));
+            } else {
+                free.push((net, blen));
+                net += half;
+            }
+        }
+        out.push((len as u8, Ipv4Addr::from(net)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_are_disjoint_and_inside_the_range() {
+        for n in [4, 994, 9_994, 99_994] {
+            let c = gen_cidrs(n, &mut Rng::new(7));
+            assert_eq!(c.len(), n);
+            let mut spans: Vec<(u32, u32)> = c
+                .iter()
+                .map(|(l, a)| {
+                    let a = u32::from(*a);
+                    assert_eq!(a & ((1u64 << (32 - u32::from(*l))) - 1) as u32, 0);
+                    (a, a + ((1u64 << (32 - u32::from(*l))) - 1) as u32)
+                })
+                .collect();
+            spans.sort_unstable();
+            for w in spans.windows(2) {
+                assert!(w[0].1 < w[1].0, "overlap {w:?}");
+            }
+            let lo = u32::from(Ipv4Addr::new(198, 18, 0, 0));
+            let hi = u32::from(Ipv4Addr::new(198, 19, 255, 255));
+            assert!(spans.iter().all(|s| s.0 >= lo && s.1 <= hi));
+            for r in RESERVED_24 {
+                let r = lo + (r << 8);
+                assert!(spans.iter().all(|s| s.1 < r || s.0 > r + 255));
+            }
+        }
+    }
+}

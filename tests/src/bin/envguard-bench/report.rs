@@ -1,0 +1,892 @@
+//! The results as tables (printed, and in BENCHMARKS.md) and the targets
+//! of issue 6 judged against them.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::e2e::{ARMS, WORKLOADS};
+
+fn f(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+fn ns(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".into(), |x| format!("{x:.1}"))
+}
+
+/// 12345.6 → "12.3 k", 1.2e9 → "1.20 G".
+fn si(x: f64) -> String {
+    if !x.is_finite() {
+        return "–".into();
+    }
+    let (v, u) = if x >= 1e9 {
+        (x / 1e9, " G")
+    } else if x >= 1e6 {
+        (x / 1e6, " M")
+    } else if x >= 1e3 {
+        (x / 1e3, " k")
+    } else {
+        (x, " ")
+    };
+    let s = if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    };
+    format!("{s}{u}").trim_end().to_owned()
+}
+
+fn section<'a>(r: &'a Value, name: &str) -> Option<&'a Value> {
+    let s = &r["sections"][name];
+    (s.is_object() && s.get("error").is_none()).then_some(s)
+}
+
+fn error_line(r: &Value, name: &str) -> Option<String> {
+    r["sections"][name]["error"].as_str().map(|e| {
+        format!(
+            "**Not measured: the section failed:** `{}`\n",
+            e.lines().next().unwrap_or(e)
+        )
+    })
+}
+
+/// Steady-state cost over the floor (ns), per case: (egress, ingress).
+fn steady_over_floor(r: &Value) -> Vec<(f64, f64)> {
+    let Some(s) = section(r, "test_run") else {
+        return Vec::new();
+    };
+    s["cases"]
+        .as_array()
+        .map(|cases| {
+            cases
+                .iter()
+                .filter_map(|c| {
+                    let floor = f(&c["empty_steady_ns"]["median"])?;
+                    Some((
+                        f(&c["egress_steady_ns"]["median"])? - floor,
+                        f(&c["ingress_steady_ns"]["median"])? - floor,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Classification cost over the one-run floor at `cidrs` CIDRs (1 000 rules).
+fn classify_over_floor(r: &Value, cidrs: u64, variant: &str) -> Option<(f64, f64)> {
+    let s = section(r, "test_run")?;
+    let c = s["cases"].as_array()?.iter().find(|c| {
+        c["rules"].as_u64() == Some(1_000)
+            && c["cidrs"]
+                .as_u64()
+                .is_some_and(|n| n.abs_diff(cidrs) <= cidrs / 100 + 6)
+    })?;
+    let floor = f(&c[format!("empty_once{variant}_ns")]["median"])?;
+    Some((
+        f(&c[format!("egress_classify{variant}_ns")]["median"])? - floor,
+        f(&c[format!("ingress_classify{variant}_ns")]["median"])? - floor,
+    ))
+}
+
+/// The issue's targets with the measured figure and MET / MISSED.
+pub fn targets(r: &Value) -> Vec<Value> {
+    let mut t = Vec::new();
+    let mut push = |target: &str, measured: String, status: &str| {
+        t.push(json!({"target": target, "measured": measured, "status": status}));
+    };
+    let met = |ok: bool| if ok { "MET" } else { "MISSED" };
+    let quick = r["quick"] == json!(true);
+    let nm = || -> String {
+        if quick {
+            "not measured in a quick run (smaller policies, fewer rounds)".into()
+        } else {
+            "not measured (see the section's error)".into()
+        }
+    };
+
+    let steady = steady_over_floor(r);
+    if steady.is_empty() {
+        push(
+            "Steady-state path ≤ empty program + 30 ns",
+            nm(),
+            "NOT MEASURED",
+        );
+    } else {
+        let we = steady.iter().map(|s| s.0).fold(f64::MIN, f64::max);
+        let wi = steady.iter().map(|s| s.1).fold(f64::MIN, f64::max);
+        push(
+            "Steady-state path ≤ empty program + 30 ns",
+            format!(
+                "skb_egress +{we:.1} ns, skb_ingress +{wi:.1} ns (worst over all policy sizes; BPF_PROG_TEST_RUN)"
+            ),
+            met(we <= 30.0 && wi <= 30.0),
+        );
+    }
+    match (
+        classify_over_floor(r, 1_000, ""),
+        classify_over_floor(r, 100_000, ""),
+    ) {
+        (Some(a), Some(b)) => {
+            let (re, ri) = (b.0 / a.0, b.1 / a.1);
+            let hot = match (
+                classify_over_floor(r, 1_000, "_hot"),
+                classify_over_floor(r, 100_000, "_hot"),
+            ) {
+                (Some(x), Some(y)) => format!(
+                    "; same remote every run (trie path cached): {:.2}× and {:.2}×",
+                    y.0 / x.0,
+                    y.1 / x.1
+                ),
+                _ => String::new(),
+            };
+            push(
+                "Classification path at 100 000 CIDRs ≤ 1.5 × its cost at 1 000",
+                format!(
+                    "random remotes: skb_egress {:.0} → {:.0} ns = {re:.2}×, skb_ingress {:.0} → {:.0} ns = {ri:.2}× (cost above the empty program, medians){hot}",
+                    a.0, b.0, a.1, b.1
+                ),
+                met(re <= 1.5 && ri <= 1.5),
+            );
+        }
+        _ => push(
+            "Classification path at 100 000 CIDRs ≤ 1.5 × its cost at 1 000",
+            nm(),
+            "NOT MEASURED",
+        ),
+    }
+    if let Some(e) = section(r, "e2e") {
+        let c = &e["workloads"]["connections"];
+        let enf = f(&c["envguard-enforce"]["ratio_median"]).unwrap_or(f64::NAN);
+        let nft = f(&c["nft-sets"]["ratio_median"]).unwrap_or(f64::NAN);
+        push(
+            "Connection rate, envguard enforcing ≥ 0.97 × no program, and not below the nftables-set arm",
+            format!(
+                "{enf:.3} × no program (rounds {:.2}–{:.2}); nftables sets {nft:.3} ×",
+                f(&c["envguard-enforce"]["ratio_min"]).unwrap_or(f64::NAN),
+                f(&c["envguard-enforce"]["ratio_max"]).unwrap_or(f64::NAN)
+            ),
+            met(enf >= 0.97 && enf >= nft),
+        );
+    } else {
+        push(
+            "Connection rate, envguard enforcing ≥ 0.97 × no program, and not below the nftables-set arm",
+            nm(),
+            "NOT MEASURED",
+        );
+    }
+    let big = section(r, "policy").and_then(|p| {
+        p["policies"]
+            .as_array()?
+            .iter()
+            .find(|x| x["cidrs"].as_u64().unwrap_or(0) >= 100_000)
+            .cloned()
+    });
+    match big
+        .as_ref()
+        .and_then(|b| f(&b["start_to_policy_loaded_ms_median"]))
+    {
+        Some(ms) => push(
+            "100 000-CIDR policy loaded in < 1 s",
+            format!("{ms:.0} ms from starting `envguard run` to `policy_loaded` (median)"),
+            met(ms < 1000.0),
+        ),
+        None => push("100 000-CIDR policy loaded in < 1 s", nm(), "NOT MEASURED"),
+    }
+    let toggle = section(r, "policy").map(|p| p["mode_toggle"].clone());
+    match toggle.as_ref().map(|t| (t, f(&t["to_kernel_ms_median"]))) {
+        Some((t, Some(ms))) => push(
+            "Mode toggle in the kernel < 10 ms after the command starts",
+            format!(
+                "{ms:.1} ms median, {:.1} ms worst of {} toggles (from starting `envguard mode` to the first connect() the kernel answers the new way; {}-CIDR policy)",
+                f(&t["to_kernel_ms_max"]).unwrap_or(f64::NAN),
+                t["toggles"],
+                thousands(&t["cidrs"])
+            ),
+            met(ms < 10.0),
+        ),
+        Some((t, None)) => push(
+            "Mode toggle in the kernel < 10 ms after the command starts",
+            t.as_str().unwrap_or("not measured").to_owned(),
+            "NOT MEASURED",
+        ),
+        None => push(
+            "Mode toggle in the kernel < 10 ms after the command starts",
+            nm(),
+            "NOT MEASURED",
+        ),
+    }
+    match section(r, "events") {
+        Some(ev) => {
+            let rate = f(&ev["written_per_s"]).unwrap_or(0.0);
+            let util = f(&ev["agent_cpu_utilisation"]).unwrap_or(0.0);
+            let lost = ev["lost"].as_u64().unwrap_or(0);
+            let bound = if lost > 0 || util > 0.85 {
+                "agent-bound"
+            } else {
+                "sender-bound: the agent kept up"
+            };
+            push(
+                "≥ 200 000 violation records/s to a file on one core",
+                format!(
+                    "{} records/s ({bound}; agent CPU {:.0} %, {lost} lost)",
+                    si(rate),
+                    util * 100.0
+                ),
+                met(rate >= 200_000.0),
+            );
+            let rss = ev["rss_idle_kib"].as_u64().unwrap_or(u64::MAX);
+            push(
+                "Agent RSS < 32 MiB idle",
+                format!(
+                    "{:.1} MiB (VmRSS after policy_loaded, small policy){}",
+                    rss as f64 / 1024.0,
+                    big_rss(r).map_or(String::new(), |(n, m)| format!(
+                        "; {m:.1} MiB with {} CIDRs loaded",
+                        thousands(&json!(n as u64))
+                    ))
+                ),
+                met(rss < 32 * 1024),
+            );
+        }
+        None => {
+            push(
+                "≥ 200 000 violation records/s to a file on one core",
+                nm(),
+                "NOT MEASURED",
+            );
+            push("Agent RSS < 32 MiB idle", nm(), "NOT MEASURED");
+        }
+    }
+    t
+}
+
+/// A profile's rows as "symbol 12.3 %, …" (or the note it has instead).
+fn profile_list(rows: &Value) -> String {
+    rows.as_array().map_or_else(
+        || rows.as_str().unwrap_or("?").to_owned(),
+        |rows| {
+            rows.iter()
+                .map(|r| {
+                    format!(
+                        "{} {:.1} %",
+                        r["symbol"].as_str().unwrap_or("?"),
+                        f(&r["pct"]).unwrap_or(0.0)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    )
+}
+
+fn case_label(c: &Value) -> String {
+    format!(
+        "{} CIDRs, {} rules",
+        thousands(&c["cidrs"]),
+        thousands(&c["rules"])
+    )
+}
+
+/// 100000 → "100 000".
+fn thousands(v: &Value) -> String {
+    let Some(n) = v.as_u64() else {
+        return v.to_string();
+    };
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// The tables, as Markdown (also what the terminal shows).
+pub fn tables(r: &Value) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "### 1a. Kernel cost per run: BPF_PROG_TEST_RUN (ns, lower is better)\n"
+    );
+    if let Some(t) = section(r, "test_run") {
+        let _ = writeln!(
+            s,
+            "Steady state: mean of {} runs of one cached flow (median of {} calls). Classification: median of {} single runs, each with a new socket and remote port; the remote address is a new random one inside the policy's CIDRs each run, or (\"hot\") always the same. `(+x)`: above the empty program measured the same way.\n",
+            t["repeat"], t["big_calls"], t["calls"]
+        );
+        s.push_str("| policy | empty program | skb_egress steady | skb_ingress steady | empty, 1 run | skb_egress classify | skb_ingress classify | skb_egress classify, hot | skb_ingress classify, hot |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+        for c in t["cases"].as_array().into_iter().flatten() {
+            let floor = f(&c["empty_steady_ns"]["median"]);
+            let once = f(&c["empty_once_ns"]["median"]);
+            let hot = f(&c["empty_once_hot_ns"]["median"]);
+            let cell = |v: Option<f64>, base: Option<f64>| match (v, base) {
+                (Some(v), Some(b)) => format!("{v:.0} (+{:.0})", v - b),
+                (v, _) => ns(v),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                case_label(c),
+                ns(floor),
+                cell(f(&c["egress_steady_ns"]["median"]), floor),
+                cell(f(&c["ingress_steady_ns"]["median"]), floor),
+                ns(once),
+                cell(f(&c["egress_classify_ns"]["median"]), once),
+                cell(f(&c["ingress_classify_ns"]["median"]), once),
+                cell(f(&c["egress_classify_hot_ns"]["median"]), hot),
+                cell(f(&c["ingress_classify_hot_ns"]["median"]), hot),
+            );
+        }
+        if let Some(c) = t["cases"].as_array().and_then(|c| c.last()) {
+            let p = &c["programs"];
+            let _ = writeln!(
+                s,
+                "\nProgram size: skb_egress {} BPF instructions ({} bytes JITed), skb_ingress {} ({} bytes).",
+                p["skb_egress"]["xlated_insns"],
+                p["skb_egress"]["jited_bytes"],
+                p["skb_ingress"]["xlated_insns"],
+                p["skb_ingress"]["jited_bytes"]
+            );
+        }
+        if let Some(p) = t["cases"]
+            .as_array()
+            .and_then(|c| c.iter().find_map(|c| c.get("profile")))
+        {
+            match p.as_object() {
+                Some(modes) => {
+                    s.push_str("\nProfile of `skb_egress` at the largest policy (`perf record -e cpu-clock` of a worker looping BPF_PROG_TEST_RUN; `bpf:` = JITed BPF code, the rest kernel functions; % of the worker's samples):\n\n| path | top symbols |\n|---|---|\n");
+                    for (mode, rows) in modes {
+                        let _ = writeln!(s, "| {mode} | {} |", profile_list(rows));
+                    }
+                }
+                None => {
+                    let _ = writeln!(s, "\nProfile: {}", p.as_str().unwrap_or("?"));
+                }
+            }
+        }
+        let bad: u64 = t["cases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                c["not_passed"]
+                    .as_object()
+                    .map_or(0, |o| o.values().filter_map(Value::as_u64).sum::<u64>())
+            })
+            .sum();
+        let lo: Vec<String> = t["cases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["egress_loopback_shortcut_ns"].as_u64())
+            .map(|n| n.to_string())
+            .collect();
+        let _ = writeln!(
+            s,
+            "\nEvery test packet is of an allowed flow; runs that did not pass: {bad}. The same steady-state packet with ifindex 1 (loopback: the program parses the headers, then passes it without any map lookup) costs {} ns: the context's ifindex takes effect, and header parsing alone is most of the steady-state cost.\n",
+            lo.join(" / ")
+        );
+    } else {
+        s.push_str(&error_line(r, "test_run").unwrap_or_default());
+    }
+
+    let _ = writeln!(
+        s,
+        "### 1b. Kernel cost per run under real traffic: bpf_stats (ns)\n"
+    );
+    if let Some(b) = section(r, "bpf_stats") {
+        let tr = &b["traffic"];
+        let _ = writeln!(
+            s,
+            "{} s of traffic from env `dev` through the veth ({} TCP/IPv4 and {} TCP/IPv6 connections with an explicit bind, {} UDP/IPv4 and {} UDP/IPv6 datagrams), policy of {} CIDRs. The run time includes the accounting itself; the empty programs, attached to the client's cgroup, show that floor. `kernel.bpf_stats_enabled`: {} before, {} during, {} after.\n",
+            b["seconds"],
+            tr["tcp4_connections"],
+            tr["tcp6_connections"],
+            tr["udp4_datagrams"],
+            tr["udp6_datagrams"],
+            b["policy"]["cidrs"],
+            b["bpf_stats_enabled"]["before"],
+            b["bpf_stats_enabled"]["during"],
+            b["bpf_stats_enabled"]["after"],
+        );
+        s.push_str("| program | runs | ns per run |\n|---|--:|--:|\n");
+        for p in b["programs"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} |",
+                p["program"].as_str().unwrap_or("?"),
+                p["runs"],
+                ns(f(&p["ns_per_run"]))
+            );
+        }
+        s.push('\n');
+    } else {
+        s.push_str(&error_line(r, "bpf_stats").unwrap_or_default());
+    }
+
+    let _ = writeln!(
+        s,
+        "### 2. End to end (noisy on this VM: lean on section 1)\n"
+    );
+    if let Some(e) = section(r, "e2e") {
+        let _ = writeln!(
+            s,
+            "{} rounds of A–E interleaved, first dropped ({} kept); ratio = this arm / `none` in the same round, median [min–max]; CPU = all CPUs' busy time (/proc/stat) per operation; CPU time stolen by the hypervisor during the runs: median {:.1} %, max {:.1} %. A connection dev → prod (not allowed) per arm: {}.\n",
+            e["rounds"],
+            e["rounds_kept"],
+            f(&e["cpu_steal_frac_median"]).unwrap_or(f64::NAN) * 100.0,
+            f(&e["cpu_steal_frac_max"]).unwrap_or(f64::NAN) * 100.0,
+            ARMS.iter()
+                .map(|a| format!(
+                    "{a} `{}`",
+                    e["disallowed_connect_per_arm"][a].as_str().unwrap_or("?")
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let loads: Vec<f64> = e["load1_per_round"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_f64)
+            .collect();
+        if !loads.is_empty() {
+            let _ = writeln!(
+                s,
+                "1-minute load average at the start of each round: {} (the benchmark's own client and server account for about 2).\n",
+                loads
+                    .iter()
+                    .map(|l| format!("{l:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        // Kernel time in envguard's programs per operation, net of the
+        // accounting (the empty program's cost under bpf_stats, section 1b).
+        let floor = section(r, "bpf_stats").and_then(|b| {
+            b["programs"]
+                .as_array()?
+                .iter()
+                .filter(|p| {
+                    p["program"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("empty"))
+                })
+                .filter_map(|p| f(&p["ns_per_run"]))
+                .reduce(f64::min)
+        });
+        for w in ["connections", "request-response"] {
+            let b = &e["enforce_bpf_time_per_op"][w];
+            let (Some(t), Some(n)) = (f(&b["ns_per_op"]), f(&b["runs_per_op"])) else {
+                continue;
+            };
+            let net = floor.map(|fl| t - n * fl);
+            let cpu = f(&e["workloads"][w]["none"]["cpu_s_per_op_median"]).map(|c| c * 1e9);
+            let _ = writeln!(
+                s,
+                "Noise-free view of **{w}**, enforce arm, bpf_stats on for one extra run: {n:.1} program runs and {:.0} ns in envguard's programs per operation{}{}.\n",
+                t,
+                net.map_or(String::new(), |x| format!(
+                    " ({x:.0} ns without the accounting's own cost)"
+                )),
+                match (net, cpu) {
+                    (Some(x), Some(c)) if c > 0.0 => format!(
+                        "; against {:.1} µs of CPU per operation with no program, that predicts a rate of {:.3} × no program",
+                        c / 1e3,
+                        c / (c + x)
+                    ),
+                    _ => String::new(),
+                }
+            );
+        }
+        for w in WORKLOADS {
+            let unit = e["units"][w].as_str().unwrap_or("");
+            let (cpu_unit, scale) = if w == "throughput" {
+                ("CPU ms per GB", 1e12)
+            } else {
+                ("CPU µs per op", 1e6)
+            };
+            let _ = writeln!(
+                s,
+                "**{w}** ({unit})\n\n| arm | median | ratio to none | {cpu_unit} |\n|---|--:|--:|--:|"
+            );
+            for arm in ARMS {
+                let a = &e["workloads"][w][arm];
+                let _ = writeln!(
+                    s,
+                    "| {arm} | {} | {:.3} [{:.2}–{:.2}] | {:.1} |",
+                    si(f(&a["rate_median"]).unwrap_or(f64::NAN)),
+                    f(&a["ratio_median"]).unwrap_or(f64::NAN),
+                    f(&a["ratio_min"]).unwrap_or(f64::NAN),
+                    f(&a["ratio_max"]).unwrap_or(f64::NAN),
+                    f(&a["cpu_s_per_op_median"]).unwrap_or(f64::NAN) * scale,
+                );
+            }
+            s.push('\n');
+        }
+    } else {
+        s.push_str(&error_line(r, "e2e").unwrap_or_default());
+    }
+
+    let _ = writeln!(s, "### 3. Policy load\n");
+    if let Some(p) = section(r, "policy") {
+        s.push_str("| policy | `envguard check` | `envguard run` → `policy_loaded` | agent RSS after load |\n|---|--:|--:|--:|\n");
+        for x in p["policies"].as_array().into_iter().flatten() {
+            let rss = x["rss_after_load"][0]["vm_rss_kib"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+                / 1024.0;
+            let _ = writeln!(
+                s,
+                "| {} ({} kB TOML) | {:.0} ms | {:.0} ms | {rss:.1} MiB |",
+                case_label(x),
+                x["policy_bytes"].as_u64().unwrap_or(0) / 1000,
+                f(&x["check_ms_median"]).unwrap_or(f64::NAN),
+                f(&x["start_to_policy_loaded_ms_median"]).unwrap_or(f64::NAN),
+            );
+        }
+        for x in p["policies"].as_array().into_iter().flatten() {
+            if x["check_profile"].is_array() {
+                let _ = writeln!(
+                    s,
+                    "\nProfile of `envguard check` on the {} policy (`perf record -e cpu-clock`, % of samples): {}.",
+                    case_label(x),
+                    profile_list(&x["check_profile"])
+                );
+            }
+        }
+        let l = &p["lpm_fill"];
+        let _ = writeln!(
+            s,
+            "\nKernel share of filling the maps: {} IPv4 entries into a bare LPM trie (the agent's key/value sizes), one BPF_MAP_UPDATE_ELEM each: {:.0} ms; with BPF_MAP_UPDATE_BATCH (10 000 per call): {}.\n\nPolicy reload: {}. Mode toggle: {}.\n",
+            l["entries"],
+            f(&l["single_updates_ms_median"]).unwrap_or(f64::NAN),
+            match f(&l["batch_updates_ms_median"]) {
+                Some(ms) => format!("{ms:.0} ms"),
+                None => l["batch_update_on_lpm_trie"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_owned(),
+            },
+            match f(&p["reload"]["reload_ms_median"]) {
+                Some(ms) => format!(
+                    "`envguard reload` to another {}-CIDR policy (every CIDR different) returns after {ms:.0} ms (median of {})",
+                    thousands(&p["reload"]["cidrs"]),
+                    p["reload"]["reload_ms"].as_array().map_or(0, Vec::len)
+                ),
+                None => p["reload"].as_str().unwrap_or("?").to_owned(),
+            },
+            match f(&p["mode_toggle"]["to_kernel_ms_median"]) {
+                Some(ms) => format!(
+                    "in force in the kernel {ms:.1} ms after `envguard mode` starts (median of {}, worst {:.1} ms; the command itself returns after {:.1} ms)",
+                    p["mode_toggle"]["toggles"],
+                    f(&p["mode_toggle"]["to_kernel_ms_max"]).unwrap_or(f64::NAN),
+                    f(&p["mode_toggle"]["command_ms_median"]).unwrap_or(f64::NAN)
+                ),
+                None => p["mode_toggle"].as_str().unwrap_or("?").to_owned(),
+            },
+        );
+    } else {
+        s.push_str(&error_line(r, "policy").unwrap_or_default());
+    }
+
+    let _ = writeln!(s, "### 4. Events\n");
+    if let Some(ev) = section(r, "events") {
+        s.push_str("| offered (connect() calls/s) | records written/s | lost | agent CPU per 1 000 records | bytes per record | agent RSS idle | agent RSS after |\n|--:|--:|--:|--:|--:|--:|--:|\n");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.2} ms | {:.0} | {:.1} MiB | {:.1} MiB |\n",
+            si(f(&ev["offered_per_s"]).unwrap_or(f64::NAN)),
+            si(f(&ev["written_per_s"]).unwrap_or(f64::NAN)),
+            ev["lost"],
+            f(&ev["agent_cpu_ms_per_1000"]).unwrap_or(f64::NAN),
+            f(&ev["bytes_per_record"]).unwrap_or(f64::NAN),
+            ev["rss_idle_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+            ev["rss_after_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+        );
+        let _ = writeln!(
+            s,
+            "Sink: a file on {} (the benchmark's temp directory). Agent CPU over the window: {:.0} % of one core (the sender needs the other vCPU). Agent options: `{}`.\n",
+            ev["sink_filesystem"].as_str().unwrap_or("?"),
+            f(&ev["agent_cpu_utilisation"]).unwrap_or(f64::NAN) * 100.0,
+            ev["agent_args"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" "))
+                .unwrap_or_default()
+        );
+        if ev["agent_profile"].is_array() {
+            let _ = writeln!(
+                s,
+                "Profile of the agent under the same flood (`perf record -e cpu-clock -p`, % of its samples): {}.\n",
+                profile_list(&ev["agent_profile"])
+            );
+        }
+    } else {
+        s.push_str(&error_line(r, "events").unwrap_or_default());
+    }
+
+    let _ = writeln!(s, "### Targets\n\n| target | measured | |\n|---|---|---|");
+    for t in r["targets"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "| {} | {} | **{}** |",
+            t["target"].as_str().unwrap_or(""),
+            t["measured"].as_str().unwrap_or(""),
+            t["status"].as_str().unwrap_or("")
+        );
+    }
+    s
+}
+
+/// RSS after loading the biggest policy of section 3: (CIDRs, MiB).
+fn big_rss(r: &Value) -> Option<(f64, f64)> {
+    let p = section(r, "policy")?;
+    let big = p["policies"].as_array()?.last()?;
+    Some((
+        f(&big["cidrs"])?,
+        f(&big["rss_after_load"][0]["vm_rss_kib"])? / 1024.0,
+    ))
+}
+
+/// Sum of the profile's percentages over the symbols `pred` accepts.
+fn prof_pct(rows: &Value, pred: impl Fn(&str) -> bool) -> f64 {
+    rows.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["symbol"].as_str().is_some_and(&pred))
+        .filter_map(|r| f(&r["pct"]))
+        .sum()
+}
+
+fn status_of(r: &Value, prefix: &str) -> Option<String> {
+    r["targets"]
+        .as_array()?
+        .iter()
+        .find(|t| t["target"].as_str().is_some_and(|s| s.starts_with(prefix)))
+        .and_then(|t| t["status"].as_str().map(str::to_owned))
+}
+
+/// What the figures say about each missed target: where the time goes and
+/// what would change it (agent side). Built from this run's figures; a
+/// note appears only for a target this run missed.
+pub fn notes(r: &Value) -> String {
+    let mut s = String::new();
+    let missed = |prefix: &str| status_of(r, prefix).as_deref() == Some("MISSED");
+    let cases = section(r, "test_run")
+        .and_then(|t| t["cases"].as_array().cloned())
+        .unwrap_or_default();
+
+    if missed("Steady-state") && !cases.is_empty() {
+        let big = cases.last().expect("non-empty");
+        let floor = f(&big["empty_steady_ns"]["median"]).unwrap_or(f64::NAN);
+        let steady = f(&big["egress_steady_ns"]["median"]).unwrap_or(f64::NAN);
+        let lo = f(&big["egress_loopback_shortcut_ns"]).unwrap_or(f64::NAN);
+        let _ = writeln!(
+            s,
+            "**Steady state.** A cached packet costs `skb_egress` {:.0} ns over the empty program. With ifindex 1 the program returns right after parsing the headers, before any map lookup, and still costs {:.0} ns over the floor: header parsing is {:.0} % of the steady-state excess, the verdict-cache lookup and the rest {:.0} ns.",
+            steady - floor,
+            lo - floor,
+            (lo - floor) / (steady - floor) * 100.0,
+            steady - lo
+        );
+        let p = &big["profile"]["steady"];
+        if p.is_array() {
+            let _ = writeln!(
+                s,
+                "The profile of that path: the program's own JITed code {:.0} %, `bpf_skb_load_bytes` and the copy it does {:.0} %, a `memset` BPF subprogram the compiler emitted {:.0} %, the hash lookup of the 32-byte cache key {:.0} %, the test-run loop {:.0} %.",
+                prof_pct(p, |x| x == "bpf:skb_egress"),
+                prof_pct(p, |x| x == "bpf_skb_load_bytes" || x.contains("memcpy")),
+                prof_pct(p, |x| x == "bpf:memset"),
+                prof_pct(p, |x| x.starts_with("htab_")
+                    || x.starts_with("lookup_nulls")
+                    || x == "memcmp"),
+                prof_pct(p, |x| x.starts_with("bpf_test")),
+            );
+        }
+        let mut fixes = Vec::new();
+        if prof_pct(p, |x| x == "bpf_skb_load_bytes") >= 5.0 {
+            fixes.push("read the headers in one go (direct packet access, which cgroup_skb programs have for reading, or one `bpf_skb_load_bytes` of the IP and transport headers instead of one call per field)");
+        }
+        if prof_pct(p, |x| x == "bpf:memset") >= 3.0 {
+            fixes.push("build the packet and key structures from 4- and 8-byte words rather than zeroed `[u8; 16]` arrays (zeroing them is the `memset` subprogram)");
+        }
+        fixes.push("and, the only change that can reach +30 ns, keep a connected socket's verdict in socket-local storage (`bpf_sk_storage_get` on the packet's socket) and check it before parsing anything: for an established TCP flow that is one lookup and no header read");
+        let _ = writeln!(
+            s,
+            "What would change it, in the kernel programs: {}.\n",
+            fixes.join("; ")
+        );
+    }
+
+    if missed("Classification") {
+        let find = |n: u64| {
+            cases.iter().find(|c| {
+                c["rules"].as_u64() == Some(1_000)
+                    && c["cidrs"]
+                        .as_u64()
+                        .is_some_and(|x| x.abs_diff(n) <= n / 100 + 6)
+            })
+        };
+        let over = |c: &Value, k: &str, fl: &str| {
+            f(&c[k]["median"]).unwrap_or(f64::NAN) - f(&c[fl]["median"]).unwrap_or(f64::NAN)
+        };
+        if let (Some(a), Some(b)) = (find(1_000), find(100_000)) {
+            let cold = over(b, "egress_classify_ns", "empty_once_ns")
+                / over(a, "egress_classify_ns", "empty_once_ns");
+            let hot = over(b, "egress_classify_hot_ns", "empty_once_hot_ns")
+                / over(a, "egress_classify_hot_ns", "empty_once_hot_ns");
+            let trie = prof_pct(&b["profile"]["classify"], |x| x.starts_with("trie_"));
+            let _ = writeln!(
+                s,
+                "**Classification.** With the same remote address every run, classifying at 100 000 CIDRs costs {hot:.2}× what it costs at 1 000: the bigger policy costs nothing while the trie path is in the CPU caches. With a new random remote every run it costs {cold:.2}×: the kernel's LPM trie is a binary trie walked one dependent pointer load per level (about 17 levels for 100 000 /32s), and each level is a cache miss once the trie (several MB here) no longer fits; `trie_lookup_elem` is {trie:.0} % of the cold profile. What would change it: look host prefixes (/32, /128; all of the 100 000 here) up in a hash map first (one bucket, one or two cache lines) and keep only shorter prefixes in the trie, or one hash map per prefix length the policy uses. Whether the target should count a cold trie is open: connections to a few popular destinations find their path cached (the hot figures).\n"
+            );
+        }
+    }
+
+    if missed("Connection rate")
+        && let Some(e) = section(r, "e2e")
+    {
+        let b = &e["enforce_bpf_time_per_op"]["connections"];
+        let cpu = f(&e["workloads"]["connections"]["none"]["cpu_s_per_op_median"])
+            .map(|c| c * 1e9)
+            .unwrap_or(f64::NAN);
+        let ns = f(&b["ns_per_op"]).unwrap_or(f64::NAN);
+        let runs = f(&b["runs_per_op"]).unwrap_or(f64::NAN);
+        let per_prog = section(r, "bpf_stats")
+            .and_then(|b| b["programs"].as_array().cloned())
+            .unwrap_or_default();
+        let prog_ns = |name: &str| {
+            per_prog
+                .iter()
+                .find(|p| p["program"] == name)
+                .and_then(|p| f(&p["ns_per_run"]))
+                .unwrap_or(f64::NAN)
+        };
+        let net = ns - runs * prog_ns("empty (egress)");
+        let measured = f(&e["workloads"]["connections"]["envguard-enforce"]["ratio_median"])
+            .unwrap_or(f64::NAN);
+        let _ = writeln!(
+            s,
+            "**Connection rate.** The enforce arm runs {runs:.0} envguard programs per connection, {net:.0} ns in all once the accounting's own cost is taken off (bpf_stats), against {:.1} µs of CPU per connection with no program: that alone predicts {:.3}× (measured: {measured:.3}×), so the 3 % budget is spent before any noise. Per run under traffic (1b, accounting included): connect4 {:.0} ns, sock_release {:.0} ns, skb_egress {:.0} ns, skb_ingress {:.0} ns, against {:.0} ns for an empty program. 0.97 needs roughly {:.0} ns per connection or less: the steady-state fixes above (most of the runs are packet hooks), and a cheaper connect4 (a new socket always classifies: cgroup walk, CIDR and rule lookups, cache insert) and sock_release (it runs for every socket, bound or not).\n",
+            cpu / 1e3,
+            cpu / (cpu + net),
+            prog_ns("connect4"),
+            prog_ns("sock_release"),
+            prog_ns("skb_egress"),
+            prog_ns("skb_ingress"),
+            prog_ns("empty (egress)"),
+            cpu * 0.03 / 0.97,
+        );
+    }
+
+    if missed("100 000-CIDR policy loaded")
+        && let Some(p) = section(r, "policy")
+        && let Some(big) = p["policies"].as_array().and_then(|v| v.last())
+    {
+        let ready: Vec<String> = cases
+            .iter()
+            .filter(|c| c["rules"].as_u64() == Some(1_000))
+            .filter_map(|c| {
+                Some(format!(
+                    "{} CIDRs {:.2} s",
+                    thousands(&c["cidrs"]),
+                    f(&c["agent_ready_ms"])? / 1e3
+                ))
+            })
+            .collect();
+        let prof = &big["check_profile"];
+        let _ = writeln!(
+            s,
+            "**Policy load.** `envguard check` alone (parse and validate, nothing loaded) takes {:.1} s of the {:.1} s; the kernel's share of filling the maps is {:.0} ms ({:.0} ms with batched updates).{}{}{}\n",
+            f(&big["check_ms_median"]).unwrap_or(f64::NAN) / 1e3,
+            f(&big["start_to_policy_loaded_ms_median"]).unwrap_or(f64::NAN) / 1e3,
+            f(&p["lpm_fill"]["single_updates_ms_median"]).unwrap_or(f64::NAN),
+            f(&p["lpm_fill"]["batch_updates_ms_median"]).unwrap_or(f64::NAN),
+            if ready.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " The agent's start time grows faster than linearly with the CIDR count (section 1a: {}).",
+                    ready.join(", ")
+                )
+            },
+            if prof.is_array() {
+                format!(
+                    " Its profile: `Policy::parse` {:.0} %, `lint` {:.0} %.",
+                    prof_pct(prof, |x| x.contains("parse")),
+                    prof_pct(prof, |x| x.contains("lint"))
+                )
+            } else {
+                String::new()
+            },
+            if prof_pct(prof, |x| x.contains("parse") || x.contains("lint")) >= 50.0 {
+                " What would change it, in the agent's policy code (both parts grow with the square of the CIDR count): line numbers from a newline index built once (a binary search per item) instead of counting newlines from the start of the file for every CIDR (`line_of`, the hot loop of `parse`), and the CIDR containment lint as one sorted sweep instead of comparing every CIDR with every other. Batched map updates (BPF_MAP_UPDATE_BATCH works on this kernel's LPM tries) would then shave the kernel's share."
+            } else {
+                " Batched map updates (BPF_MAP_UPDATE_BATCH works on this kernel's LPM tries) would shave the kernel's share."
+            }
+        );
+    }
+
+    if missed("≥ 200 000 violation records")
+        && let Some(ev) = section(r, "events")
+    {
+        let p = &ev["agent_profile"];
+        let handoff = prof_pct(p, |x| {
+            x.contains("finish_task_switch")
+                || x.contains("spin_unlock")
+                || x.contains("lock_contended")
+                || x.contains("futex")
+        });
+        let alloc = prof_pct(p, |x| {
+            x.contains("malloc") || x.contains("_int_free") || x.contains("cfree") || x == "realloc"
+        });
+        let json_maps = prof_pct(p, |x| {
+            x.contains("IndexMap")
+                || x.contains("ser::")
+                || x.contains("Serialize")
+                || x.contains("hash")
+                || x.contains("RawTable")
+        });
+        let mut fixes = Vec::new();
+        if handoff >= 15.0 {
+            fixes.push("hand records from the ring-buffer reader to the sinks in batches (one queue operation and wake-up per drain, not per record)");
+        }
+        if alloc + json_maps >= 15.0 {
+            fixes.push("serialize each record straight into the output buffer instead of building a JSON map (and its allocations) first");
+        }
+        let fixes = if fixes.is_empty() {
+            String::new()
+        } else {
+            format!(" What would change it, in the agent: {}.", fixes.join("; "))
+        };
+        let _ = writeln!(
+            s,
+            "**Events.** The agent writes {} records/s with {:.0} % of a core ({}{:.2} ms of CPU per 1 000 records) while the sender holds the other vCPU, and loses the rest when the ring buffer fills.{}{}\n",
+            si(f(&ev["written_per_s"]).unwrap_or(f64::NAN)),
+            f(&ev["agent_cpu_utilisation"]).unwrap_or(f64::NAN) * 100.0,
+            ev["agent_threads"]
+                .as_u64()
+                .map_or(String::new(), |n| format!("{n} threads; ")),
+            f(&ev["agent_cpu_ms_per_1000"]).unwrap_or(f64::NAN),
+            if p.is_array() {
+                format!(
+                    " Its profile: context switches and lock hand-offs (`finish_task_switch`, spin unlocks, contended mutexes) {:.0} %, allocation (malloc/free) {:.0} %, building and serializing JSON maps {:.0} %.",
+                    handoff, alloc, json_maps,
+                )
+            } else {
+                String::new()
+            },
+            fixes
+        );
+    }
+    s
+}
