@@ -380,7 +380,8 @@ fn markdown(r: &Value, tables: &str, notes: &str) -> String {
         String::new()
     } else {
         format!(
-            "## Notes on the missed targets\n\nFrom this run's figures and profiles; the suggested changes are to the agent and its kernel programs, which this benchmark only measures.\n\n{notes}\n"
+            "## Notes on the missed targets\n\nFrom this run's figures and profiles; the suggested changes are to the agent and its kernel programs, which this benchmark only measures.\n\n{}\n\n",
+            notes.trim_end()
         )
     };
     let m = &r["machine"];
@@ -422,8 +423,7 @@ average above says how quiet it was.
 ## Results
 
 {tables}
-{notes}
-## Method
+{notes}## Method
 
 **1a. Per-run cost, BPF_PROG_TEST_RUN.** The real agent runs (enforce mode)
 attached at a cgroup of the benchmark's own tree, with generated policies
