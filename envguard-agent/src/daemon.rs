@@ -197,7 +197,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let body = events::agent_gap(&daemon.policy, gap);
         daemon.stream.emit("agent_gap", None, &body)?;
     }
-    daemon.stream.flush()?;
 
     let result = daemon.serve(ring, calls_rx).await;
     server.abort();
@@ -317,11 +316,9 @@ impl Daemon {
                 Some(call) = calls.recv() => {
                     let response = self.handle(call.request, call.actor);
                     let _ = call.reply.send(response);
-                    self.stream.flush()?;
                 }
                 _ = sleep_until(next_expiry) => {
                     self.expire()?;
-                    self.stream.flush()?;
                 }
                 _ = sighup.recv() => {
                     // logrotate moves the file, then sends SIGHUP.
@@ -329,7 +326,6 @@ impl Daemon {
                     if let Err(e) = self.reload(Actor::agent("SIGHUP")) {
                         log::error!("reload on SIGHUP refused, the old policy stays in force: {e}");
                     }
-                    self.stream.flush()?;
                 }
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
@@ -362,7 +358,6 @@ impl Daemon {
         }
         // Flows the kernel evicted are done; forget them too.
         self.dedup_reported.retain(|k, _| live.contains(k));
-        self.stream.flush()?;
         Ok(())
     }
 
@@ -382,7 +377,6 @@ impl Daemon {
             let body = events::violation(&self.policy, &self.compiled, &mut self.names, &e);
             self.stream.emit("violation", Some(e.boot_ns), &body)?;
         }
-        self.stream.flush()?;
         Ok(())
     }
 
@@ -433,7 +427,6 @@ impl Daemon {
                 .emit("lost_events", None, &LostEvents { source, count })?;
         }
         self.update_metrics()?;
-        self.stream.flush()?;
         self.kernel.heartbeat()?;
         Ok(())
     }

@@ -265,11 +265,6 @@ impl<O: LineOut> Stream<O> {
         }
         Ok(())
     }
-
-    /// Kept for the call sites' shape: sinks flush by themselves when idle.
-    pub fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// RFC 3339 with nanoseconds, UTC.

@@ -209,10 +209,6 @@ impl Kernel {
         &self.pin_root
     }
 
-    pub fn mode(&self) -> u32 {
-        self.config.mode
-    }
-
     /// The policy generation in force (bumped by every load).
     pub fn generation(&self) -> u32 {
         self.config.generation
