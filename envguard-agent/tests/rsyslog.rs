@@ -17,7 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[path = "support/rsyslog_conf.rs"]
+mod rsyslog_conf;
+
 use envguard_agent::sinks::{Fanout, MAX_MESSAGE_BYTES, SinkConfig, SyslogTarget};
+use rsyslog_conf::{UDP_LOG, UNIX_LOG, rsyslog_conf};
 use serde_json::{Value, json};
 
 /// `rsyslogd`, wherever it is (it lives in /usr/sbin, which a user's PATH
@@ -62,19 +66,7 @@ impl Rsyslog {
             .local_addr()
             .unwrap()
             .port();
-        let d = dir.display();
-        let conf = format!(
-            r#"global(workDirectory="{d}")
-module(load="imuxsock" SysSock.Use="off")
-module(load="imudp")
-template(name="fields" type="string"
-  string="%syslogfacility%|%syslogseverity%|%hostname%|%app-name%|%procid%|%msgid%|%structured-data%|%msg%\n")
-ruleset(name="unix") {{ action(type="omfile" file="{d}/unix.log" template="fields") }}
-ruleset(name="udp") {{ action(type="omfile" file="{d}/udp.log" template="fields") }}
-input(type="imuxsock" Socket="{d}/log.sock" UseSpecialParser="off" ruleset="unix")
-input(type="imudp" address="127.0.0.1" port="{port}" ruleset="udp")
-"#
-        );
+        let conf = rsyslog_conf(&dir, port);
         let conf_path = dir.join("rsyslog.conf");
         std::fs::write(&conf_path, conf).unwrap();
         let check = Command::new(&bin)
@@ -116,13 +108,13 @@ input(type="imudp" address="127.0.0.1" port="{port}" ruleset="udp")
         let probe = b"<13>1 - - probe - ready - ready";
         for (file, send) in [
             (
-                "unix.log",
+                UNIX_LOG,
                 &(|| {
                     let s = UnixDatagram::unbound().unwrap();
                     let _ = s.send_to(probe, &self.socket);
                 }) as &dyn Fn(),
             ),
-            ("udp.log", &|| {
+            (UDP_LOG, &|| {
                 let s = UdpSocket::bind("127.0.0.1:0").unwrap();
                 let _ = s.send_to(probe, self.udp);
             }),
@@ -282,7 +274,7 @@ fn records_reach_a_real_rsyslog_whole_over_unix_and_udp() {
 
     let host = envguard_agent::sys::hostname();
     let pid = std::process::id().to_string();
-    for file in ["unix.log", "udp.log"] {
+    for file in [UNIX_LOG, UDP_LOG] {
         let got = rsyslog.wait_lines(file, sent.len());
         assert_eq!(
             got.len(),
@@ -344,7 +336,7 @@ fn a_receiver_that_goes_away_costs_counted_records_only() {
         fanout.send(line);
     }
     assert!(fanout.flush(Duration::from_secs(10)));
-    assert_eq!(rsyslog.wait_lines("unix.log", 10).len(), 10);
+    assert_eq!(rsyslog.wait_lines(UNIX_LOG, 10).len(), 10);
     let socket = rsyslog.socket.clone();
     drop(rsyslog);
     assert!(!Path::new(&socket).exists());

@@ -21,6 +21,8 @@ pub mod sys;
 
 /// Checks records against `docs/schemas` (shared with the agent's own tests;
 /// see its module docs). Every line an [`Agent`] prints goes through it.
+#[path = "../../envguard-agent/tests/support/rsyslog_conf.rs"]
+pub mod rsyslog_conf;
 #[path = "../../envguard-agent/tests/support/schema_check.rs"]
 // Written for test crates, where its `Schemas::new` is not public API.
 #[allow(clippy::new_without_default)]

@@ -101,10 +101,7 @@ pub struct Rsyslog {
     dir: TempDir,
 }
 
-/// The file the unix socket input writes to.
-pub const UNIX_LOG: &str = "unix.log";
-/// The file the UDP input writes to.
-pub const UDP_LOG: &str = "udp.log";
+pub use crate::rsyslog_conf::{UDP_LOG, UNIX_LOG};
 /// The readiness probes' MSGID, left out of [`Rsyslog::received`].
 const PROBE_MSGID: &str = "envguard-test-ready";
 
@@ -120,19 +117,7 @@ impl Rsyslog {
             .and_then(|s| s.local_addr())
             .unwrap_or_else(|e| panic!("cannot find a free UDP port: {e}"))
             .port();
-        let d = dir.path().display();
-        let conf = format!(
-            r#"global(workDirectory="{d}")
-module(load="imuxsock" SysSock.Use="off")
-module(load="imudp")
-template(name="fields" type="string"
-  string="%syslogfacility%|%syslogseverity%|%hostname%|%app-name%|%procid%|%msgid%|%structured-data%|%msg%\n")
-ruleset(name="unix") {{ action(type="omfile" file="{d}/{UNIX_LOG}" template="fields") }}
-ruleset(name="udp") {{ action(type="omfile" file="{d}/{UDP_LOG}" template="fields") }}
-input(type="imuxsock" Socket="{d}/log.sock" UseSpecialParser="off" ruleset="unix")
-input(type="imudp" address="127.0.0.1" port="{port}" ruleset="udp")
-"#
-        );
+        let conf = crate::rsyslog_conf::rsyslog_conf(dir.path(), port);
         let conf_path = dir.join("rsyslog.conf");
         std::fs::write(&conf_path, conf)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf_path.display()));
