@@ -53,6 +53,16 @@ pub struct PolicyExtras {
 }
 
 impl PolicyExtras {
+    /// A `staging` env whose flows from dev are audited by a `[[pair_mode]]`
+    /// while the global mode enforces: the pair-mode tests' policy.
+    pub fn dev_to_staging_audited() -> PolicyExtras {
+        PolicyExtras {
+            staging: true,
+            tables: "[[pair_mode]]\nfrom = \"dev\"\nto = \"staging\"\nmode = \"audit\"\n".into(),
+            ..Default::default()
+        }
+    }
+
     /// The envs `policy_loaded` must list for a policy with these extras
     /// (sorted, as the agent lists them).
     pub fn envs(&self) -> Vec<String> {

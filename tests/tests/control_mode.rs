@@ -329,11 +329,7 @@ fn global_mode_toggles_under_traffic() {
 
 #[test]
 fn pair_modes_from_the_policy_and_at_runtime() {
-    let extras = PolicyExtras {
-        staging: true,
-        tables: "[[pair_mode]]\nfrom = \"dev\"\nto = \"staging\"\nmode = \"audit\"\n".into(),
-        ..Default::default()
-    };
+    let extras = PolicyExtras::dev_to_staging_audited();
     let mut lab = Lab::with_policy(EGPROBE, Mode::Enforce, &extras);
     lab.serve(&lab.remote_place(), Proto::Tcp, &[any()], 9000);
     lab.spawn_agent(&AgentOptions::ephemeral());

@@ -518,11 +518,7 @@ fn unknown_fields_are_refused_for_every_command() {
 
 #[test]
 fn status_fits_80_columns_and_counts_exactly() {
-    let extras = PolicyExtras {
-        staging: true,
-        tables: "[[pair_mode]]\nfrom = \"dev\"\nto = \"staging\"\nmode = \"audit\"\n".into(),
-        ..Default::default()
-    };
+    let extras = PolicyExtras::dev_to_staging_audited();
     let mut lab = Lab::with_policy(EGPROBE, Mode::Enforce, &extras);
     lab.serve(&lab.remote_place(), Proto::Tcp, &[any()], 9000);
     lab.spawn_agent(&AgentOptions::ephemeral());
