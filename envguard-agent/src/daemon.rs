@@ -46,6 +46,9 @@ use crate::{
 /// How often the agent beats, looks for listed-but-missing cgroups and reads
 /// the kernel's loss counters.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// How often sockets are given their holders' env: the bound on how long a
+/// socket handed to another env's process keeps its old env.
+const HOLDERS_PASS: Duration = Duration::from_millis(500);
 /// Records buffered for each `events --follow` subscriber.
 const SUBSCRIBER_QUEUE: usize = 4096;
 
@@ -85,8 +88,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     warn_about(&policy, &mount, &root_rel);
 
     let mut kernel = Kernel::open(&settings.kernel)?;
-    // Env ids as the adopted state has them, so its counters and bound-socket
-    // table stay right.
+    // Env ids as the adopted state has them, so its counters and the envs kept
+    // on sockets stay right.
     let compiled = compile_with_ids(&policy, &kernel.env_names()?)?;
     let tracker = CgroupTracker::new(&mount, &compiled);
     // The policy goes into the maps before any new program is attached, so no
@@ -100,16 +103,22 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         )
         .context("writing the policy into the kernel")?;
     kernel.attach(&root_dir)?;
-    // After attaching: a socket bound from now on is recorded by the kernel,
-    // one bound before is found here; none falls in between.
-    let bound = scan::bound_sockets(&mount, &root_rel, |cgroup| {
-        scan::env_of_cgroup(cgroup, &compiled.cgroups)
-    });
-    kernel
-        .record_bound(&bound)
-        .context("recording sockets bound before start")?;
+    let mut names = CgroupNames::new(&mount);
+    for (path, id) in tracker.known() {
+        names.insert(id, path);
+    }
+    // After attaching: a socket bound from now on is labelled by the kernel,
+    // one bound before is labelled here; none falls in between.
+    let mut holders = scan::Holders::default();
+    let first_pass = holders.pass(
+        &mut kernel,
+        &mount,
+        &root_rel,
+        &compiled.cgroups,
+        &mut names,
+    );
     log::info!(
-        "{} {} ({}) in {} mode at {} in {} ms; {} local sockets bound before start recorded",
+        "{} {} ({}) in {} mode at {} in {} ms; {} sockets labelled with their holders' env",
         if kernel.adopted() {
             "adopted pinned state, enforcing"
         } else {
@@ -120,13 +129,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         policy.mode,
         root_dir.display(),
         started.elapsed().as_millis(),
-        bound.len()
+        first_pass.relabeled
     );
-
-    let mut names = CgroupNames::new(&mount);
-    for (path, id) in tracker.known() {
-        names.insert(id, path);
-    }
     let (events_tx, _) = broadcast::channel(SUBSCRIBER_QUEUE);
     let fanout = Fanout::new(settings.sinks.clone(), settings.sink_queue)?;
     let mut stream = Stream::new(fanout).with_subscribers(events_tx.clone());
@@ -158,7 +162,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut counters_reported = [0; NUM_COUNTERS as usize];
     for c in [
         Counter::FlowCacheFull,
-        Counter::BoundTableFull,
+        Counter::SockStorageFull,
         Counter::Unparsable,
     ] {
         counters_reported[c as usize] = kernel.counter(c)?;
@@ -190,8 +194,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         next_rollup: Instant::now() + settings.kernel.dedup_interval,
         snapshot,
         lost_totals: BTreeMap::new(),
+        holders,
     };
     daemon.emit_policy_loaded(None)?;
+    daemon.report_shared(first_pass.shared)?;
     if let Some(prev) = previous.filter(|p| p.heartbeat_ns != 0) {
         let gap = Duration::from_nanos(sys::boot_ns().saturating_sub(prev.heartbeat_ns));
         let body = events::agent_gap(&daemon.policy, gap);
@@ -275,6 +281,8 @@ struct Daemon {
     snapshot: Arc<Mutex<metrics::Snapshot>>,
     /// Records lost since start, per source (metrics).
     lost_totals: BTreeMap<String, u64>,
+    /// Which env each socket's holders are in.
+    holders: scan::Holders,
 }
 
 #[derive(Serialize)]
@@ -304,6 +312,7 @@ impl Daemon {
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut tick = tokio::time::interval(HOUSEKEEPING);
+        let mut holders_tick = tokio::time::interval(HOLDERS_PASS);
         loop {
             let next_expiry = self.next_expiry();
             tokio::select! {
@@ -313,6 +322,7 @@ impl Daemon {
                     guard.clear_ready();
                 }
                 _ = tick.tick() => self.housekeeping()?,
+                _ = holders_tick.tick() => self.holders_pass()?,
                 Some(call) = calls.recv() => {
                     let response = self.handle(call.request, call.actor);
                     let _ = call.reply.send(response);
@@ -335,6 +345,39 @@ impl Daemon {
         self.drain(ring.get_mut())?;
         self.rollups()?;
         self.housekeeping()
+    }
+
+    /// Gives sockets their holders' env; reports sockets shared between envs.
+    fn holders_pass(&mut self) -> anyhow::Result<()> {
+        let pass = self.holders.pass(
+            &mut self.kernel,
+            &self.mount,
+            &self.root_rel,
+            &self.compiled.cgroups,
+            &mut self.names,
+        );
+        if pass.relabeled > 0 {
+            log::info!("{} sockets given their holders' env", pass.relabeled);
+        }
+        self.report_shared(pass.shared)
+    }
+
+    fn report_shared(&mut self, shared: Vec<scan::Shared>) -> anyhow::Result<()> {
+        for s in shared {
+            let record = events::SocketShared {
+                inode: s.inode,
+                cookie: s.cookie,
+                envs: s
+                    .envs
+                    .iter()
+                    .map(|&e| self.compiled.env_name(e).to_owned())
+                    .collect(),
+                pids: s.pids,
+                env: self.compiled.env_name(s.env).to_owned(),
+            };
+            self.stream.emit("socket_shared", None, &record)?;
+        }
+        Ok(())
     }
 
     /// One `violation_rollup` per flow whose repeats grew since the last one.
@@ -391,7 +434,7 @@ impl Daemon {
         self.stream.flush_suppressed()?;
         for (counter, kind, what) in [
             (Counter::FlowCacheFull, "map_full", maps::FLOW_VERDICTS),
-            (Counter::BoundTableFull, "map_full", maps::BOUND_SOCKETS),
+            (Counter::SockStorageFull, "map_full", maps::SOCK_ENVS),
             (Counter::Unparsable, "unparsable_packets", "skb"),
         ] {
             let now = self.kernel.counter(counter)?;
@@ -795,21 +838,12 @@ impl Daemon {
         for (path, id) in tracker.known() {
             self.names.insert(id, path);
         }
-        let updated = {
-            let names = &mut self.names;
-            let cgroups = &compiled.cgroups;
-            self.kernel.refresh_bound(|cgroup_id| {
-                names
-                    .path(cgroup_id)
-                    .map(|p| scan::env_of_cgroup(&p, cgroups))
-            })?
-        };
-        if updated > 0 {
-            log::info!("{updated} bound local sockets changed env with the new policy");
-        }
         self.policy = policy;
         self.compiled = compiled;
         self.tracker = tracker;
+        // Cgroups may have changed env: every socket is looked at again.
+        self.holders.forget();
+        self.holders_pass()?;
         self.emit_policy_loaded(Some(actor))?;
         Ok(serde_json::json!({"revision": self.policy.revision}))
     }

@@ -106,12 +106,26 @@ pub fn agent_gap(policy: &Policy, gap: std::time::Duration) -> AgentGap {
 }
 
 /// A kernel counter that grew: `map_full` (an insertion into the named map
-/// failed; the flow is classified again next time, or a bound socket's env is
-/// unknown to its same-host peers) or `unparsable_packets`.
+/// failed; the flow is classified again next time, or a socket's env could not
+/// be stored and it is `host` to its same-host peers) or `unparsable_packets`.
 #[derive(Serialize)]
 pub struct CounterRecord {
     pub source: &'static str,
     pub count: u64,
+}
+
+/// A socket held by processes of more than one env (`socket_shared`): it can
+/// have one env only, so one side's peers are judged against the other's.
+#[derive(Serialize)]
+pub struct SocketShared {
+    /// The socket's inode (as in `/proc/<pid>/fd` links: `socket:[inode]`).
+    pub inode: u64,
+    pub cookie: u64,
+    /// The holders' envs, and one holder pid of each, in the same order.
+    pub envs: Vec<String>,
+    pub pids: Vec<i32>,
+    /// The env the socket has now.
+    pub env: String,
 }
 
 /// `source`: `ringbuf` (the kernel's buffer was full) or `queue:<sink>` (a

@@ -13,13 +13,16 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, VerifierLogLevel,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage,
+        lpm_trie::Key,
+    },
     programs::{CgroupAttachMode, CgroupSkbAttachType, Program, ProgramError, links::FdLink},
 };
 use envguard_common::{
     config::{AgentState, Config, Counter, EnvLoss, PolicyMeta},
     event::{DecisionKey, DedupKey, DedupValue},
-    flow::{BoundKey, BoundValue},
+    flow::SockEnv,
     maps,
     policy::{EnvName, EnvValue, MAX_ENV_NAME, PairKey, RuleValue},
     programs,
@@ -41,7 +44,6 @@ static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envguard-ebpf")
 pub const PROGRAMS: &[&str] = &[
     programs::POST_BIND4,
     programs::POST_BIND6,
-    programs::SOCK_RELEASE,
     programs::SKB_INGRESS,
     programs::SKB_EGRESS,
     programs::CONNECT4,
@@ -519,44 +521,21 @@ impl Kernel {
         Ok(values.iter().sum())
     }
 
-    /// Gives every recorded bound socket the env its cgroup has under the policy
-    /// now in force (`env_of` returns `None` for a cgroup that is gone).
-    /// Returns how many changed.
-    pub fn refresh_bound(&mut self, mut env_of: impl FnMut(u64) -> Option<u32>) -> Result<usize> {
-        let mut m: HashMap<_, BoundKey, BoundValue> = map(&mut self.ebpf, maps::BOUND_SOCKETS)?;
-        let entries: Vec<(BoundKey, BoundValue)> =
-            m.iter().filter_map(std::result::Result::ok).collect();
-        let mut changed = 0;
-        for (k, mut v) in entries {
-            let Some(env) = env_of(v.cgroup_id) else {
-                continue;
-            };
-            if env != v.env {
-                v.env = env;
-                // The socket may have closed meanwhile: then there is nothing to update.
-                if m.insert(k, v, 0).is_ok() {
-                    changed += 1;
-                }
-            }
-        }
-        Ok(changed)
+    /// A socket's env as the kernel keeps it on the socket, if it has one.
+    pub fn sock_env(&mut self, socket: &impl std::os::fd::AsRawFd) -> Option<SockEnv> {
+        let m: SkStorage<_, SockEnv> = map(&mut self.ebpf, maps::SOCK_ENVS).ok()?;
+        m.get(socket, 0).ok()
     }
 
-    /// Records local sockets bound before the programs were attached.
-    pub fn record_bound(&mut self, sockets: &[(BoundKey, BoundValue)]) -> Result<()> {
-        {
-            let mut m: HashMap<_, BoundKey, BoundValue> = map(&mut self.ebpf, maps::BOUND_SOCKETS)?;
-            for (k, v) in sockets {
-                m.insert(k, v, 0)
-                    .map_err(|e| bpf_err(format!("writing {}", maps::BOUND_SOCKETS), e))?;
-            }
-        }
-        let mut m: HashMap<_, u64, BoundKey> = map(&mut self.ebpf, maps::BOUND_BY_COOKIE)?;
-        for (k, v) in sockets {
-            m.insert(v.cookie, k, 0)
-                .map_err(|e| bpf_err(format!("writing {}", maps::BOUND_BY_COOKIE), e))?;
-        }
-        Ok(())
+    /// Sets a socket's env (the agent's word on who holds it).
+    pub fn set_sock_env(
+        &mut self,
+        socket: &impl std::os::fd::AsRawFd,
+        value: &SockEnv,
+    ) -> Result<()> {
+        let mut m: SkStorage<_, SockEnv> = map(&mut self.ebpf, maps::SOCK_ENVS)?;
+        m.insert(socket, value, 0)
+            .map_err(|e| bpf_err(format!("writing {}", maps::SOCK_ENVS), e))
     }
 }
 

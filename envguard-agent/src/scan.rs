@@ -1,76 +1,234 @@
-//! Finds the local sockets that were bound before the agent started, so that a
-//! same-host peer is judged by its env even after a restart. The kernel's
-//! post_bind programs only see binds that happen while they are attached.
+//! Gives every socket the env of the processes that hold it. The kernel labels
+//! a socket with its creator's env when it binds or starts a flow; but a
+//! socket can change hands — systemd socket activation, a supervisor passing
+//! the fd, a process moved into another cgroup after binding — and it then
+//! belongs to whoever holds it now. Sockets that existed before the agent
+//! started have no label at all.
 //!
-//! For every process below the attach point it duplicates each socket fd with
-//! pidfd_getfd(2) and asks the socket itself: family, protocol, bound address,
-//! cookie and network-namespace cookie — the same facts the kernel records.
+//! A pass walks the processes below the attach point (`/proc/<pid>/cgroup`,
+//! `/proc/<pid>/fd`), groups socket fds by inode, and for each socket whose
+//! wanted env differs from what it last found, duplicates one fd with
+//! pidfd_getfd(2) and reads and writes the socket's storage through it.
+//! Sockets already seen with the same holders cost one readlink per fd.
 use std::{
-    collections::HashSet,
+    collections::{BTreeSet, HashMap},
     fs,
-    net::{SocketAddrV4, SocketAddrV6},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
 };
 
 use envguard_common::{
-    event::{AF_INET, AF_INET6},
-    flow::{BoundKey, BoundValue, bound_v4},
+    flow::{SOCK_F_HOLDER, SockEnv},
     policy::ENV_HOST,
 };
 
-use crate::sys;
+use crate::{loader::Kernel, sys, sys::CgroupNames};
 
 const IPPROTO_TCP: i32 = 6;
 const IPPROTO_UDP: i32 = 17;
-/// Not in every libc crate version; stable kernel ABI since 5.14.
-const SO_NETNS_COOKIE: i32 = 71;
 
-/// Bound TCP listeners and UDP sockets of the processes whose cgroup is at or
-/// below `root`, with their env (from `env_of`, given the cgroup path).
-/// Processes and fds that vanish during the walk are skipped.
-pub fn bound_sockets(
-    mount: &Path,
-    root: &str,
-    env_of: impl Fn(&str) -> u32,
-) -> Vec<(BoundKey, BoundValue)> {
-    let mut out = Vec::new();
-    let mut seen = HashSet::new();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.filter_map(Result::ok) {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
+/// A socket held by processes of more than one env.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shared {
+    pub inode: u64,
+    pub cookie: u64,
+    /// Env ids of the holders, sorted.
+    pub envs: Vec<u32>,
+    /// One holder pid per env, in the order of `envs`.
+    pub pids: Vec<i32>,
+    /// The env the socket was given.
+    pub env: u32,
+}
+
+/// What one pass did.
+#[derive(Debug, Default)]
+pub struct Pass {
+    /// Sockets whose env was written.
+    pub relabeled: usize,
+    /// Sockets newly found shared between envs (each reported once while it stays so).
+    pub shared: Vec<Shared>,
+}
+
+/// Per socket inode: the holders' envs and the env it was found or left with.
+#[derive(Clone, PartialEq, Eq)]
+struct Seen {
+    holders: BTreeSet<u32>,
+    env: Option<u32>,
+}
+
+/// The reconciler's memory between passes.
+#[derive(Default)]
+pub struct Holders {
+    seen: HashMap<u64, Seen>,
+}
+
+/// One socket fd and the env of the process holding it.
+struct Held {
+    pid: i32,
+    fd: i32,
+    env: u32,
+    cgroup: String,
+}
+
+impl Holders {
+    /// Forgets what earlier passes found: the next pass looks at every socket
+    /// again (after a reload, when the envs of cgroups may have changed).
+    pub fn forget(&mut self) {
+        self.seen.clear();
+    }
+
+    /// One pass over the processes whose cgroup is at or below `root`.
+    pub fn pass(
+        &mut self,
+        kernel: &mut Kernel,
+        mount: &Path,
+        root: &str,
+        listed: &[(String, u32)],
+        names: &mut CgroupNames,
+    ) -> Pass {
+        let mut by_inode: HashMap<u64, Vec<Held>> = HashMap::new();
+        let Ok(procs) = fs::read_dir("/proc") else {
+            return Pass::default();
         };
-        let Some(cgroup) = process_cgroup(pid) else {
-            continue;
-        };
-        if !crate::daemon::is_below(&cgroup, root) {
-            continue;
-        }
-        let fds = socket_fds(pid);
-        if fds.is_empty() {
-            continue;
-        }
-        let Some(pidfd) = pidfd_open(pid) else {
-            continue;
-        };
-        let cgroup_id = sys::cgroup_id(&sys::cgroup_dir(mount, &cgroup)).unwrap_or(0);
-        let env = env_of(&cgroup);
-        for fd in fds {
-            let Some(sock) = pidfd_getfd(&pidfd, fd) else {
+        for p in procs.filter_map(Result::ok) {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
-            let Some((key, cookie)) = describe(&sock) else {
+            let Some(cgroup) = process_cgroup(pid) else {
                 continue;
             };
-            if seen.insert(cookie) {
-                out.push((key, BoundValue::new(cookie, cgroup_id, env)));
+            if !crate::daemon::is_below(&cgroup, root) {
+                continue;
+            }
+            let env = env_of_cgroup(&cgroup, listed);
+            for (fd, inode) in socket_fds(pid) {
+                by_inode.entry(inode).or_default().push(Held {
+                    pid,
+                    fd,
+                    env,
+                    cgroup: cgroup.clone(),
+                });
             }
         }
+        let mut out = Pass::default();
+        let mut next = HashMap::with_capacity(by_inode.len());
+        for (inode, held) in by_inode {
+            let holders: BTreeSet<u32> = held
+                .iter()
+                .map(|h| h.env)
+                .filter(|&e| e != ENV_HOST)
+                .collect();
+            if let Some(prev) = self.seen.remove(&inode)
+                && prev.holders == holders
+            {
+                next.insert(inode, prev);
+                continue;
+            }
+            let env = relabel(kernel, mount, listed, names, &held, &holders, &mut out);
+            if holders.len() > 1
+                && let Some(env) = env
+            {
+                let (envs, pids) = holders
+                    .iter()
+                    .filter_map(|e| held.iter().find(|h| h.env == *e).map(|h| (*e, h.pid)))
+                    .unzip();
+                out.shared.push(Shared {
+                    inode,
+                    cookie: env.1,
+                    envs,
+                    pids,
+                    env: env.0,
+                });
+            }
+            next.insert(
+                inode,
+                Seen {
+                    holders,
+                    env: env.map(|e| e.0),
+                },
+            );
+        }
+        self.seen = next;
+        out
     }
-    out
+}
+
+/// Brings one socket's env in line with its holders; returns the env it has
+/// now and its cookie, or `None` when it is not a TCP/UDP socket or went away.
+fn relabel(
+    kernel: &mut Kernel,
+    mount: &Path,
+    listed: &[(String, u32)],
+    names: &mut CgroupNames,
+    held: &[Held],
+    holders: &BTreeSet<u32>,
+    out: &mut Pass,
+) -> Option<(u32, u64)> {
+    let first = held.first()?;
+    let pidfd = pidfd_open(first.pid)?;
+    let sock = pidfd_getfd(&pidfd, first.fd)?;
+    let domain: i32 = sockopt(&sock, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    if domain != libc::AF_INET && domain != libc::AF_INET6 {
+        return None;
+    }
+    let proto: i32 = sockopt(&sock, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let cookie: u64 = sockopt(&sock, libc::SOL_SOCKET, libc::SO_COOKIE)?;
+    let current = kernel.sock_env(&sock);
+    let wanted = match holders.len() {
+        // Held only by processes in no env: the socket keeps its creator's
+        // env, as the policy in force sees the creator's cgroup.
+        0 => match current {
+            Some(c) if c.flags & SOCK_F_HOLDER == 0 => names
+                .path(c.cgroup_id)
+                .map_or(c.env, |p| env_of_cgroup(&p, listed)),
+            Some(c) => c.env,
+            None => return Some((ENV_HOST, cookie)),
+        },
+        1 => *holders.first()?,
+        // Shared: it keeps its env if one of its holders has it, else it goes
+        // to the first by id; reported either way.
+        _ => match current {
+            Some(c) if holders.contains(&c.env) => c.env,
+            _ => *holders.first()?,
+        },
+    };
+    if current.is_some_and(|c| c.env == wanted) {
+        return Some((wanted, cookie));
+    }
+    let holder = held
+        .iter()
+        .find(|h| h.env == wanted)
+        .unwrap_or(first);
+    let cgroup_id = sys::cgroup_id(&sys::cgroup_dir(mount, &holder.cgroup)).unwrap_or(0);
+    let listening = sockopt::<i32>(&sock, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1);
+    let value = match current {
+        Some(c) => SockEnv::new(wanted, cgroup_id, c.origin_cookie, c.flags | SOCK_F_HOLDER),
+        // Older than the agent: a bound socket (a listener or a UDP socket)
+        // is its own origin, as the kernel would have made it.
+        None => SockEnv::new(
+            wanted,
+            cgroup_id,
+            if listening || proto == IPPROTO_UDP {
+                cookie
+            } else {
+                0
+            },
+            SOCK_F_HOLDER,
+        ),
+    };
+    match kernel.set_sock_env(&sock, &value) {
+        Ok(()) => {
+            out.relabeled += 1;
+            Some((wanted, cookie))
+        }
+        Err(e) => {
+            log::warn!("labelling socket (cookie {cookie}) held by pid {}: {e}", first.pid);
+            current.map(|c| (c.env, cookie))
+        }
+    }
 }
 
 /// The env of a cgroup path: its deepest listed ancestor's, as the kernel decides.
@@ -95,15 +253,22 @@ fn process_cgroup(pid: i32) -> Option<String> {
         .map(|p| p.trim().to_owned())
 }
 
-fn socket_fds(pid: i32) -> Vec<i32> {
+/// The process's socket fds and their inodes.
+fn socket_fds(pid: i32) -> Vec<(i32, u64)> {
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
     dir.filter_map(Result::ok)
-        .filter(|e| {
-            fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+        .filter_map(|e| {
+            let link = fs::read_link(e.path()).ok()?;
+            let inode = link
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()?;
+            Some((e.file_name().to_str()?.parse().ok()?, inode))
         })
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect()
 }
 
@@ -127,56 +292,6 @@ fn sockopt<T: Default>(fd: &OwnedFd, level: i32, name: i32) -> Option<T> {
     (r == 0 && len as usize == size_of::<T>()).then_some(v)
 }
 
-/// The socket's `BoundKey` and cookie, if it is a bound TCP listener or UDP socket.
-fn describe(fd: &OwnedFd) -> Option<(BoundKey, u64)> {
-    let domain: i32 = sockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
-    let proto: i32 = sockopt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
-    match proto {
-        IPPROTO_UDP => {}
-        // Connected and accepted TCP sockets are not what a peer connects to.
-        IPPROTO_TCP if sockopt::<i32>(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? == 1 => {}
-        _ => return None,
-    }
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: storage is large enough for any socket address.
-    if unsafe { libc::getsockname(fd.as_raw_fd(), (&raw mut storage).cast(), &mut len) } != 0 {
-        return None;
-    }
-    let (family, addr, port) = match domain {
-        libc::AF_INET => {
-            // SAFETY: the kernel filled a sockaddr_in for an AF_INET socket.
-            let sin: libc::sockaddr_in = unsafe { std::ptr::read((&raw const storage).cast()) };
-            let a = SocketAddrV4::new(
-                u32::from_be(sin.sin_addr.s_addr).into(),
-                u16::from_be(sin.sin_port),
-            );
-            (AF_INET, bound_v4(a.ip().octets()), a.port())
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the kernel filled a sockaddr_in6 for an AF_INET6 socket.
-            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((&raw const storage).cast()) };
-            let a = SocketAddrV6::new(
-                sin6.sin6_addr.s6_addr.into(),
-                u16::from_be(sin6.sin6_port),
-                0,
-                0,
-            );
-            (AF_INET6, a.ip().octets(), a.port())
-        }
-        _ => return None,
-    };
-    if port == 0 {
-        return None;
-    }
-    let cookie: u64 = sockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)?;
-    let netns: u64 = sockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE)?;
-    Some((
-        BoundKey::new(netns, addr, port, proto as u8, family),
-        cookie,
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,19 +307,5 @@ mod tests {
         assert_eq!(env_of_cgroup("/a/bx", &listed), 2);
         assert_eq!(env_of_cgroup("/a", &listed), 2);
         assert_eq!(env_of_cgroup("/d", &listed), ENV_HOST);
-    }
-
-    #[test]
-    fn finds_its_own_listener() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let fd: OwnedFd = l.try_clone().unwrap().into();
-        let (key, cookie) = describe(&fd).expect("a listener is described");
-        assert_eq!(key.port, port);
-        assert_eq!(key.proto, 6);
-        assert_eq!(key.family, AF_INET);
-        assert_eq!(key.addr, envguard_common::flow::mapped_v4([127, 0, 0, 1]));
-        assert_ne!(cookie, 0);
-        assert_ne!(key.netns, 0);
     }
 }

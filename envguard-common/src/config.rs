@@ -109,8 +109,9 @@ pub enum Counter {
     EventsLost = 0,
     /// Verdict-cache insertions that failed (the flow is classified again next time).
     FlowCacheFull = 1,
-    /// Bound-socket insertions that failed (that socket's env is unknown to peers).
-    BoundTableFull = 2,
+    /// Socket envs the kernel could not store (out of memory: that socket is
+    /// `host` to its same-host peers).
+    SockStorageFull = 2,
     /// Packets whose headers could not be read (passed or dropped by the fallback verdict).
     Unparsable = 3,
 }

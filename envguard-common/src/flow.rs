@@ -29,26 +29,32 @@ impl FlowKey {
     }
 }
 
-/// `INBOUND_TUPLES` key: a TCP connection by its addresses, as seen locally.
+/// `INBOUND_TUPLES` key: a TCP connection by its addresses, as seen locally,
+/// and the listener that judged its SYN. The listener's cookie is what an
+/// attacker cannot share: a listener of the same addresses in another network
+/// namespace has another cookie, so its decisions are never adopted here.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TupleKey {
+    pub listener: u64,
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
     pub local_port: u16,
     pub remote_port: u16,
     pub _pad: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<TupleKey>() == 40);
+const _: () = assert!(core::mem::size_of::<TupleKey>() == 48);
 
 impl TupleKey {
     pub const fn new(
+        listener: u64,
         local_addr: [u8; 16],
         remote_addr: [u8; 16],
         local_port: u16,
         remote_port: u16,
     ) -> Self {
         Self {
+            listener,
             local_addr,
             remote_addr,
             local_port,
@@ -93,64 +99,38 @@ pub const fn mapped_v4(v4: [u8; 4]) -> [u8; 16] {
     ]
 }
 
-/// An IPv4 socket's bound address in `BoundKey` form: the wildcard is all
-/// zeros, as it is for IPv6, anything else IPv4-mapped.
-pub const fn bound_v4(v4: [u8; 4]) -> [u8; 16] {
-    if u32::from_ne_bytes(v4) == 0 {
-        [0; 16]
-    } else {
-        mapped_v4(v4)
-    }
-}
-
-/// `BOUND_SOCKETS` key: a local socket's bound address, per network namespace.
+/// `SOCK_ENVS` (socket-local storage) value: a socket's env, kept on the socket
+/// itself so that no other socket can change or remove it (a table keyed by
+/// address could be overwritten by another env binding the same address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BoundKey {
-    pub netns: u64,
-    /// As bound: an IPv4 socket's address is IPv4-mapped, a wildcard is all zeros
-    /// for both families, so a dual-stack `[::]` and a `0.0.0.0` socket differ only by `family`.
-    pub addr: [u8; 16],
-    pub port: u16,
-    pub proto: u8,
-    /// `AF_INET` or `AF_INET6`.
-    pub family: u8,
-    pub _pad: [u8; 4],
-}
-const _: () = assert!(core::mem::size_of::<BoundKey>() == 32);
-
-impl BoundKey {
-    pub const fn new(netns: u64, addr: [u8; 16], port: u16, proto: u8, family: u8) -> Self {
-        Self {
-            netns,
-            addr,
-            port,
-            proto,
-            family,
-            _pad: [0; 4],
-        }
-    }
-}
-
-/// `BOUND_SOCKETS` value.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BoundValue {
-    /// Cookie of the socket that bound, so a release only removes its own entry.
-    pub cookie: u64,
+pub struct SockEnv {
+    /// The cgroup that decided `env` (the creator's listed ancestor, or the
+    /// holder's when the agent reassigned it); 0 for `host`.
     pub cgroup_id: u64,
+    /// Cookie of the listener this socket was accepted from; its own cookie
+    /// for a listener. The storage is cloned into accepted sockets, so this is
+    /// what ties a connection to the listener that judged its SYN.
+    pub origin_cookie: u64,
     pub env: u32,
-    pub _pad: u32,
+    /// `SOCK_F_*`.
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<BoundValue>() == 24);
+const _: () = assert!(core::mem::size_of::<SockEnv>() == 24);
 
-impl BoundValue {
-    pub const fn new(cookie: u64, cgroup_id: u64, env: u32) -> Self {
+/// The agent set `env` from the processes holding the socket: the kernel keeps it.
+pub const SOCK_F_HOLDER: u32 = 1;
+/// The socket started its conversation (connect() or a first send): its
+/// packets are judged as its own outbound flow.
+pub const SOCK_F_ACTIVE: u32 = 2;
+
+impl SockEnv {
+    pub const fn new(env: u32, cgroup_id: u64, origin_cookie: u64, flags: u32) -> Self {
         Self {
-            cookie,
             cgroup_id,
+            origin_cookie,
             env,
-            _pad: 0,
+            flags,
         }
     }
 }

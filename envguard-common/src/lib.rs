@@ -33,7 +33,6 @@ mod pod {
     unsafe impl aya::Pod for flow::FlowKey {}
     unsafe impl aya::Pod for flow::FlowVerdict {}
     unsafe impl aya::Pod for flow::TupleKey {}
-    unsafe impl aya::Pod for flow::BoundKey {}
-    unsafe impl aya::Pod for flow::BoundValue {}
+    unsafe impl aya::Pod for flow::SockEnv {}
     unsafe impl aya::Pod for event::ViolationEvent {}
 }

@@ -36,17 +36,16 @@ pub const FLOW_VERDICTS: &str = "FLOW_VERDICTS";
 /// `LruHashMap<TupleKey, FlowVerdict>`: inbound TCP decisions taken on a listener,
 /// adopted by the accepted socket so the connection is judged (and reported) once.
 pub const INBOUND_TUPLES: &str = "INBOUND_TUPLES";
-/// `HashMap<BoundKey, BoundValue>`: explicitly bound local sockets and their env.
-pub const BOUND_SOCKETS: &str = "BOUND_SOCKETS";
-/// `HashMap<u64 socket cookie, BoundKey>`: reverse index of `BOUND_SOCKETS`.
-pub const BOUND_BY_COOKIE: &str = "BOUND_BY_COOKIE";
+/// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`, cloned into accepted
+/// sockets) of `flow::SockEnv`: each socket's env.
+pub const SOCK_ENVS: &str = "SOCK_ENVS";
 /// `RingBuf` of `ViolationEvent`.
 pub const EVENTS: &str = "EVENTS";
 /// `PerCpuArray<u64>` of counters, indexed by `config::Counter`.
 pub const COUNTERS: &str = "COUNTERS";
 
 /// Every map, for pinning and removal.
-pub const ALL: [&str; 27] = [
+pub const ALL: [&str; 26] = [
     DEDUP,
     DENY_RULES[0],
     DENY_RULES[1],
@@ -70,15 +69,14 @@ pub const ALL: [&str; 27] = [
     AGENT_STATE,
     FLOW_VERDICTS,
     INBOUND_TUPLES,
-    BOUND_SOCKETS,
-    BOUND_BY_COOKIE,
+    SOCK_ENVS,
     EVENTS,
     COUNTERS,
 ];
 
 /// Bump when a map's type, key, value or meaning changes: pinned maps of
 /// another layout are never adopted, only replaced.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Number of env ids (`host`, `world` and the declared envs).
 pub const MAX_ENVS: u32 = 1024;
@@ -98,7 +96,5 @@ pub const MAX_RULE_ENTRIES: u32 = 262_144;
 pub const MAX_FLOWS: u32 = 65_536;
 /// Capacity of `INBOUND_TUPLES`.
 pub const MAX_INBOUND_TUPLES: u32 = 16_384;
-/// Capacity of `BOUND_SOCKETS`.
-pub const MAX_BOUND_SOCKETS: u32 = 65_536;
 /// Size of `EVENTS` in bytes (a power of two multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 22;

@@ -7,6 +7,5 @@ pub const SENDMSG4: &str = "sendmsg4";
 pub const SENDMSG6: &str = "sendmsg6";
 pub const POST_BIND4: &str = "post_bind4";
 pub const POST_BIND6: &str = "post_bind6";
-pub const SOCK_RELEASE: &str = "sock_release";
 pub const SKB_INGRESS: &str = "skb_ingress";
 pub const SKB_EGRESS: &str = "skb_egress";

@@ -1,23 +1,22 @@
-//! cgroup/post_bind4, cgroup/post_bind6 and cgroup/sock_release: the table of
-//! bound local sockets, so a same-host peer is judged by its own env.
+//! cgroup/post_bind4 and cgroup/post_bind6: a bound socket is a possible
+//! same-host destination, so it gets its env — on the socket itself, where no
+//! other socket can change or remove it, and whence it goes with the socket.
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
     },
     macros::cgroup_sock,
     programs::SockContext,
 };
 use envguard_common::{
     config::Counter,
-    event::{AF_INET, AF_INET6},
-    flow::{BoundKey, BoundValue},
+    flow::{SOCK_F_HOLDER, SockEnv},
 };
 
 use crate::{
-    classify::{bound_addr, config, count, local_env, policy},
-    maps::{BOUND_BY_COOKIE, BOUND_SOCKETS},
-    net::{IPPROTO_TCP, IPPROTO_UDP, read_v6_words},
+    classify::{config, count, local_env, policy},
+    net::{IPPROTO_TCP, IPPROTO_UDP},
+    sockenv,
 };
 
 /// Verdict of a cgroup_sock program that lets the call proceed. envguard judges
@@ -26,68 +25,39 @@ const PROCEED: i32 = 1;
 
 #[cgroup_sock(post_bind4)]
 pub fn post_bind4(ctx: SockContext) -> i32 {
-    record(&ctx, AF_INET);
+    record(&ctx);
     PROCEED
 }
 
 #[cgroup_sock(post_bind6)]
 pub fn post_bind6(ctx: SockContext) -> i32 {
-    record(&ctx, AF_INET6);
-    PROCEED
-}
-
-#[cgroup_sock(sock_release)]
-pub fn sock_release(ctx: SockContext) -> i32 {
-    forget(&ctx);
+    record(&ctx);
     PROCEED
 }
 
 #[inline(always)]
-fn record(ctx: &SockContext, family: u8) {
+fn record(ctx: &SockContext) {
     let sk = ctx.sock;
     let proto = unsafe { (*sk).protocol } as u8;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return;
     }
-    let port = unsafe { (*sk).src_port } as u16;
-    let addr = if family == AF_INET {
-        bound_addr(
-            family,
-            unsafe { core::ptr::read_volatile(&(*sk).src_ip4) },
-            [0; 16],
-        )
-    } else {
-        bound_addr(family, 0, unsafe {
-            read_v6_words(&raw const (*sk).src_ip6)
-        })
-    };
-    let netns = unsafe { bpf_get_netns_cookie(sk.cast()) };
-    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
     let p = policy(config());
     let local = local_env(&p, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     });
-    let key = BoundKey::new(netns, addr, port, proto, family);
-    let value = BoundValue::new(cookie, unsafe { bpf_get_current_cgroup_id() }, local.env);
-    if BOUND_SOCKETS.insert(&key, &value, 0).is_err()
-        || BOUND_BY_COOKIE.insert(&cookie, &key, 0).is_err()
-    {
-        count(Counter::BoundTableFull);
+    // Its own cookie as origin: a listener's storage is cloned into the
+    // connections it accepts, which find its decisions by it.
+    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    let init = SockEnv::new(local.env, unsafe { bpf_get_current_cgroup_id() }, cookie, 0);
+    match sockenv::get_or_create(sk.cast(), &init) {
+        // The agent's word on who holds it stands.
+        Some(s) if s.flags & SOCK_F_HOLDER != 0 => s.origin_cookie = cookie,
+        Some(s) => {
+            s.env = init.env;
+            s.cgroup_id = init.cgroup_id;
+            s.origin_cookie = cookie;
+        }
+        None => count(Counter::SockStorageFull),
     }
-}
-
-#[inline(always)]
-fn forget(ctx: &SockContext) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
-    let Some(key) = (unsafe { BOUND_BY_COOKIE.get(&cookie) }).copied() else {
-        return;
-    };
-    // A newer socket may have bound the same address since (SO_REUSEPORT, or a
-    // restart racing the old socket's close): only remove our own entry.
-    if let Some(v) = unsafe { BOUND_SOCKETS.get(&key) }
-        && v.cookie == cookie
-    {
-        let _ = BOUND_SOCKETS.remove(&key);
-    }
-    let _ = BOUND_BY_COOKIE.remove(&cookie);
 }

@@ -13,7 +13,7 @@ use envguard_common::{
         DecisionKey, ENV_FROM_CGROUP, ENV_FROM_CIDR, ENV_FROM_DEFAULT, ENV_FROM_SOCKET,
         VERDICT_ALLOWED, VERDICT_AUDITED, VERDICT_DENIED,
     },
-    flow::{BoundKey, DECISION_ALLOW, DECISION_VIOLATION, FlowKey, FlowVerdict},
+    flow::{DECISION_ALLOW, DECISION_VIOLATION, FlowKey, FlowVerdict},
     policy::{
         ENV_HOST, ENV_WORLD, PairKey, RULE_AGENT_LOSS_CLOSED, RULE_AGENT_LOSS_OPEN, RULE_NONE,
         RULE_PREFIX_PORT, RuleKey,
@@ -22,7 +22,7 @@ use envguard_common::{
 
 use crate::{
     maps::{
-        AGENT_STATE, BOUND_SOCKETS, CGROUP_ENVS_A, CGROUP_ENVS_B, CIDR_ENVS_V4_A, CIDR_ENVS_V4_B,
+        AGENT_STATE, CGROUP_ENVS_A, CGROUP_ENVS_B, CIDR_ENVS_V4_A, CIDR_ENVS_V4_B,
         CIDR_ENVS_V6_A, CIDR_ENVS_V6_B, CONFIG, COUNTERS, DECISIONS, DENY_RULES_A, DENY_RULES_B,
         ENV_LOSS_A, ENV_LOSS_B, FLOW_VERDICTS, PAIR_MODES_A, PAIR_MODES_B, POLICY_META_A,
         POLICY_META_B, RULES_A, RULES_B,
@@ -170,7 +170,6 @@ pub fn cidr_env(p: &Policy, addr: &[u8; 16]) -> Side {
 #[inline(always)]
 pub fn local_peer_env(
     ctx: *mut core::ffi::c_void,
-    netns: u64,
     addr: &[u8; 16],
     port: u16,
     proto: u8,
@@ -198,38 +197,25 @@ pub fn local_peer_env(
     if sk.is_null() {
         return None;
     }
-    // Read what identifies the bound socket, then release it before anything
-    // else can return: the verifier insists the reference is dropped on every path.
-    let family = unsafe { (*sk).family } as u8;
-    let bound_port = unsafe { (*sk).src_port } as u16;
-    let v4 = unsafe { (*sk).src_ip4 };
-    let v6 = unsafe { crate::net::read_v6_words(&raw const (*sk).src_ip6) };
-    unsafe { bpf_sk_release(sk.cast()) };
-    let bound_addr = bound_addr(family, v4, v6);
-    let key = BoundKey::new(netns, bound_addr, bound_port, proto, family);
-    Some(match unsafe { BOUND_SOCKETS.get(&key) } {
-        Some(v) => Side {
-            env: v.env,
+    // The socket that would receive the flow carries its own env; read it,
+    // then release the reference before anything else can return: the
+    // verifier insists it is dropped on every path.
+    let side = match crate::sockenv::get(sk.cast()) {
+        Some(s) => Side {
+            env: s.env,
             from: ENV_FROM_SOCKET,
-            cgroup_id: v.cgroup_id,
+            cgroup_id: s.cgroup_id,
         },
-        // Bound before envguard started or outside its cgroup tree.
+        // A socket the agent has not labelled yet (bound before it started,
+        // outside its cgroup tree): `host`.
         None => Side {
             env: ENV_HOST,
             from: ENV_FROM_DEFAULT,
             cgroup_id: 0,
         },
-    })
-}
-
-/// A socket's bound address in `BoundKey` form.
-#[inline(always)]
-pub fn bound_addr(family: u8, v4: u32, v6: [u8; 16]) -> [u8; 16] {
-    if family == envguard_common::event::AF_INET {
-        envguard_common::flow::bound_v4(v4.to_ne_bytes())
-    } else {
-        v6
-    }
+    };
+    unsafe { bpf_sk_release(sk.cast()) };
+    Some(side)
 }
 
 /// The policy's decision for a flow from `src` to `dst` on `proto`/`port`,

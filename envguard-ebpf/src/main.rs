@@ -16,6 +16,7 @@ mod maps;
 mod net;
 mod sendmsg;
 mod skb;
+mod sockenv;
 mod sock_addr;
 
 #[cfg(not(test))]

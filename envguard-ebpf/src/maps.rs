@@ -1,6 +1,7 @@
 //! The maps, named by the statics (userspace finds them by the same names,
 //! which `envguard_common::maps` spells out).
 use aya_ebpf::{
+    bindings::{BPF_F_CLONE, BPF_F_NO_PREALLOC, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE},
     macros::map,
     maps::{
         Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
@@ -9,7 +10,7 @@ use aya_ebpf::{
 use envguard_common::{
     config::{AgentState, Config, EnvLoss, NUM_COUNTERS, PolicyMeta},
     event::{DecisionKey, DedupKey, DedupValue},
-    flow::{BoundKey, BoundValue, FlowKey, FlowVerdict, TupleKey},
+    flow::{FlowKey, FlowVerdict, SockEnv, TupleKey},
     maps::*,
     policy::{EnvName, EnvValue, PairKey, RuleKey, RuleValue},
 };
@@ -87,15 +88,29 @@ pub static FLOW_VERDICTS: LruHashMap<FlowKey, FlowVerdict> =
 pub static INBOUND_TUPLES: LruHashMap<TupleKey, FlowVerdict> =
     LruHashMap::with_max_entries(MAX_INBOUND_TUPLES, 0);
 
-#[map]
-pub static BOUND_SOCKETS: HashMap<BoundKey, BoundValue> =
-    HashMap::with_max_entries(MAX_BOUND_SOCKETS, 0);
+/// A map defined the way libbpf's BTF map definitions are: each setting is
+/// carried by a field's *type* (`type` and `map_flags` as a pointer to an array
+/// of that many ints, `key` and `value` as pointers to their types), which the
+/// loader reads from the object's BTF. aya-ebpf 0.2 has no socket-storage map,
+/// and the kernel needs BTF for the key and value of one.
+#[repr(C)]
+pub struct SockEnvsDef {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+    key: *const i32,
+    value: *const SockEnv,
+}
+// SAFETY: never read or written at run time; only its type matters.
+unsafe impl Sync for SockEnvsDef {}
 
-/// Reverse index of `BOUND_SOCKETS`: the release hook cannot read a socket's
-/// bound address, only its cookie.
-#[map]
-pub static BOUND_BY_COOKIE: HashMap<u64, BoundKey> =
-    HashMap::with_max_entries(MAX_BOUND_SOCKETS, 0);
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static SOCK_ENVS: SockEnvsDef = SockEnvsDef {
+    r#type: core::ptr::null(),
+    map_flags: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+};
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

@@ -9,20 +9,24 @@ use aya_ebpf::{
 use envguard_common::{
     config::{Config, Counter, MODE_ENFORCE},
     event::{
-        AF_INET, AF_INET6, DIRECTION_EGRESS, DIRECTION_INGRESS, DedupKey, HOOK_SKB_EGRESS,
-        HOOK_SKB_INGRESS,
+        AF_INET, AF_INET6, DIRECTION_EGRESS, DIRECTION_INGRESS, DedupKey, ENV_FROM_SOCKET,
+        HOOK_SKB_EGRESS, HOOK_SKB_INGRESS,
     },
-    flow::{DECISION_ALLOW, DECISION_VIOLATION, FlowKey, FlowVerdict, TupleKey},
+    flow::{
+        DECISION_ALLOW, DECISION_VIOLATION, FlowKey, FlowVerdict, SOCK_F_ACTIVE, SOCK_F_HOLDER,
+        SockEnv, TupleKey,
+    },
 };
 
 use crate::{
     classify::{
-        cidr_env, config, count, count_decision, decide, local_env, mode_of, policy, remember,
-        verdict_of,
+        Side, cidr_env, config, count, count_decision, decide, local_env, mode_of, policy,
+        remember, verdict_of,
     },
     event::{emit, set_sides},
     maps::INBOUND_TUPLES,
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4},
+    sockenv,
 };
 
 const PASS: i32 = 1;
@@ -163,11 +167,6 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         return Ok(PASS);
     }
     let ingress = direction == DIRECTION_INGRESS;
-    if loopback && !(ingress && pkt.proto == IPPROTO_UDP) {
-        // Same-host traffic crosses the loopback device; the sender's connect
-        // or sendmsg hook has judged it with the receiving socket's env.
-        return Ok(PASS);
-    }
     let (local_addr, local_port, remote_addr, remote_port) = if ingress {
         (&pkt.dst, pkt.dport, &pkt.src, pkt.sport)
     } else {
@@ -176,11 +175,17 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     let cfg = config();
     let cookie = unsafe { bpf_get_socket_cookie(raw.cast()) };
     let flow = FlowKey::new(cookie, *remote_addr, remote_port, pkt.proto);
-    let cached = crate::classify::cached(&flow, cfg.generation);
-    // A same-host datagram, judged by its sender's sendmsg hook: remember it
-    // as allowed so that this socket may answer it.
+    // Also on loopback: a same-host flow judged at connect() follows a mode
+    // switch at its next packet, like any other.
+    if let Some(v) = crate::classify::cached(&flow, cfg.generation) {
+        return Ok(verdict(&cfg, &v));
+    }
     if loopback {
-        if cached.is_none() {
+        // Same-host traffic crosses the loopback device; the sender's connect
+        // or sendmsg hook has judged it with the receiving socket's env. A
+        // datagram that got here was allowed: remember it so that this socket
+        // may answer it.
+        if ingress && pkt.proto == IPPROTO_UDP {
             // The envs do not matter for an allowed verdict.
             remember(
                 &flow,
@@ -189,15 +194,28 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         }
         return Ok(PASS);
     }
-    if let Some(v) = cached {
-        return Ok(verdict(&cfg, &v));
-    }
 
     let is_tcp = pkt.proto == IPPROTO_TCP;
-    // An accepted connection: its listener judged (and reported) the SYN.
+    let syn_only = is_tcp && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    let sk = unsafe { (*raw).__bindgen_anon_2.sk };
+    let store = if sk.is_null() {
+        None
+    } else {
+        sockenv::get(sk.cast()).copied()
+    };
+    // An accepted connection: its listener judged (and reported) the SYN. Only
+    // the listener's own decisions are adopted, and never by a SYN, which is
+    // always judged afresh.
+    let listener = match &store {
+        Some(s) if s.origin_cookie != 0 && s.origin_cookie != cookie => s.origin_cookie,
+        _ => 0,
+    };
     if is_tcp
+        && !syn_only
+        && listener != 0
         && let Some(v) = unsafe {
             INBOUND_TUPLES.get(&TupleKey::new(
+                listener,
                 *local_addr,
                 *remote_addr,
                 local_port,
@@ -212,36 +230,71 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     }
 
     let p = policy(cfg);
-    let local = local_env(&p, |level| unsafe {
-        bpf_skb_ancestor_cgroup_id(raw, level)
-    });
-    let remote = cidr_env(&p, remote_addr);
-    let mut decision = if ingress {
-        decide(&p, remote.env, local.env, pkt.proto, local_port)
-    } else {
-        decide(&p, local.env, remote.env, pkt.proto, remote_port)
+    let local = match &store {
+        // The agent found who holds the socket: their env is the socket's.
+        Some(s) if s.flags & SOCK_F_HOLDER != 0 => Side {
+            env: s.env,
+            from: ENV_FROM_SOCKET,
+            cgroup_id: s.cgroup_id,
+        },
+        _ => local_env(&p, |level| unsafe {
+            bpf_skb_ancestor_cgroup_id(raw, level)
+        }),
     };
-    let syn_only = is_tcp && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-    // A packet that does not start a connection may be the answer within a flow
-    // that started the other way before envguard could see it.
-    if decision.is_violation() && !syn_only {
-        let reverse = if ingress {
-            decide(&p, local.env, remote.env, pkt.proto, remote_port)
-        } else {
-            decide(&p, remote.env, local.env, pkt.proto, local_port)
-        };
-        if !reverse.is_violation() {
-            decision = reverse;
+    let remote = cidr_env(&p, remote_addr);
+    // Which way the conversation goes. A datagram and a SYN go the way they
+    // travel: a reply is let through only by the state its socket recorded
+    // when it sent (the verdict cache), never because its ports look like
+    // one. Within a TCP connection, the socket says who opened it.
+    let inbound = if !is_tcp || syn_only {
+        Some(ingress)
+    } else {
+        match &store {
+            Some(s) if s.flags & SOCK_F_ACTIVE != 0 => Some(false),
+            Some(_) if listener != 0 => Some(true),
+            // Established before envguard saw it open.
+            _ => None,
         }
-    }
+    };
+    let decision = match inbound {
+        Some(true) => decide(&p, remote.env, local.env, pkt.proto, local_port),
+        Some(false) => decide(&p, local.env, remote.env, pkt.proto, remote_port),
+        None => {
+            // Either direction may have opened it: allowed if one is.
+            let (first, second) = if ingress {
+                (
+                    decide(&p, remote.env, local.env, pkt.proto, local_port),
+                    decide(&p, local.env, remote.env, pkt.proto, remote_port),
+                )
+            } else {
+                (
+                    decide(&p, local.env, remote.env, pkt.proto, remote_port),
+                    decide(&p, remote.env, local.env, pkt.proto, local_port),
+                )
+            };
+            if first.is_violation() && !second.is_violation() {
+                second
+            } else {
+                first
+            }
+        }
+    };
     let (src, dst) = if ingress {
         (remote.env, local.env)
     } else {
         (local.env, remote.env)
     };
     let v = FlowVerdict::new(cfg.generation, decision.decision, src, dst);
-    if is_tcp && ingress && syn_only {
-        let tuple = TupleKey::new(*local_addr, *remote_addr, local_port, remote_port);
+    if is_tcp && ingress && syn_only && !sk.is_null() {
+        // The listener keeps its own cookie in its storage, which the kernel
+        // clones into the connections it accepts: that is how they find this.
+        let init = SockEnv::new(local.env, unsafe { bpf_skb_cgroup_id(raw) }, cookie, 0);
+        if let Some(s) = sockenv::get_or_create(sk.cast(), &init)
+            && s.origin_cookie == 0
+        {
+            s.origin_cookie = cookie;
+        }
+        let tuple = TupleKey::new(cookie, *local_addr, *remote_addr, local_port, remote_port);
         let _ = INBOUND_TUPLES.insert(&tuple, &v, 0);
     }
     remember(&flow, &v);

@@ -1,24 +1,25 @@
 //! The decision shared by the connect and sendmsg hooks.
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
         bpf_get_socket_cookie,
     },
     programs::SockAddrContext,
 };
 use envguard_common::{
-    config::MODE_ENFORCE,
-    event::{AF_INET, AF_INET6, DIRECTION_EGRESS, DedupKey},
-    flow::{DECISION_ALLOW, FlowKey, FlowVerdict},
+    config::{Counter, MODE_ENFORCE},
+    event::{AF_INET, AF_INET6, DIRECTION_EGRESS, DedupKey, HOOK_CONNECT4, HOOK_CONNECT6},
+    flow::{DECISION_ALLOW, FlowKey, FlowVerdict, SOCK_F_ACTIVE, SockEnv},
 };
 
 use crate::{
     classify::{
-        Decision, Side, cached, cidr_env, config, count_decision, decide, local_env,
+        Decision, Side, cached, cidr_env, config, count, count_decision, decide, local_env,
         local_peer_env, mode_of, policy, remember, verdict_of,
     },
     event::{emit, set_sides},
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4, read_v6_words, unmapped_v4},
+    sockenv,
 };
 
 /// Verdicts of a sock_addr program: 1 lets the call proceed, 0 fails it with EPERM.
@@ -56,10 +57,8 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let local = local_env(&p, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     });
-    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     let remote = match local_peer_env(
         ctx.sock_addr.cast(),
-        netns,
         &remote_addr,
         remote_port,
         proto,
@@ -68,6 +67,7 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         None => cidr_env(&p, &remote_addr),
     };
     let decision = decide(&p, local.env, remote.env, proto, remote_port);
+    label(ctx, hook, proto, &local);
     remember(
         &flow,
         &FlowVerdict::new(cfg.generation, decision.decision, local.env, remote.env),
@@ -103,6 +103,24 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         &decision,
     );
     if mode == MODE_ENFORCE { REFUSE } else { ALLOW }
+}
+
+/// Gives the calling socket its env if it has none yet, so that an unbound
+/// socket (a UDP client's) is judged by it when it is the destination; marks a
+/// connecting TCP socket as the side that opened its connection.
+#[inline(always)]
+fn label(ctx: &SockAddrContext, hook: u8, proto: u8, local: &Side) {
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return;
+    }
+    let connecting = proto == IPPROTO_TCP && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6);
+    let flags = if connecting { SOCK_F_ACTIVE } else { 0 };
+    let init = SockEnv::new(local.env, unsafe { bpf_get_current_cgroup_id() }, 0, flags);
+    match sockenv::get_or_create(sk.cast(), &init) {
+        Some(s) => s.flags |= flags,
+        None => count(Counter::SockStorageFull),
+    }
 }
 
 #[inline(always)]
