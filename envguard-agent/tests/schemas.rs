@@ -60,7 +60,7 @@ fn examples() -> Vec<Value> {
                 "policy": "/etc/envguard/policy.toml",
                 "revision": format!("sha256:{}", "4d".repeat(32)),
                 "envs": ["dev", "prod"], "mode": "enforce", "cgroup_root": "/",
-                "hooks": ["post_bind4", "post_bind6", "sock_release", "skb_ingress", "skb_egress",
+                "hooks": ["post_bind4", "post_bind6", "skb_ingress", "skb_egress",
                           "connect4", "connect6", "sendmsg4", "sendmsg6"],
                 "pin_root": "/sys/fs/bpf/envguard", "adopted": false
             }),
@@ -84,26 +84,31 @@ fn examples() -> Vec<Value> {
             json!({"source": "FLOW_VERDICTS", "count": 2}),
         ),
         with(
-            header("unparsable_packets", 7),
+            header("socket_shared", 7),
+            json!({"inode": 81234, "cookie": 4096, "envs": ["dev", "prod"],
+                   "pids": [310, 298], "env": "prod"}),
+        ),
+        with(
+            header("unparsable_packets", 8),
             json!({"source": "skb", "count": 1}),
         ),
         with(
-            header("mode_change", 8),
+            header("mode_change", 9),
             json!({"actor": actor(), "scope": "dev->prod", "from": "enforce", "to": "audit",
                    "expires_at": "2026-11-23T11:00:47.852301113Z", "reason": "request"}),
         ),
         with(
-            header("mode_change", 9),
+            header("mode_change", 10),
             json!({"actor": {"uid": null, "pid": 4242, "comm": "envguard (break-glass expiry)"},
                    "scope": "global", "from": "audit", "to": "enforce", "expires_at": null, "reason": "expired"}),
         ),
         with(
-            header("policy_rejected", 10),
+            header("policy_rejected", 11),
             json!({"policy": "/etc/envguard/policy.toml",
                    "error": "/etc/envguard/policy.toml:3: unknown env \"qa\"", "actor": actor()}),
         ),
         with(
-            header("policy_loaded", 11),
+            header("policy_loaded", 12),
             json!({
                 "policy": "/etc/envguard/policy.toml",
                 "revision": format!("sha256:{}", "0a".repeat(32)),
@@ -113,10 +118,10 @@ fn examples() -> Vec<Value> {
             }),
         ),
         with(
-            header("oversized_record", 12),
+            header("oversized_record", 13),
             json!({"original_kind": "policy_rejected", "bytes": 20000, "limit": 8096}),
         ),
-        with(header("violations_suppressed", 13), json!({"count": 95})),
+        with(header("violations_suppressed", 14), json!({"count": 95})),
     ]
 }
 
@@ -378,7 +383,7 @@ agent_loss_timeout = "2s"
             "map_full",
             None,
             &CounterRecord {
-                source: "BOUND_SOCKETS",
+                source: "SOCK_ENVS",
                 count: 9,
             },
         )

@@ -24,7 +24,7 @@ const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 
 /// Each envguard program and the `enum bpf_attach_type` it is attached with.
-pub const HOOKS: [(&str, u32); 9] = [
+pub const HOOKS: [(&str, u32); 8] = [
     ("skb_ingress", 0),   // BPF_CGROUP_INET_INGRESS
     ("skb_egress", 1),    // BPF_CGROUP_INET_EGRESS
     ("connect4", 10),     // BPF_CGROUP_INET4_CONNECT
@@ -33,7 +33,6 @@ pub const HOOKS: [(&str, u32); 9] = [
     ("post_bind6", 13),   // BPF_CGROUP_INET6_POST_BIND
     ("sendmsg4", 14),     // BPF_CGROUP_UDP4_SENDMSG
     ("sendmsg6", 15),     // BPF_CGROUP_UDP6_SENDMSG
-    ("sock_release", 34), // BPF_CGROUP_INET_SOCK_RELEASE
 ];
 
 /// `BPF_OBJ_*` commands.

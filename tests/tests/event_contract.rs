@@ -39,7 +39,7 @@ fn policy_loaded(policy: &Path, pin_root: &Path) -> Value {
             "envs": ["dev", "prod", "shared"],
             "mode": "enforce",
             "cgroup_root": "/",
-            "hooks": ["post_bind4", "post_bind6", "sock_release", "skb_ingress", "skb_egress",
+            "hooks": ["post_bind4", "post_bind6", "skb_ingress", "skb_egress",
                       "connect4", "connect6", "sendmsg4", "sendmsg6"],
             "pin_root": pin_root.display().to_string(),
             "adopted": false,

@@ -40,6 +40,7 @@ schemas!(
     "violation_rollup",
     "lost_events",
     "map_full",
+    "socket_shared",
     "unparsable_packets",
     "agent_gap",
     "policy_loaded",

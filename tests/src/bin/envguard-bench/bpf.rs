@@ -35,10 +35,9 @@ pub const BPF_CGROUP_INET4_POST_BIND: u32 = 12;
 pub const BPF_CGROUP_INET6_POST_BIND: u32 = 13;
 pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
 pub const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
-pub const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
 
 /// Every cgroup attach type envguard uses, for BPF_PROG_QUERY.
-pub const ENVGUARD_ATTACH_TYPES: [u32; 9] = [
+pub const ENVGUARD_ATTACH_TYPES: [u32; 8] = [
     BPF_CGROUP_INET_INGRESS,
     BPF_CGROUP_INET_EGRESS,
     BPF_CGROUP_INET4_CONNECT,
@@ -47,7 +46,6 @@ pub const ENVGUARD_ATTACH_TYPES: [u32; 9] = [
     BPF_CGROUP_UDP6_SENDMSG,
     BPF_CGROUP_INET4_POST_BIND,
     BPF_CGROUP_INET6_POST_BIND,
-    BPF_CGROUP_INET_SOCK_RELEASE,
 ];
 
 /// `union bpf_attr` as a zeroed, 8-byte aligned block the commands fill by offset.

@@ -471,7 +471,7 @@ program's cgroup walk resolves env `dev`) with a fresh socket cookie.
 is set to 1 only for this pass and its previous value written back by a
 guard (also on panic or Ctrl-C; the values before, during and after are
 shown). TCP over both families with an explicit bind
-(post_bind4/6, connect4/6, the packet hooks, sock_release) and unconnected
+(post_bind4/6, connect4/6, the packet hooks) and unconnected
 UDP datagrams (sendmsg4/6) run from env `dev` through the veth; run_time_ns
 / run_cnt deltas per program. Empty programs attached (with links) to the
 client's cgroup see the same packets: their figure is the accounting floor

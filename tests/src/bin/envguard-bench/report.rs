@@ -776,11 +776,11 @@ pub fn notes(r: &Value) -> String {
             .unwrap_or(f64::NAN);
         let _ = writeln!(
             s,
-            "**Connection rate.** The enforce arm runs {runs:.0} envguard programs per connection, {net:.0} ns in all once the accounting's own cost is taken off (bpf_stats), against {:.1} µs of CPU per connection with no program: that alone predicts {:.3}× (measured: {measured:.3}×), so the 3 % budget is spent before any noise. Per run under traffic (1b, accounting included): connect4 {:.0} ns, sock_release {:.0} ns, skb_egress {:.0} ns, skb_ingress {:.0} ns, against {:.0} ns for an empty program. 0.97 needs roughly {:.0} ns per connection or less: the steady-state fixes above (most of the runs are packet hooks), and a cheaper connect4 (a new socket always classifies: cgroup walk, CIDR and rule lookups, cache insert) and sock_release (it runs for every socket, bound or not).\n",
+            "**Connection rate.** The enforce arm runs {runs:.0} envguard programs per connection, {net:.0} ns in all once the accounting's own cost is taken off (bpf_stats), against {:.1} µs of CPU per connection with no program: that alone predicts {:.3}× (measured: {measured:.3}×), so the 3 % budget is spent before any noise. Per run under traffic (1b, accounting included): connect4 {:.0} ns, post_bind4 {:.0} ns, skb_egress {:.0} ns, skb_ingress {:.0} ns, against {:.0} ns for an empty program. 0.97 needs roughly {:.0} ns per connection or less: the steady-state fixes above (most of the runs are packet hooks), and a cheaper connect4 (a new socket always classifies: cgroup walk, CIDR and rule lookups, cache insert) and post_bind (it labels every bound socket).\n",
             cpu / 1e3,
             cpu / (cpu + net),
             prog_ns("connect4"),
-            prog_ns("sock_release"),
+            prog_ns("post_bind4"),
             prog_ns("skb_egress"),
             prog_ns("skb_ingress"),
             prog_ns("empty (egress)"),

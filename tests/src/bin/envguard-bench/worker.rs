@@ -475,8 +475,8 @@ fn rr_client(addr: SocketAddr, d: Duration) {
 }
 
 /// Traffic that runs every envguard program: TCP over both families with an
-/// explicit bind first (post_bind4/6, connect4/6, both packet hooks,
-/// sock_release), and unconnected UDP datagrams (sendmsg4/6).
+/// explicit bind first (post_bind4/6, connect4/6, both packet hooks), and
+/// unconnected UDP datagrams (sendmsg4/6).
 fn mixed_client(spec: &Value, d: Duration) {
     let sa = |k: &str| -> SocketAddr {
         spec[k]
