@@ -230,17 +230,21 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     }
 
     let p = policy(cfg);
-    let local = match &store {
-        // The agent found who holds the socket: their env is the socket's.
-        Some(s) if s.flags & SOCK_F_HOLDER != 0 => Side {
+    let mut local = local_env(&p, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(raw, level)
+    });
+    // The agent found who holds the socket: their env is the socket's, even
+    // when it was created elsewhere.
+    if let Some(s) = &store
+        && s.flags & SOCK_F_HOLDER != 0
+        && s.env != local.env
+    {
+        local = Side {
             env: s.env,
             from: ENV_FROM_SOCKET,
             cgroup_id: s.cgroup_id,
-        },
-        _ => local_env(&p, |level| unsafe {
-            bpf_skb_ancestor_cgroup_id(raw, level)
-        }),
-    };
+        };
+    }
     let remote = cidr_env(&p, remote_addr);
     // Which way the conversation goes. A datagram and a SYN go the way they
     // travel: a reply is let through only by the state its socket recorded

@@ -7,6 +7,7 @@
 //! down on drop, panics included. See `tests/README.md`.
 
 pub mod agent;
+pub mod attack;
 pub mod bpf;
 pub mod cgroup;
 pub mod control;

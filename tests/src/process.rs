@@ -38,7 +38,7 @@ pub struct Place {
 }
 
 impl Place {
-    fn args(&self) -> Vec<String> {
+    pub fn args(&self) -> Vec<String> {
         let mut a = Vec::new();
         if let Some(cg) = &self.cgroup {
             a.push("--cgroup".into());
@@ -94,9 +94,16 @@ impl Server {
             "egprobe server {} {list} port {port} at {place:?}",
             proto.name()
         );
-        let mut cmd = Command::new(egprobe);
+        let args = ["serve", proto.name(), &list, &port.to_string()].map(str::to_owned);
+        Server::start(egprobe, place, &args, desc)
+    }
+
+    /// Starts `program [place args] ARGS...` and waits (10 s at most) for its
+    /// first stdout line to be a readiness line (`"ready": true`).
+    pub fn start(program: &Path, place: &Place, args: &[String], desc: String) -> Server {
+        let mut cmd = Command::new(program);
         cmd.args(place.args())
-            .args(["serve", proto.name(), &list, &port.to_string()])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

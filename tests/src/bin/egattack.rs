@@ -1,0 +1,437 @@
+//! egattack: what a hostile workload does to get around envguard, one
+//! scenario per command, for the adversarial suite (tests/adversarial.rs).
+//!
+//! `egattack [--cgroup ABS_DIR] [--netns NAME] [--uid N] COMMAND ARGS...`
+//! joins the cgroup and network namespace, then drops to uid/gid N (an
+//! unprivileged attacker) before creating any socket. Every command prints
+//! JSON lines on stdout; an outcome is `"refused"` (EPERM: envguard said no),
+//! `"echo"` (the peer answered), `"timeout"`, or `"error:<errno>"`.
+//!
+//! - `hijack ADDR PORT`: UDP to a same-host socket: send; bind ADDR:PORT
+//!   itself with SO_REUSEADDR and close it; send again. Prints
+//!   `{"before":O,"after_rebind":O}`.
+//! - `udp-serve ADDR PORT`: a UDP echo server bound with SO_REUSEADDR;
+//!   prints `{"ready":true,"pid":P}`.
+//! - `udp-from SRC_ADDR SRC_PORT DST_ADDR DST_PORT`: one datagram from a
+//!   chosen source port; prints `{"outcome":O}`.
+//! - `tcp-from SRC_ADDR SRC_PORT DST_ADDR DST_PORT`: connect from a chosen
+//!   source port (SO_REUSEADDR), exchange a line, close with a reset (no
+//!   TIME_WAIT, so the same 4-tuple can be used again at once); prints
+//!   `{"outcome":O}`.
+//! - `tcp-serve-close ADDR PORT`: accepts connections, reads a line, answers
+//!   it and resets the connection; prints `{"ready":true,"pid":P}`.
+//! - `tcp-hold DST_ADDR DST_PORT`: connects, prints `{"connected":O}`, then
+//!   for every line on stdin sends a line and prints `{"exchange":O}`.
+//! - `listen-then-move ADDR PORT CGROUP_DIR`: binds and listens as where it
+//!   started, then moves itself into CGROUP_DIR; prints `{"ready":true,
+//!   "pid":P}` after the move and echoes lines on accepted connections.
+//! - `raw-udp DST_ADDR DST_PORT`: a UDP datagram built by hand and sent
+//!   through a raw IPv4 socket (needs CAP_NET_RAW): prints `{"outcome":O}`
+//!   (`"sent"` when the kernel took it).
+//! - `share-listener ADDR PORT CGROUP_DIR`: binds and listens, forks a child
+//!   that moves into CGROUP_DIR holding the same socket; prints
+//!   `{"ready":true,"pid":P,"child":C}`; both stay until killed.
+use std::{
+    io::{self, BufRead as _, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::PathBuf,
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+
+const TIMEOUT: Duration = Duration::from_millis(700);
+
+fn die(msg: impl std::fmt::Display) -> ! {
+    eprintln!("egattack: {msg}");
+    std::process::exit(2);
+}
+
+fn print(v: Value) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let (mut cgroup, mut netns, mut uid) = (None::<PathBuf>, None::<String>, None::<u32>);
+    while args.len() >= 2 {
+        match args[0].as_str() {
+            "--cgroup" => cgroup = Some(args[1].clone().into()),
+            "--netns" => netns = Some(args[1].clone()),
+            "--uid" => uid = Some(args[1].parse().unwrap_or_else(|_| die("bad --uid"))),
+            _ => break,
+        }
+        args.drain(..2);
+    }
+    if let Some(dir) = &cgroup {
+        join_cgroup(dir);
+    }
+    if let Some(name) = &netns {
+        let path = format!("/run/netns/{name}");
+        let f = std::fs::File::open(&path).unwrap_or_else(|e| die(format!("{path}: {e}")));
+        // SAFETY: plain syscall on a valid descriptor.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            die(format!("setns {path}: {}", io::Error::last_os_error()));
+        }
+    }
+    if let Some(uid) = uid {
+        // SAFETY: plain syscalls; the gid first, while still privileged.
+        let ok = unsafe {
+            libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(uid, uid, uid) == 0
+                && libc::setresuid(uid, uid, uid) == 0
+        };
+        if !ok {
+            die(format!("dropping to uid {uid}: {}", io::Error::last_os_error()));
+        }
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["hijack", addr, port] => hijack(sa(addr, port)),
+        ["udp-serve", addr, port] => udp_serve(sa(addr, port)),
+        ["udp-from", sa_, sp, da, dp] => {
+            print(json!({"outcome": udp_from(sa(sa_, sp), sa(da, dp))}));
+        }
+        ["tcp-from", sa_, sp, da, dp] => {
+            print(json!({"outcome": tcp_from(sa(sa_, sp), sa(da, dp))}));
+        }
+        ["tcp-serve-close", addr, port] => tcp_serve_close(sa(addr, port)),
+        ["tcp-hold", addr, port] => tcp_hold(sa(addr, port)),
+        ["listen-then-move", addr, port, dir] => listen_then_move(sa(addr, port), dir),
+        ["share-listener", addr, port, dir] => share_listener(sa(addr, port), dir),
+        ["raw-udp", addr, port] => print(json!({"outcome": raw_udp(sa(addr, port))})),
+        _ => die(format!("unknown command {args:?} (see the module docs)")),
+    }
+}
+
+fn join_cgroup(dir: &std::path::Path) {
+    let procs = dir.join("cgroup.procs");
+    if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
+        die(format!("joining {}: {e}", procs.display()));
+    }
+}
+
+fn sa(addr: &str, port: &str) -> SocketAddr {
+    let ip: IpAddr = addr.parse().unwrap_or_else(|_| die(format!("bad address {addr}")));
+    SocketAddr::new(ip, port.parse().unwrap_or_else(|_| die(format!("bad port {port}"))))
+}
+
+fn outcome(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => "refused".into(),
+        Some(libc::EAGAIN | libc::ETIMEDOUT | libc::EINPROGRESS) => "timeout".into(),
+        _ if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock => {
+            "timeout".into()
+        }
+        Some(n) => format!("error:{n}"),
+        None => format!("error:{e}"),
+    }
+}
+
+/// A socket of `ty` for `addr`'s family with SO_REUSEADDR, bound to `addr`.
+fn reuse_socket(addr: SocketAddr, ty: libc::c_int) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscalls; the fd is owned at once.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd and option buffer.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: storage holds a valid address of `len` bytes.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// One datagram from a fresh unbound socket, and its echo.
+fn udp_send(dst: SocketAddr) -> String {
+    let any: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let s = UdpSocket::bind(any).unwrap_or_else(|e| die(format!("udp socket: {e}")));
+    exchange_udp(&s, dst)
+}
+
+fn exchange_udp(s: &UdpSocket, dst: SocketAddr) -> String {
+    s.set_read_timeout(Some(TIMEOUT)).ok();
+    if let Err(e) = s.send_to(b"ping\n", dst) {
+        return outcome(&e);
+    }
+    let mut buf = [0u8; 64];
+    match s.recv_from(&mut buf) {
+        Ok(_) => "echo".into(),
+        Err(e) => outcome(&e),
+    }
+}
+
+fn hijack(dst: SocketAddr) {
+    let before = udp_send(dst);
+    let rebind = match reuse_socket(dst, libc::SOCK_DGRAM) {
+        Ok(fd) => {
+            drop(fd);
+            "bound".to_owned()
+        }
+        Err(e) => outcome(&e),
+    };
+    let after = udp_send(dst);
+    print(json!({"before": before, "rebind": rebind, "after_rebind": after}));
+}
+
+fn udp_serve(addr: SocketAddr) {
+    let fd = reuse_socket(addr, libc::SOCK_DGRAM).unwrap_or_else(|e| die(format!("bind: {e}")));
+    let s = UdpSocket::from(fd);
+    print(json!({"ready": true, "pid": std::process::id()}));
+    let mut buf = [0u8; 2048];
+    loop {
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    }
+}
+
+fn udp_from(src: SocketAddr, dst: SocketAddr) -> String {
+    match reuse_socket(src, libc::SOCK_DGRAM) {
+        Ok(fd) => exchange_udp(&UdpSocket::from(fd), dst),
+        Err(e) => format!("bind:{}", outcome(&e)),
+    }
+}
+
+fn connect_fd(fd: &OwnedFd, dst: SocketAddr) -> io::Result<()> {
+    let (storage, len) = sockaddr(dst);
+    // SAFETY: storage holds a valid address of `len` bytes.
+    if unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Closes with a reset: SO_LINGER 0.
+fn reset(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and option buffer.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+fn line_exchange(stream: &mut TcpStream) -> String {
+    stream.set_read_timeout(Some(TIMEOUT)).ok();
+    stream.set_write_timeout(Some(TIMEOUT)).ok();
+    if let Err(e) = stream.write_all(b"ping\n") {
+        return outcome(&e);
+    }
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => "closed".into(),
+        Ok(_) => "echo".into(),
+        Err(e) => outcome(&e),
+    }
+}
+
+fn tcp_from(src: SocketAddr, dst: SocketAddr) -> String {
+    let fd = match reuse_socket(src, libc::SOCK_STREAM) {
+        Ok(fd) => fd,
+        Err(e) => return format!("bind:{}", outcome(&e)),
+    };
+    // A blocking connect bounded by SO_SNDTIMEO.
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: TIMEOUT.as_micros() as libc::suseconds_t,
+    };
+    // SAFETY: valid fd and option buffer.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if let Err(e) = connect_fd(&fd, dst) {
+        return outcome(&e);
+    }
+    let mut stream = TcpStream::from(fd);
+    let o = line_exchange(&mut stream);
+    reset(stream);
+    o
+}
+
+fn tcp_serve_close(addr: SocketAddr) {
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| die(format!("listen {addr}: {e}")));
+    print(json!({"ready": true, "pid": std::process::id()}));
+    for mut s in l.incoming().flatten() {
+        let mut buf = [0u8; 64];
+        s.set_read_timeout(Some(TIMEOUT)).ok();
+        if let Ok(n) = s.read(&mut buf) {
+            let _ = s.write_all(&buf[..n]);
+        }
+        reset(s);
+    }
+}
+
+fn tcp_hold(dst: SocketAddr) {
+    let mut stream = match TcpStream::connect_timeout(&dst, TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => {
+            print(json!({"connected": outcome(&e)}));
+            return;
+        }
+    };
+    print(json!({"connected": line_exchange(&mut stream)}));
+    for line in io::stdin().lock().lines() {
+        if line.is_err() {
+            break;
+        }
+        print(json!({"exchange": line_exchange(&mut stream)}));
+    }
+}
+
+fn echo_forever(l: TcpListener) -> ! {
+    for s in l.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut s = s;
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    die("listener closed")
+}
+
+fn listen_then_move(addr: SocketAddr, dir: &str) {
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| die(format!("listen {addr}: {e}")));
+    join_cgroup(std::path::Path::new(dir));
+    print(json!({"ready": true, "pid": std::process::id()}));
+    echo_forever(l)
+}
+
+fn share_listener(addr: SocketAddr, dir: &str) {
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| die(format!("listen {addr}: {e}")));
+    // SAFETY: single-threaded here; the child only joins a cgroup and sleeps.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        die(format!("fork: {}", io::Error::last_os_error()));
+    }
+    if child == 0 {
+        // SAFETY: prctl has no memory preconditions.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+        join_cgroup(std::path::Path::new(dir));
+        let _keep = &l;
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    // The child is ready once it is in its cgroup.
+    let procs = std::path::Path::new(dir).join("cgroup.procs");
+    for _ in 0..2000 {
+        let text = std::fs::read_to_string(&procs).unwrap_or_default();
+        if text.lines().any(|l| l.trim() == child.to_string()) {
+            print(json!({"ready": true, "pid": std::process::id(), "child": child}));
+            echo_forever(l)
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    die("the child never joined its cgroup")
+}
+
+fn raw_udp(dst: SocketAddr) -> String {
+    // SAFETY: plain syscall; the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 17) };
+    if fd < 0 {
+        return outcome(&io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Source port 40000; a zero checksum means "none" for UDP over IPv4.
+    let mut dgram = vec![0x9c, 0x40];
+    dgram.extend(dst.port().to_be_bytes());
+    dgram.extend(((8 + 5) as u16).to_be_bytes());
+    dgram.extend([0, 0]);
+    dgram.extend(b"ping\n");
+    let (storage, len) = sockaddr(SocketAddr::new(dst.ip(), 0));
+    // SAFETY: valid fd, buffer and address.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            dgram.as_ptr().cast(),
+            dgram.len(),
+            0,
+            (&raw const storage).cast(),
+            len,
+        )
+    };
+    if n < 0 {
+        outcome(&io::Error::last_os_error())
+    } else {
+        "sent".into()
+    }
+}

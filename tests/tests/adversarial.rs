@@ -1,0 +1,499 @@
+//! The adversarial suite: what a workload that *tries* to get around
+//! envguard does, one test per bypass (issue "Hold against a hostile
+//! workload"). Each attack runs from the `dev` cgroup — as uid 65534 where
+//! the attack needs no privilege — against `prod`, and must be refused and
+//! reported in enforce mode, and reported in audit mode.
+//!
+//! Policy: the standard one (prod and dev by cgroup and CIDR) plus
+//! `[[allow]] from = "prod" to = "dev" ports = ["53/udp"]`.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use envguard_tests::{
+    Client, Lab, Mode, Netns, PolicyExtras, Proto, Site,
+    attack::Attacker,
+    control::assert_fields,
+    event::is_violation,
+    netns::Family,
+    sys,
+};
+use serde_json::{Value, json};
+
+const EGPROBE: &str = env!("CARGO_BIN_EXE_egprobe");
+const EGATTACK: &str = env!("CARGO_BIN_EXE_egattack");
+/// The unprivileged attacker.
+const NOBODY: u32 = 65534;
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn lab(mode: Mode) -> Lab {
+    Lab::with_policy(
+        EGPROBE,
+        mode,
+        &PolicyExtras {
+            allow: "[[allow]]\nfrom = \"prod\"\nto = \"dev\"\nports = [\"53/udp\"]\n".into(),
+            ..Default::default()
+        },
+    )
+}
+
+/// The refusal a mode gives an attempt the policy forbids at a socket hook.
+fn refused_or_through(mode: Mode, through: &str) -> &str {
+    if mode == Mode::Enforce {
+        "refused"
+    } else {
+        through
+    }
+}
+
+/// Waits (5 s at most) for the first violation record at or after line
+/// `from` that `pred` accepts; returns its index and the record.
+fn violation_after(
+    lab: &Lab,
+    from: usize,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> (usize, Value) {
+    let find = |lines: &[Value]| {
+        lines
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, v)| is_violation(v) && pred(v))
+            .map(|(i, v)| (i, v.clone()))
+    };
+    match lab
+        .agent()
+        .wait_lines(Duration::from_secs(5), |lines| find(lines).is_some())
+    {
+        Ok(lines) => find(&lines).expect("found"),
+        Err(lines) => panic!(
+            "{what}: no violation record after line {from}; the agent printed:\n{}",
+            envguard_tests::agent::dump_lines(&lines)
+        ),
+    }
+}
+
+fn count_violations(lab: &Lab, from: usize, pred: impl Fn(&Value) -> bool) -> usize {
+    let agent = lab.agent();
+    agent
+        .lines(from..agent.len())
+        .iter()
+        .filter(|v| is_violation(v) && pred(v))
+        .count()
+}
+
+// 1. Same-host table hijack: dev binds prod's UDP address itself
+// (SO_REUSEADDR), closes it, and sends again.
+fn same_host_hijack(mode: Mode) {
+    let mut lab = lab(mode);
+    let attacker = Attacker::new(EGATTACK);
+    lab.start_agent();
+    let port = "7401";
+    let _prod = attacker.serve(
+        &lab.client_place(Client::Prod),
+        None,
+        &["udp-serve", "127.0.0.1", port],
+    );
+    let mark = lab.agent().len();
+    let r = attacker.run(
+        &lab.client_place(Client::Dev),
+        Some(NOBODY),
+        &["hijack", "127.0.0.1", port],
+    );
+    let through = refused_or_through(mode, "echo");
+    assert_eq!(
+        r,
+        json!({"before": through, "rebind": "bound", "after_rebind": through}),
+        "an unprivileged dev process rebinding prod's address must not change prod's env"
+    );
+    let want = [
+        ("hook", json!("sendmsg4")),
+        ("verdict", json!(mode.verdict())),
+        ("source.env", json!("dev")),
+        ("source.env_from", json!("cgroup")),
+        ("destination.env", json!("prod")),
+        ("destination.env_from", json!("socket")),
+        ("destination.port", json!(7401)),
+        ("proto", json!("udp")),
+    ];
+    let pred = |v: &Value| v["destination"]["port"] == 7401;
+    let (i, first) = violation_after(&lab, mark, "the first datagram's violation", pred);
+    assert_fields(&first, "the datagram before the rebind", &want);
+    let (_, second) = violation_after(&lab, i + 1, "the datagram after the rebind", |v| {
+        pred(v)
+    });
+    assert_fields(&second, "the datagram after the rebind", &want);
+    lab.stop_agent();
+}
+
+#[test]
+fn hijack_of_a_same_host_address_enforce() {
+    same_host_hijack(Mode::Enforce);
+}
+
+#[test]
+fn hijack_of_a_same_host_address_audit() {
+    same_host_hijack(Mode::Audit);
+}
+
+/// An extra namespace holding the client's own address (198.18.100.2),
+/// reachable from the server namespace while a /32 route points at it.
+struct Impostor {
+    ns: Netns,
+    server_ns: String,
+    server_if: String,
+}
+
+impl Impostor {
+    fn create(server_ns: &str) -> Impostor {
+        let ns = Netns::create("ega");
+        let suffix = ns.name().trim_start_matches("ega");
+        let (iif, sif) = (format!("ea{suffix}"), format!("eb{suffix}"));
+        sys::ip(&[
+            "-n", ns.name(), "link", "add", &iif, "type", "veth", "peer", "name", &sif, "netns",
+            server_ns,
+        ]);
+        sys::ip(&["-n", ns.name(), "addr", "add", "198.18.100.2/32", "dev", &iif]);
+        sys::ip(&["-n", ns.name(), "link", "set", &iif, "up"]);
+        sys::ip(&["-n", server_ns, "link", "set", &sif, "up"]);
+        sys::ip(&["-n", ns.name(), "route", "add", "198.18.0.0/15", "dev", &iif]);
+        Impostor {
+            ns,
+            server_ns: server_ns.to_owned(),
+            server_if: sif,
+        }
+    }
+
+    /// Sends the server namespace's traffic for 198.18.100.2 here (`true`)
+    /// or back to the real client namespace.
+    fn route(&self, here: bool) {
+        let verb = if here { "add" } else { "del" };
+        sys::ip(&[
+            "-n",
+            &self.server_ns,
+            "route",
+            verb,
+            "198.18.100.2/32",
+            "dev",
+            &self.server_if,
+        ]);
+    }
+}
+
+impl Drop for Impostor {
+    fn drop(&mut self) {
+        if let Err(e) = sys::try_ip(&["-n", &self.server_ns, "link", "del", &self.server_if]) {
+            eprintln!("envguard-tests: cleanup: {e}");
+        }
+    }
+}
+
+// 2. Verdict-cache poisoning from another network namespace: a dev listener
+// on prod's address in a namespace of its own accepts (dev_ip, S) first;
+// then the real dev peer connects from the same (dev_ip, S) to prod.
+fn inbound_poisoning(mode: Mode) {
+    let mut lab = lab(mode);
+    let attacker = Attacker::new(EGATTACK);
+    let impostor = Impostor::create(lab.topo.server.name());
+    lab.start_agent();
+    let any: IpAddr = Ipv4Addr::UNSPECIFIED.into();
+    let prod = lab.client_place(Client::Prod);
+    lab.serve(&prod, Proto::Tcp, &[any], 7402);
+    let mut impostor_place = lab.client_place(Client::Dev);
+    impostor_place.netns = Some(impostor.ns.name().to_owned());
+    let _fake = attacker.serve(
+        &impostor_place,
+        Some(NOBODY),
+        &["tcp-serve-close", "198.18.100.2", "7402"],
+    );
+    let peer = lab.remote_place();
+    let dev_ip = Site::Dev.addr(Family::V4).to_string();
+    let connect = || {
+        attacker.run(
+            &peer,
+            None,
+            &["tcp-from", &dev_ip, "40402", "198.18.100.2", "7402"],
+        )["outcome"]
+            .clone()
+    };
+    impostor.route(true);
+    assert_eq!(
+        connect(),
+        json!("echo"),
+        "dev peer to the dev listener in the impostor namespace (dev -> dev, allowed)"
+    );
+    impostor.route(false);
+    let mark = lab.agent().len();
+    let want = if mode == Mode::Enforce {
+        "timeout"
+    } else {
+        "echo"
+    };
+    assert_eq!(
+        connect(),
+        json!(want),
+        "the same (dev_ip, port) to the real prod listener must be judged on its own"
+    );
+    let (_, v) = violation_after(&lab, mark, "dev peer -> prod listener", |v| {
+        v["destination"]["port"] == 7402 && v["source"]["port"] == 40402
+    });
+    assert_fields(
+        &v,
+        "dev peer -> prod listener",
+        &[
+            ("hook", json!("skb_ingress")),
+            ("direction", json!("ingress")),
+            ("verdict", json!(mode.verdict())),
+            ("source.env", json!("dev")),
+            ("source.env_from", json!("cidr")),
+            ("source.ip", json!(dev_ip)),
+            ("destination.env", json!("prod")),
+            ("destination.env_from", json!("cgroup")),
+            ("destination.ip", json!("198.18.100.2")),
+        ],
+    );
+    lab.stop_agent();
+}
+
+#[test]
+fn inbound_decision_of_another_namespace_enforce() {
+    inbound_poisoning(Mode::Enforce);
+}
+
+#[test]
+fn inbound_decision_of_another_namespace_audit() {
+    inbound_poisoning(Mode::Audit);
+}
+
+// 3. Stateless reverse fallback: with prod -> dev 53/udp allowed, a dev peer
+// sending *from* port 53 must not reach a prod UDP socket.
+fn reply_lookalike(mode: Mode) {
+    let mut lab = lab(mode);
+    let attacker = Attacker::new(EGATTACK);
+    lab.start_agent();
+    let any: IpAddr = Ipv4Addr::UNSPECIFIED.into();
+    lab.serve(&lab.client_place(Client::Prod), Proto::Udp, &[any], 7403);
+    let dev_ip = Site::Dev.addr(Family::V4).to_string();
+    let _dns = attacker.serve(&lab.remote_place(), None, &["udp-serve", &dev_ip, "53"]);
+
+    // The real thing: prod asks dev's DNS; the answer comes back.
+    let asked = attacker.run(
+        &lab.client_place(Client::Prod),
+        None,
+        &["udp-from", "0.0.0.0", "0", &dev_ip, "53"],
+    );
+    assert_eq!(asked["outcome"], "echo", "prod -> dev 53/udp and its answer");
+
+    let mark = lab.agent().len();
+    let r = attacker.run(
+        &lab.remote_place(),
+        None,
+        &["udp-from", &dev_ip, "53", "198.18.100.2", "7403"],
+    );
+    let want = if mode == Mode::Enforce {
+        "timeout"
+    } else {
+        "echo"
+    };
+    assert_eq!(
+        r["outcome"], want,
+        "a datagram from dev port 53 to a prod socket that never asked is inbound dev -> prod"
+    );
+    let (_, v) = violation_after(&lab, mark, "dev:53 -> prod:7403", |v| {
+        v["destination"]["port"] == 7403
+    });
+    assert_fields(
+        &v,
+        "dev:53 -> prod:7403",
+        &[
+            ("hook", json!("skb_ingress")),
+            ("proto", json!("udp")),
+            ("verdict", json!(mode.verdict())),
+            ("source.env", json!("dev")),
+            ("source.port", json!(53)),
+            ("destination.env", json!("prod")),
+        ],
+    );
+    lab.stop_agent();
+}
+
+#[test]
+fn reply_lookalike_datagram_enforce() {
+    reply_lookalike(Mode::Enforce);
+}
+
+#[test]
+fn reply_lookalike_datagram_audit() {
+    reply_lookalike(Mode::Audit);
+}
+
+/// Probes dev -> 127.0.0.1:port until refused (3 s at most); returns how
+/// long it took.
+fn until_refused(lab: &Lab, port: u16) -> Duration {
+    let start = Instant::now();
+    loop {
+        let r = lab.probe(
+            Client::Dev,
+            Proto::Tcp,
+            SocketAddr::new(LOCALHOST, port),
+            500,
+        );
+        if r.is_refused() {
+            return start.elapsed();
+        }
+        assert!(
+            r.ok,
+            "dev -> 127.0.0.1:{port} neither connected nor was refused: {}",
+            r.raw
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "a listener held by prod was still reachable from dev after 3 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// 4a. A socket's env is its holder's: a listener bound outside any env,
+// then held only by a process moved into prod.
+#[test]
+fn listener_handed_to_prod_takes_prod_env() {
+    let mut lab = lab(Mode::Enforce);
+    let attacker = Attacker::new(EGATTACK);
+    lab.start_agent();
+    let prod_dir = lab.cg.abs("prod").display().to_string();
+    let _moved = attacker.serve(
+        &lab.client_place(Client::Host),
+        None,
+        &["listen-then-move", "127.0.0.1", "7404", &prod_dir],
+    );
+    let mark = lab.agent().len();
+    let window = until_refused(&lab, 7404);
+    eprintln!("adversarial: listener moved into prod refused to dev after {window:?}");
+    let (_, v) = violation_after(&lab, mark, "dev -> listener held by prod", |v| {
+        v["destination"]["port"] == 7404 && v["verdict"] == "denied"
+    });
+    assert_fields(
+        &v,
+        "dev -> listener held by prod",
+        &[
+            ("hook", json!("connect4")),
+            ("source.env", json!("dev")),
+            ("destination.env", json!("prod")),
+            ("destination.env_from", json!("socket")),
+        ],
+    );
+    let r = lab.probe(
+        Client::Prod,
+        Proto::Tcp,
+        SocketAddr::new(LOCALHOST, 7404),
+        1000,
+    );
+    assert!(r.ok, "prod -> its own listener must connect: {}", r.raw);
+    lab.stop_agent();
+}
+
+// 4b. A socket held by processes of two envs is reported.
+#[test]
+fn listener_held_by_two_envs_is_reported() {
+    let mut lab = lab(Mode::Enforce);
+    let attacker = Attacker::new(EGATTACK);
+    lab.start_agent();
+    let dev_dir = lab.cg.abs("dev").display().to_string();
+    let shared = attacker.serve(
+        &lab.client_place(Client::Prod),
+        None,
+        &["share-listener", "127.0.0.1", "7405", &dev_dir],
+    );
+    let parent = shared.pid();
+    let (_, rec) = lab
+        .agent()
+        .wait_for("socket_shared", Duration::from_secs(3), |v| {
+            v["kind"] == "socket_shared" && v["pids"].as_array().is_some_and(|p| p.contains(&json!(parent)))
+        });
+    let envs: Vec<&str> = rec["envs"]
+        .as_array()
+        .expect("envs")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut sorted = envs.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, ["dev", "prod"], "holders' envs: {rec}");
+    let prod_at = envs.iter().position(|e| *e == "prod").expect("prod");
+    assert_eq!(rec["pids"][prod_at], json!(parent), "prod's holder pid: {rec}");
+    assert_eq!(rec["env"], "prod", "it keeps the env it was created in: {rec}");
+    assert!(rec["inode"].as_u64().is_some_and(|i| i > 0), "{rec}");
+    assert!(rec["cookie"].as_u64().is_some_and(|c| c > 0), "{rec}");
+    lab.stop_agent();
+}
+
+// 6. Audit -> enforce reaches an established same-host TCP flow at its
+// next packet.
+#[test]
+fn mode_switch_reaches_established_loopback_flow() {
+    let mut lab = lab(Mode::Audit);
+    let attacker = Attacker::new(EGATTACK);
+    lab.start_agent();
+    lab.serve(&lab.client_place(Client::Prod), Proto::Tcp, &[LOCALHOST], 7406);
+    let mut hold = attacker.interactive(
+        &lab.client_place(Client::Dev),
+        Some(NOBODY),
+        &["tcp-hold", "127.0.0.1", "7406"],
+    );
+    assert_eq!(hold.next(), json!({"connected": "echo"}), "audit lets it connect");
+    hold.send("x");
+    assert_eq!(hold.next(), json!({"exchange": "echo"}), "and exchange");
+    lab.cli(&["mode", "enforce", "--from", "dev", "--to", "prod"])
+        .assert_ok("mode enforce dev -> prod");
+    hold.send("x");
+    assert_eq!(
+        hold.next(),
+        json!({"exchange": "timeout"}),
+        "after the pair switched to enforce, the established dev -> prod flow must stop"
+    );
+    lab.cli(&["mode", "audit", "--from", "dev", "--to", "prod"])
+        .assert_ok("mode audit dev -> prod");
+    lab.stop_agent();
+}
+
+// Raw sockets: a dev process with CAP_NET_RAW hand-builds a UDP datagram to a
+// prod address; the packet hook judges what the socket hooks never saw.
+#[test]
+fn raw_socket_datagram_is_judged_at_the_packet_hook() {
+    let mut lab = lab(Mode::Enforce);
+    let attacker = Attacker::new(EGATTACK);
+    lab.start_agent();
+    let prod_ip = Site::Prod.addr(Family::V4).to_string();
+    let mark = lab.agent().len();
+    let r = attacker.run(
+        &lab.client_place(Client::Dev),
+        None,
+        &["raw-udp", &prod_ip, "9000"],
+    );
+    assert_eq!(r["outcome"], "refused", "raw dev -> prod datagram: {r}");
+    let (_, v) = violation_after(&lab, mark, "raw dev -> prod", |v| {
+        v["destination"]["port"] == 9000
+    });
+    assert_fields(
+        &v,
+        "raw dev -> prod",
+        &[
+            ("hook", json!("skb_egress")),
+            ("proto", json!("udp")),
+            ("verdict", json!("denied")),
+            ("source.env", json!("dev")),
+            ("destination.env", json!("prod")),
+            ("destination.ip", json!(prod_ip)),
+        ],
+    );
+    assert_eq!(
+        count_violations(&lab, mark, |v| v["destination"]["port"] == 9000),
+        1,
+        "one datagram, one record"
+    );
+    lab.stop_agent();
+}
