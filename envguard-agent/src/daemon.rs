@@ -142,11 +142,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     let (calls_tx, calls_rx) = mpsc::channel(64);
+    let limits = control::Limits::default();
+    sys::raise_nofile_limit((limits.root + limits.others + 1024) as u64);
+    let gate = Arc::new(control::Gate::new(limits));
     let server = control::serve(
         &settings.control_socket,
         settings.control_group,
         calls_tx,
         events_tx,
+        gate.clone(),
     )?;
 
     let ring = kernel.take_events()?;
@@ -190,6 +194,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         next_rollup: Instant::now() + settings.kernel.dedup_interval,
         snapshot,
         lost_totals: BTreeMap::new(),
+        gate,
     };
     daemon.emit_policy_loaded(None)?;
     if let Some(prev) = previous.filter(|p| p.heartbeat_ns != 0) {
@@ -275,6 +280,8 @@ struct Daemon {
     snapshot: Arc<Mutex<metrics::Snapshot>>,
     /// Records lost since start, per source (metrics).
     lost_totals: BTreeMap<String, u64>,
+    /// The control socket's admission: open connections, refusals.
+    gate: Arc<control::Gate>,
 }
 
 #[derive(Serialize)]
@@ -471,6 +478,12 @@ impl Daemon {
         s.events_lost = self.lost_totals.clone();
         s.events_suppressed = self.stream.suppressed();
         s.policy_revision = u64::from(self.kernel.generation());
+        s.control_refused = self
+            .gate
+            .refused()
+            .into_iter()
+            .map(|(r, n)| (r.name().to_owned(), n))
+            .collect();
         Ok(())
     }
 
@@ -889,6 +902,7 @@ impl Daemon {
             "envs": ids.iter().map(|&i| self.compiled.env_name(i)).collect::<Vec<_>>(),
             "pending_reverts": pending,
             "pairs": pairs,
+            "control": self.gate.status(),
         }))
     }
 }

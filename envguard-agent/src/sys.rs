@@ -280,6 +280,25 @@ pub fn lock_dir(dir: &Path, operation: &str) -> Result<fs::File> {
     Ok(f)
 }
 
+/// Raises the soft RLIMIT_NOFILE to at least `want` (as far as the hard limit
+/// allows): the control socket alone may hold 2 048 connections, more than
+/// the 1 024 a service gets by default.
+pub fn raise_nofile_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur >= want {
+        return;
+    }
+    lim.rlim_cur = want.min(lim.rlim_max);
+    // SAFETY: valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        log::warn!("could not raise the open-file limit to {want}");
+    }
+}
+
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF maps against it
 /// (before 5.11); harmless where memory cgroups account for them instead.
 pub fn raise_memlock_limit() {
