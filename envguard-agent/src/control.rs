@@ -510,8 +510,20 @@ async fn handle(
             return reply(&mut write, &Response::err(why)).await;
         }
         reply(&mut write, &Response::ok(serde_json::json!("subscribed"))).await?;
+        // Watch the client's side too: a subscriber that hangs up gives its
+        // place back at once, not at the next record. What it sends is
+        // ignored.
+        let mut from_client = reader.into_inner();
+        let mut ignored = [0u8; 512];
         loop {
-            match events.recv().await {
+            let got = tokio::select! {
+                got = events.recv() => got,
+                n = from_client.read(&mut ignored) => match n {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => continue,
+                },
+            };
+            match got {
                 Ok(mut line) => {
                     line.push('\n');
                     write.write_all(line.as_bytes()).await?;
