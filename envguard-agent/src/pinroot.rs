@@ -22,9 +22,11 @@
 //! the paths used.
 //!
 //! Directories the agent creates are made 0700 (set explicitly with fchmod,
-//! whatever the umask). There is no lock file: the one-agent-per-pin-root
-//! lock is `flock` on the pin root directory itself, which being 0700 only
-//! root can open.
+//! whatever the umask); a pin root that passes the check with another mode
+//! (0755, made by an older envguard) is narrowed to 0700, which only takes
+//! access away. There is no lock file: the one-agent-per-pin-root lock is
+//! `flock` on the pin root directory itself, which being 0700 only root can
+//! open.
 use std::{
     fs, io,
     os::unix::fs::{
@@ -286,6 +288,17 @@ fn open_as(pin_root: &Path, operation: &str, owner: u32) -> Result<fs::File> {
     };
     w.pin_root(true)?;
     let f = open_dir(pin_root).map_err(w.io(format!("opening {}", pin_root.display())))?;
+    // A pin root an older envguard left 0755 passes the check; narrowing it
+    // to 0700 only takes access away (no one else may then open it, e.g. to
+    // take the lock and keep the agent from starting).
+    let mode = f
+        .metadata()
+        .map_err(w.io(format!("checking {}", pin_root.display())))?
+        .mode();
+    if mode & 0o7777 != DIR_MODE {
+        f.set_permissions(fs::Permissions::from_mode(DIR_MODE))
+            .map_err(w.io(format!("setting the mode of {}", pin_root.display())))?;
+    }
     Ok(f)
 }
 
@@ -419,6 +432,10 @@ mod tests {
         assert_eq!(mode_of(&links), 0o700);
         // A second agent's walk accepts what the first made.
         open_as(&root, "test", me()).unwrap();
+        // A pin root an older envguard made 0755 is accepted and narrowed.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        open_as(&root, "test", me()).unwrap();
+        assert_eq!(mode_of(&root), 0o700);
         assert!(
             create_dir_as(&root, &t.0.join("elsewhere"), "test", me()).is_err(),
             "only below the pin root"
