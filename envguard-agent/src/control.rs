@@ -10,8 +10,10 @@
 //! peer's *current* process state, which a client can change after connecting
 //! (exec a setuid or file-capability binary and pass it the connection).
 use std::{
+    collections::HashMap,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -40,10 +42,248 @@ pub fn socket_for(pin_root: &Path) -> PathBuf {
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// A client that does not send its request in this time is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more are closed at once, so idle clients (who
-/// are cut off after `REQUEST_TIMEOUT` anyway) cannot exhaust the agent's
-/// file descriptors.
-const MAX_CONNECTIONS: usize = 1024;
+
+/// How many connections and event subscriptions the control socket serves at
+/// once. Root has a bound of its own that no other user's connections count
+/// against, so members of `--control-group` cannot crowd root out (with
+/// `events` subscriptions or idle connections); other users share one bound
+/// and each has a smaller one of their own. A connection over a bound gets
+/// one JSON error line saying which, and is closed; every refusal is counted
+/// (`status`, metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// Connections from uid 0.
+    pub root: usize,
+    /// Connections from all other users together.
+    pub others: usize,
+    /// Connections from one user other than root.
+    pub per_uid: usize,
+    /// `events` subscriptions from all users other than root together.
+    pub subscribers: usize,
+    /// `events` subscriptions from one user other than root.
+    pub subscribers_per_uid: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            root: 1024,
+            others: 1024,
+            per_uid: 64,
+            subscribers: 256,
+            subscribers_per_uid: 16,
+        }
+    }
+}
+
+/// Why a connection was refused: a `Limits` field's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Refusal {
+    Root,
+    Others,
+    PerUid,
+    Subscribers,
+    SubscribersPerUid,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 5] = [
+        Refusal::Root,
+        Refusal::Others,
+        Refusal::PerUid,
+        Refusal::Subscribers,
+        Refusal::SubscribersPerUid,
+    ];
+
+    /// The label in `status` and the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Root => "root",
+            Refusal::Others => "others",
+            Refusal::PerUid => "per_uid",
+            Refusal::Subscribers => "subscribers",
+            Refusal::SubscribersPerUid => "subscribers_per_uid",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    root: usize,
+    others: usize,
+    per_uid: HashMap<u32, usize>,
+    subscribers: usize,
+    subscribers_per_uid: HashMap<u32, usize>,
+    refused: [u64; Refusal::ALL.len()],
+}
+
+/// Admission to the control socket: counts what is open, per user, and what
+/// was refused. Shared by the accept loop, the connections and `status`.
+#[derive(Debug, Default)]
+pub struct Gate {
+    limits: Limits,
+    counts: std::sync::Mutex<Counts>,
+}
+
+/// A connection's place, given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    gate: Arc<Gate>,
+    uid: u32,
+    subscriber: bool,
+}
+
+impl Gate {
+    pub fn new(limits: Limits) -> Gate {
+        Gate {
+            limits,
+            counts: std::sync::Mutex::default(),
+        }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a refusal; returns its message.
+    fn refuse(c: &mut Counts, why: Refusal, message: String) -> String {
+        c.refused[why as usize] += 1;
+        message
+    }
+
+    /// A place for a new connection from `uid`, or why there is none.
+    pub fn admit(self: &Arc<Self>, uid: u32) -> Result<Slot, String> {
+        let l = self.limits;
+        let mut c = self.counts();
+        if uid == 0 {
+            if c.root >= l.root {
+                return Err(Self::refuse(
+                    &mut c,
+                    Refusal::Root,
+                    format!("too many connections from root (limit {})", l.root),
+                ));
+            }
+            c.root += 1;
+        } else {
+            let mine = c.per_uid.get(&uid).copied().unwrap_or(0);
+            if mine >= l.per_uid {
+                return Err(Self::refuse(
+                    &mut c,
+                    Refusal::PerUid,
+                    format!("too many connections from uid {uid} (limit {})", l.per_uid),
+                ));
+            }
+            if c.others >= l.others {
+                return Err(Self::refuse(
+                    &mut c,
+                    Refusal::Others,
+                    format!(
+                        "too many connections from users other than root (limit {})",
+                        l.others
+                    ),
+                ));
+            }
+            c.others += 1;
+            *c.per_uid.entry(uid).or_default() += 1;
+        }
+        Ok(Slot {
+            gate: self.clone(),
+            uid,
+            subscriber: false,
+        })
+    }
+
+    /// Turns `slot` into an `events` subscriber's, or says why not (the
+    /// slot stays a plain connection's).
+    pub fn subscribe(&self, slot: &mut Slot) -> Result<(), String> {
+        if slot.uid == 0 || slot.subscriber {
+            slot.subscriber = true;
+            return Ok(());
+        }
+        let l = self.limits;
+        let mut c = self.counts();
+        let uid = slot.uid;
+        let mine = c.subscribers_per_uid.get(&uid).copied().unwrap_or(0);
+        if mine >= l.subscribers_per_uid {
+            return Err(Self::refuse(
+                &mut c,
+                Refusal::SubscribersPerUid,
+                format!(
+                    "too many event subscriptions from uid {uid} (limit {})",
+                    l.subscribers_per_uid
+                ),
+            ));
+        }
+        if c.subscribers >= l.subscribers {
+            return Err(Self::refuse(
+                &mut c,
+                Refusal::Subscribers,
+                format!(
+                    "too many event subscriptions from users other than root (limit {})",
+                    l.subscribers
+                ),
+            ));
+        }
+        c.subscribers += 1;
+        *c.subscribers_per_uid.entry(uid).or_default() += 1;
+        slot.subscriber = true;
+        Ok(())
+    }
+
+    /// Refusals so far, by reason.
+    pub fn refused(&self) -> Vec<(Refusal, u64)> {
+        let c = self.counts();
+        Refusal::ALL
+            .iter()
+            .map(|&r| (r, c.refused[r as usize]))
+            .collect()
+    }
+
+    /// For `status`: what is open, what was refused, the limits.
+    pub fn status(&self) -> serde_json::Value {
+        let refused = self.refused();
+        let c = self.counts();
+        let mut by_reason = serde_json::Map::new();
+        for (r, n) in &refused {
+            by_reason.insert(r.name().to_owned(), (*n).into());
+        }
+        serde_json::json!({
+            "open": {
+                "root": c.root,
+                "others": c.others,
+                "subscribers": c.subscribers,
+            },
+            "refused_total": refused.iter().map(|(_, n)| n).sum::<u64>(),
+            "refused": by_reason,
+            "limits": self.limits,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.gate.counts();
+        if self.uid == 0 {
+            c.root -= 1;
+            return;
+        }
+        c.others -= 1;
+        let uid = self.uid;
+        let release = |m: &mut HashMap<u32, usize>| {
+            if let Some(n) = m.get_mut(&uid) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&uid);
+                }
+            }
+        };
+        release(&mut c.per_uid);
+        if self.subscriber {
+            c.subscribers -= 1;
+            release(&mut c.subscribers_per_uid);
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
@@ -133,12 +373,14 @@ pub struct Call {
     pub reply: oneshot::Sender<Response>,
 }
 
-/// Binds the socket with its permissions and serves it until the agent exits.
+/// Binds the socket with its permissions and serves it until the agent exits,
+/// admitting connections through `gate`.
 pub fn serve(
     path: &Path,
     group: Option<u32>,
     calls: mpsc::Sender<Call>,
     events: broadcast::Sender<String>,
+    gate: Arc<Gate>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let io = |context: String| move |source| Error::Io { context, source };
     if let Some(dir) = path.parent() {
@@ -161,24 +403,33 @@ pub fn serve(
         std::os::unix::fs::chown(path, Some(0), Some(gid))
             .map_err(io(format!("giving {} to group {gid}", path.display())))?;
     }
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        log::warn!(
-                            "control socket: {MAX_CONNECTIONS} connections already open; closing a new one"
-                        );
+                Ok((mut stream, _)) => {
+                    let Ok(cred) = stream.peer_cred() else {
                         continue;
+                    };
+                    let mut slot = match gate.admit(cred.uid()) {
+                        Ok(slot) => slot,
+                        Err(why) => {
+                            // One line into a fresh socket's empty send
+                            // buffer: never blocks the accept loop. Then closed.
+                            log::debug!("control socket: refused a connection: {why}");
+                            let _ = stream.try_write(&answer_line(&Response::err(why)));
+                            continue;
+                        }
                     };
                     let calls = calls.clone();
                     let events = events.subscribe();
                     tokio::spawn(async move {
-                        if let Err(e) = handle(stream, calls, events).await {
+                        if let Err(e) = handle(&mut stream, &mut slot, calls, events).await {
                             log::debug!("control connection: {e}");
                         }
+                        // The place is free before the client sees the
+                        // connection close.
                         drop(slot);
+                        drop(stream);
                     });
                 }
                 Err(e) => {
@@ -190,22 +441,27 @@ pub fn serve(
     }))
 }
 
+fn answer_line(r: &Response) -> Vec<u8> {
+    let mut line = serde_json::to_vec(r).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    line.push(b'\n');
+    line
+}
+
 async fn reply(
     stream: &mut (impl tokio::io::AsyncWrite + Unpin),
     r: &Response,
 ) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    stream.write_all(&line).await
+    stream.write_all(&answer_line(r)).await
 }
 
 async fn handle(
-    stream: UnixStream,
+    stream: &mut UnixStream,
+    slot: &mut Slot,
     calls: mpsc::Sender<Call>,
     mut events: broadcast::Receiver<String>,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
-    let (read, mut write) = stream.into_split();
+    let (read, mut write) = stream.split();
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
     let mut line = Vec::new();
     let n = match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
@@ -249,9 +505,25 @@ async fn handle(
         .await;
     }
     if request == (Request::Events {}) {
+        let gate = slot.gate.clone();
+        if let Err(why) = gate.subscribe(slot) {
+            return reply(&mut write, &Response::err(why)).await;
+        }
         reply(&mut write, &Response::ok(serde_json::json!("subscribed"))).await?;
+        // Watch the client's side too: a subscriber that hangs up gives its
+        // place back at once, not at the next record. What it sends is
+        // ignored.
+        let mut from_client = reader.into_inner();
+        let mut ignored = [0u8; 512];
         loop {
-            match events.recv().await {
+            let got = tokio::select! {
+                got = events.recv() => got,
+                n = from_client.read(&mut ignored) => match n {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => continue,
+                },
+            };
+            match got {
                 Ok(mut line) => {
                     line.push('\n');
                     write.write_all(line.as_bytes()).await?;
@@ -397,5 +669,76 @@ mod tests {
         }
         assert!(!Request::Status {}.mutates());
         assert!(!Request::Events {}.mutates());
+    }
+
+    #[test]
+    fn root_keeps_its_own_room_and_users_their_share() {
+        let gate = Arc::new(Gate::new(Limits {
+            root: 3,
+            others: 4,
+            per_uid: 3,
+            subscribers: 3,
+            subscribers_per_uid: 2,
+        }));
+        // One user takes all it may: 3 connections, 2 of them subscribed.
+        let mut a: Vec<Slot> = (0..3).map(|_| gate.admit(1000).unwrap()).collect();
+        assert_eq!(
+            gate.admit(1000).err().as_deref(),
+            Some("too many connections from uid 1000 (limit 3)")
+        );
+        gate.subscribe(&mut a[0]).unwrap();
+        gate.subscribe(&mut a[1]).unwrap();
+        assert_eq!(
+            gate.subscribe(&mut a[2]),
+            Err("too many event subscriptions from uid 1000 (limit 2)".to_owned())
+        );
+        // Another user gets the rest of the shared room.
+        let mut b = gate.admit(1001).unwrap();
+        gate.subscribe(&mut b).unwrap();
+        assert_eq!(
+            gate.admit(1002).err().as_deref(),
+            Some("too many connections from users other than root (limit 4)")
+        );
+        // Root is not counted against any of it, subscribed or not.
+        let mut r: Vec<Slot> = (0..3).map(|_| gate.admit(0).unwrap()).collect();
+        for s in &mut r {
+            gate.subscribe(s).unwrap();
+        }
+        assert_eq!(
+            gate.admit(0).err().as_deref(),
+            Some("too many connections from root (limit 3)")
+        );
+        let st = gate.status();
+        assert_eq!(
+            st["open"],
+            serde_json::json!({"root": 3, "others": 4, "subscribers": 3})
+        );
+        assert_eq!(st["refused_total"], 4, "{st}");
+        assert_eq!(
+            st["refused"],
+            serde_json::json!({"root": 1, "others": 1, "per_uid": 1, "subscribers": 0, "subscribers_per_uid": 1})
+        );
+        // Places come back when connections close.
+        drop(a.remove(0));
+        drop(b);
+        let mut c = gate.admit(1002).unwrap();
+        gate.subscribe(&mut c).unwrap();
+        let mut d = gate.admit(1000).unwrap();
+        gate.subscribe(&mut d).unwrap();
+        let mut e = gate.admit(1003).unwrap_err();
+        assert!(e.contains("other than root"), "{e}");
+        drop(r);
+        drop(a.pop());
+        e = gate.subscribe(&mut gate.admit(1003).unwrap()).unwrap_err();
+        assert_eq!(
+            e,
+            "too many event subscriptions from users other than root (limit 3)"
+        );
+        drop((a, c, d));
+        let st = gate.status();
+        assert_eq!(
+            st["open"],
+            serde_json::json!({"root": 0, "others": 0, "subscribers": 0})
+        );
     }
 }

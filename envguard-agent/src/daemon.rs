@@ -146,11 +146,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     let (calls_tx, calls_rx) = mpsc::channel(64);
+    let limits = control::Limits::default();
+    sys::raise_nofile_limit((limits.root + limits.others + 1024) as u64);
+    let gate = Arc::new(control::Gate::new(limits));
     let server = control::serve(
         &settings.control_socket,
         settings.control_group,
         calls_tx,
         events_tx,
+        gate.clone(),
     )?;
 
     let ring = kernel.take_events()?;
@@ -195,6 +199,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         snapshot,
         lost_totals: BTreeMap::new(),
         holders,
+        gate,
     };
     daemon.emit_policy_loaded(None)?;
     daemon.report_shared(first_pass.shared)?;
@@ -283,6 +288,8 @@ struct Daemon {
     lost_totals: BTreeMap<String, u64>,
     /// Which env each socket's holders are in.
     holders: scan::Holders,
+    /// The control socket's admission: open connections, refusals.
+    gate: Arc<control::Gate>,
 }
 
 #[derive(Serialize)]
@@ -514,6 +521,12 @@ impl Daemon {
         s.events_lost = self.lost_totals.clone();
         s.events_suppressed = self.stream.suppressed();
         s.policy_revision = u64::from(self.kernel.generation());
+        s.control_refused = self
+            .gate
+            .refused()
+            .into_iter()
+            .map(|(r, n)| (r.name().to_owned(), n))
+            .collect();
         Ok(())
     }
 
@@ -923,6 +936,7 @@ impl Daemon {
             "envs": ids.iter().map(|&i| self.compiled.env_name(i)).collect::<Vec<_>>(),
             "pending_reverts": pending,
             "pairs": pairs,
+            "control": self.gate.status(),
         }))
     }
 }

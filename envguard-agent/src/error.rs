@@ -38,6 +38,25 @@ pub enum PolicyError {
     },
 }
 
+/// A pin root someone other than root could tamper with (see `pinroot`).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{operation}: refusing pin root {pin_root}: {path} {problem} (owner uid {uid}, mode {mode:04o}); {fix}",
+    pin_root = .pin_root.display(),
+    path = .path.display()
+)]
+pub struct UnsafePinRoot {
+    /// What was being done: starting the agent, detaching.
+    pub operation: String,
+    pub pin_root: PathBuf,
+    /// The offending component: the pin root, a directory above or below it.
+    pub path: PathBuf,
+    pub problem: String,
+    pub uid: u32,
+    pub mode: u32,
+    pub fix: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -70,6 +89,8 @@ pub enum Error {
         "control socket {path} is in use by another agent; give this one its own --control-socket"
     )]
     ControlSocketInUse { path: PathBuf },
+    #[error(transparent)]
+    UnsafePinRoot(Box<UnsafePinRoot>),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -9,6 +9,7 @@ pub mod events;
 pub mod explain;
 pub mod loader;
 pub mod metrics;
+pub mod pinroot;
 pub mod policy;
 pub mod ratelimit;
 pub mod scan;

@@ -31,6 +31,7 @@ use envguard_common::{
 use crate::{
     bpf_sys,
     error::{Error, Result},
+    pinroot,
     policy::compile::Compiled,
     sys,
 };
@@ -153,13 +154,12 @@ impl Kernel {
         }
         sys::raise_memlock_limit();
         sys::ensure_bpffs(&opts.pin_root)?;
-        let lock = sys::lock_dir(&opts.pin_root)?;
+        let lock = sys::lock_dir(&opts.pin_root, "starting the agent")?;
         let layout_dir = opts.pin_root.join(layout_name(opts)?);
         let maps_dir = layout_dir.join("maps");
-        fs::create_dir_all(&maps_dir)
-            .map_err(io_err(format!("creating {}", maps_dir.display())))?;
-        fs::create_dir_all(layout_dir.join("links"))
-            .map_err(io_err(format!("creating {}/links", layout_dir.display())))?;
+        for dir in [&maps_dir, &layout_dir.join("links")] {
+            pinroot::create_dir(&opts.pin_root, dir, "starting the agent")?;
+        }
         let adopting = maps_dir.join(maps::CONFIG).exists();
 
         let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|&m| (m, maps_dir.join(m))).collect();
@@ -675,10 +675,10 @@ fn remove_layout(dir: &Path) -> Result<()> {
 /// Removes everything envguard pinned under `pin_root`: every link (detaching
 /// its program), every map, the directories. Refuses while an agent holds it.
 pub fn detach(pin_root: &Path) -> Result<usize> {
-    if !pin_root.exists() {
+    if !pinroot::check_existing(pin_root, "detaching")? {
         return Ok(0);
     }
-    let lock = sys::lock_dir(pin_root)?;
+    let lock = sys::lock_dir(pin_root, "detaching")?;
     let mut removed = 0;
     let entries =
         fs::read_dir(pin_root).map_err(io_err(format!("listing {}", pin_root.display())))?;

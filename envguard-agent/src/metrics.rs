@@ -9,6 +9,7 @@
 //! | `envguard_events_emitted_total` | counter | `kind` | records written to the event stream |
 //! | `envguard_events_lost_total` | counter | `source` (`ringbuf`, `queue:<sink>`) | records that could not be delivered |
 //! | `envguard_events_suppressed_total` | counter | | records held back by the rate limit |
+//! | `envguard_control_refused_total` | counter | `reason` (`root`, `others`, `per_uid`, `subscribers`, `subscribers_per_uid`) | control-socket connections and `events` subscriptions refused over a limit |
 //! | `envguard_policy_revision` | gauge | | generation of the policy in force: 1 at start, +1 per reload |
 //! | `envguard_build_info` | gauge | `version` | always 1 |
 //! | `process_resident_memory_bytes` | gauge | | the agent's RSS |
@@ -68,6 +69,8 @@ pub struct Snapshot {
     pub events_lost: BTreeMap<String, u64>,
     /// Records suppressed by the rate limit since the agent started.
     pub events_suppressed: u64,
+    /// Per reason, control-socket refusals since the agent started.
+    pub control_refused: BTreeMap<String, u64>,
     /// The policy's generation: 1 for the first one loaded, +1 per reload.
     pub policy_revision: u64,
     /// The agent's version, for `envguard_build_info`.
@@ -79,6 +82,10 @@ impl Snapshot {
     pub fn new() -> Snapshot {
         Snapshot {
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            control_refused: crate::control::Refusal::ALL
+                .iter()
+                .map(|r| (r.name().to_owned(), 0))
+                .collect(),
             ..Snapshot::default()
         }
     }
@@ -196,6 +203,20 @@ fn render_app(s: &Snapshot) -> String {
         &[],
         s.events_suppressed,
     );
+    header(
+        &mut out,
+        "envguard_control_refused_total",
+        "counter",
+        "Control-socket connections and events subscriptions refused over a limit, per limit.",
+    );
+    for (reason, n) in &s.control_refused {
+        sample(
+            &mut out,
+            "envguard_control_refused_total",
+            &[("reason", reason)],
+            n,
+        );
+    }
     header(
         &mut out,
         "envguard_policy_revision",
@@ -525,6 +546,7 @@ mod tests {
             events_emitted: [("violation".into(), 5), ("policy_loaded".into(), 1)].into(),
             events_lost: [("ringbuf".into(), 0), ("queue:file".into(), 7)].into(),
             events_suppressed: 4,
+            control_refused: [("per_uid".into(), 3), ("root".into(), 0)].into(),
             policy_revision: 2,
             version: "0.1.0".into(),
         }
@@ -548,6 +570,10 @@ envguard_events_lost_total{source="ringbuf"} 0
 # HELP envguard_events_suppressed_total Records held back by the rate limit.
 # TYPE envguard_events_suppressed_total counter
 envguard_events_suppressed_total 4
+# HELP envguard_control_refused_total Control-socket connections and events subscriptions refused over a limit, per limit.
+# TYPE envguard_control_refused_total counter
+envguard_control_refused_total{reason="per_uid"} 3
+envguard_control_refused_total{reason="root"} 0
 # HELP envguard_policy_revision Generation of the policy in force: 1 for the first one loaded, +1 per reload.
 # TYPE envguard_policy_revision gauge
 envguard_policy_revision 2

@@ -231,6 +231,8 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
         if is_bpffs(default) {
             return Ok(());
         }
+        // 0700 as systemd mounts it: bpffs defaults to 1777, where any user
+        // could make the pin root before envguard does.
         // SAFETY: constant, valid C strings.
         let r = unsafe {
             libc::mount(
@@ -238,15 +240,17 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
                 c"/sys/fs/bpf".as_ptr(),
                 c"bpf".as_ptr(),
                 0,
-                std::ptr::null(),
+                c"mode=0700".as_ptr().cast(),
             )
         };
         if r == 0 {
-            log::info!("mounted bpffs at /sys/fs/bpf");
+            log::info!("mounted bpffs at /sys/fs/bpf (mode 0700)");
             return Ok(());
         }
         return Err(Error::Io {
-            context: "mounting bpffs at /sys/fs/bpf (try `mount -t bpf bpf /sys/fs/bpf`)".into(),
+            context:
+                "mounting bpffs at /sys/fs/bpf (try `mount -t bpf -o mode=0700 bpf /sys/fs/bpf`)"
+                    .into(),
             source: std::io::Error::last_os_error(),
         });
     }
@@ -255,17 +259,11 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
     })
 }
 
-/// Creates `dir` and takes an exclusive lock on it, held as long as the
-/// returned file is open: one agent per pin root.
-pub fn lock_dir(dir: &Path) -> Result<fs::File> {
-    fs::create_dir_all(dir).map_err(|source| Error::Io {
-        context: format!("creating {}", dir.display()),
-        source,
-    })?;
-    let f = fs::File::open(dir).map_err(|source| Error::Io {
-        context: format!("opening {}", dir.display()),
-        source,
-    })?;
+/// Checks the pin root `dir` (see `pinroot`), creates it and takes an
+/// exclusive lock on it, held as long as the returned file is open: one agent
+/// per pin root.
+pub fn lock_dir(dir: &Path, operation: &str) -> Result<fs::File> {
+    let f = crate::pinroot::open(dir, operation)?;
     // SAFETY: valid fd.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let source = std::io::Error::last_os_error();
@@ -280,6 +278,25 @@ pub fn lock_dir(dir: &Path) -> Result<fs::File> {
         });
     }
     Ok(f)
+}
+
+/// Raises the soft RLIMIT_NOFILE to at least `want` (as far as the hard limit
+/// allows): the control socket alone may hold 2 048 connections, more than
+/// the 1 024 a service gets by default.
+pub fn raise_nofile_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur >= want {
+        return;
+    }
+    lim.rlim_cur = want.min(lim.rlim_max);
+    // SAFETY: valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        log::warn!("could not raise the open-file limit to {want}");
+    }
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF maps against it

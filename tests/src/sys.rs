@@ -219,8 +219,8 @@ pub fn is_bpffs(dir: &Path) -> bool {
 /// Makes sure a bpffs is mounted at [`BPFFS`] before any agent starts: the
 /// agent mounts one itself when it is missing, but agents that start at the
 /// same moment (tests run in parallel) would each mount one, stacked, and
-/// hide each other's pins. Mounting it once here, as the agent would, avoids
-/// that. Panics saying what to do if it cannot.
+/// hide each other's pins. Mounting it once here, as the agent would (mode
+/// 0700), avoids that. Panics saying what to do if it cannot.
 pub fn ensure_bpffs() {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     let res = DONE.get_or_init(|| {
@@ -235,7 +235,7 @@ pub fn ensure_bpffs() {
                 c"/sys/fs/bpf".as_ptr(),
                 c"bpf".as_ptr(),
                 0,
-                std::ptr::null(),
+                c"mode=0700".as_ptr().cast(),
             )
         };
         if rc != 0 && !is_bpffs(dir) {

@@ -10,6 +10,7 @@
 //!   udp-burst ADDR PORT --count N
 //!   flows [--rounds N] [--timeout-ms N] tcp|udp,ADDR,PORT...
 //!   ctl-race SOCKET REQUEST PROGRAM [ARGS...]
+//!   ctl-flood SOCKET EVENTS IDLE
 //!   hold MS
 //! ```
 //!
@@ -62,6 +63,18 @@
 //!   `{"answer":LINE,"peer_had_net_admin":BOOL}`. Run it as an unprivileged
 //!   user: it shows whether the agent judges a request by what the
 //!   connecting process became after connecting.
+//! - `ctl-flood`: a client hogging the control socket. First EVENTS
+//!   connections one after the other, each sending `{"cmd":"events"}` and
+//!   reading its answer line (5 s at most); a refused one is then read to
+//!   its end. Then IDLE connections that send nothing, and one more that
+//!   sends `{"cmd":"status"}` (the sentinel: the agent accepts in order, so
+//!   once it is answered every idle connection refused before it has its
+//!   answer waiting); each idle one is then read without blocking. Prints
+//!   `{"events":{"subscribed":N,"errors":{ERROR:N},"silent":N,"reset":N,
+//!   "open_after_error":N},"idle":{"waiting":N,"errors":{...},"silent":N,
+//!   "reset":N},"sentinel":LINE}` (`silent`: closed without a line;
+//!   `waiting`: accepted, no answer yet), keeps the subscriptions and the
+//!   idle connections open until its stdin closes, then exits.
 //! - `hold`: sleeps MS milliseconds, prints nothing.
 //!
 //! Setup failures (bad arguments, cgroup or namespace not joinable) print a
@@ -87,7 +100,7 @@ fn usage() -> ! {
          (connect tcp|udp ADDR PORT [--timeout-ms N] [--bind SRC] | serve tcp|udp ADDR[,ADDR...] PORT | whoami \
          | connect-loop tcp ADDR PORT [--rate N] [--duration-ms N] [--timeout-ms N] | udp-burst ADDR PORT --count N \
          | flows [--rounds N] [--timeout-ms N] tcp|udp,ADDR,PORT... \
-         | ctl-race SOCKET REQUEST PROGRAM [ARGS...] | hold MS)")
+         | ctl-race SOCKET REQUEST PROGRAM [ARGS...] | ctl-flood SOCKET EVENTS IDLE | hold MS)")
 }
 
 fn main() {
@@ -128,6 +141,7 @@ fn main() {
         "udp-burst" => udp_burst(&args),
         "flows" => flows(&args),
         "ctl-race" => ctl_race(&args),
+        "ctl-flood" => ctl_flood(&args),
         "hold" => {
             let ms: u64 = parse_num("duration", args.first().unwrap_or_else(|| usage()));
             std::thread::sleep(Duration::from_millis(ms));
@@ -1012,4 +1026,134 @@ fn ctl_race(args: &[String]) {
             die(format!("exec {program}: {err}"));
         }
     }
+}
+
+// -------------------------------------------------------------- ctl-flood
+
+/// One line (without its newline) read byte by byte within `timeout`, so
+/// nothing after it is consumed: `Ok(None)` at end of stream.
+fn read_line_from(stream: &std::os::unix::net::UnixStream) -> io::Result<Option<String>> {
+    use std::io::Read;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match (&*stream).read(&mut byte) {
+            Ok(0) if line.is_empty() => return Ok(None),
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(String::from_utf8_lossy(&line).into_owned()))
+}
+
+#[derive(Default)]
+struct Answers {
+    subscribed: u64,
+    waiting: u64,
+    errors: std::collections::BTreeMap<String, u64>,
+    silent: u64,
+    reset: u64,
+    other: Vec<String>,
+    open_after_error: u64,
+}
+
+impl Answers {
+    /// Files the answer `line` of one connection; true if it subscribed.
+    fn file(&mut self, answer: io::Result<Option<String>>) -> bool {
+        match answer {
+            Ok(None) => self.silent += 1,
+            Ok(Some(line)) => match serde_json::from_str::<Value>(&line) {
+                Ok(v) if v["ok"] == true && v["result"] == "subscribed" => {
+                    self.subscribed += 1;
+                    return true;
+                }
+                Ok(v) if v["ok"] == false && v["error"].is_string() => {
+                    let e = v["error"].as_str().unwrap_or_default().to_owned();
+                    *self.errors.entry(e).or_default() += 1;
+                }
+                _ => self.other.push(line),
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.waiting += 1,
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => self.reset += 1,
+            Err(e) => self.other.push(format!("read error: {e}")),
+        }
+        false
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "subscribed": self.subscribed,
+            "waiting": self.waiting,
+            "errors": self.errors,
+            "silent": self.silent,
+            "reset": self.reset,
+            "other": self.other,
+            "open_after_error": self.open_after_error,
+        })
+    }
+}
+
+fn ctl_flood(args: &[String]) {
+    use std::os::unix::net::UnixStream;
+    if args.len() != 3 {
+        usage();
+    }
+    let socket = &args[0];
+    let n_events: usize = parse_num("EVENTS", &args[1]);
+    let n_idle: usize = parse_num("IDLE", &args[2]);
+    let timeout = Duration::from_secs(5);
+    // Over a thousand sockets: more than a default soft limit allows.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    let open =
+        || UnixStream::connect(socket).unwrap_or_else(|e| die(format!("connect {socket}: {e}")));
+    let mut held = Vec::new();
+    let mut events = Answers::default();
+    for _ in 0..n_events {
+        let s = open();
+        let _ = (&s).write_all(b"{\"cmd\":\"events\"}\n");
+        let _ = s.set_read_timeout(Some(timeout));
+        if events.file(read_line_from(&s)) {
+            held.push(s);
+            continue;
+        }
+        // Refused: the agent closes the connection (its place free first).
+        let mut rest = Vec::new();
+        if std::io::Read::read_to_end(&mut &s, &mut rest).is_err() || !rest.is_empty() {
+            events.open_after_error += 1;
+        }
+    }
+    let idle_conns: Vec<UnixStream> = (0..n_idle).map(|_| open()).collect();
+    let sentinel = open();
+    let _ = (&sentinel).write_all(b"{\"cmd\":\"status\"}\n");
+    let _ = sentinel.set_read_timeout(Some(timeout));
+    let sentinel_answer = match read_line_from(&sentinel) {
+        Ok(Some(l)) => Value::String(l),
+        Ok(None) => Value::String("(closed without an answer)".into()),
+        Err(e) => Value::String(format!("(read error: {e})")),
+    };
+    let mut idle = Answers::default();
+    for s in &idle_conns {
+        let _ = s.set_nonblocking(true);
+        idle.file(read_line_from(s));
+    }
+    print_line(json!({
+        "events": events.json(),
+        "idle": idle.json(),
+        "sentinel": sentinel_answer,
+    }));
+    // Hold everything until told to go.
+    let _ = io::stdin().lock().read_line(&mut String::new());
+    drop((held, idle_conns, sentinel));
 }
