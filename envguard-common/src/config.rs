@@ -58,6 +58,9 @@ impl PolicyMeta {
 pub const ON_LOSS_KEEP: u32 = 0;
 pub const ON_LOSS_OPEN: u32 = 1;
 pub const ON_LOSS_CLOSED: u32 = 2;
+/// `host` or `world` whose `[defaults]` allow flows: never triggers anything on
+/// its own, but lets a peer env's `open` open the pair (see `agent_loss`).
+pub const ON_LOSS_FOLLOW: u32 = 3;
 
 /// `ENV_LOSS_A/B` entry, indexed by env id.
 #[repr(C)]

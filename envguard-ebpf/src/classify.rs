@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use envguard_common::{
     config::{
-        Config, Counter, MAX_CGROUP_LEVEL, MODE_AUDIT, MODE_ENFORCE, ON_LOSS_CLOSED, ON_LOSS_KEEP,
-        ON_LOSS_OPEN, PolicyMeta,
+        Config, Counter, MAX_CGROUP_LEVEL, MODE_AUDIT, MODE_ENFORCE, ON_LOSS_CLOSED,
+        ON_LOSS_FOLLOW, ON_LOSS_KEEP, ON_LOSS_OPEN, PolicyMeta,
     },
     event::{
         DecisionKey, ENV_FROM_CGROUP, ENV_FROM_CIDR, ENV_FROM_DEFAULT, ENV_FROM_SOCKET,
@@ -262,8 +262,12 @@ pub fn decide(p: &Policy, src: u32, dst: u32, proto: u8, port: u16) -> Decision 
 }
 
 /// The watchdog: once the agent's heartbeat is older than an env's timeout,
-/// that env's fail mode decides its new flows; closed beats open. `None` while
-/// the agent is alive, or before any agent wrote a heartbeat.
+/// that env's fail mode applies, and for a pair of envs the stricter side
+/// wins (`closed` > `keep` > `open`): closed if either side is closed; open
+/// only if both sides are open, or one is open and the other is `host` or
+/// `world` whose `[defaults]` allow flows (`ON_LOSS_FOLLOW`); a same-env flow
+/// takes its env's mode. `host` and `world` never trigger anything on their
+/// own. `None` while the agent is alive, or before any agent wrote a heartbeat.
 #[inline(always)]
 fn agent_loss(p: &Policy, src: u32, dst: u32) -> Option<Decision> {
     let heartbeat = AGENT_STATE.get(0)?.heartbeat_ns;
@@ -271,23 +275,29 @@ fn agent_loss(p: &Policy, src: u32, dst: u32) -> Option<Decision> {
         return None;
     }
     let age = unsafe { bpf_ktime_get_boot_ns() }.saturating_sub(heartbeat);
-    let mut open = false;
-    let mut closed = false;
-    for env in [src, dst] {
+    // The fail mode an env is in at this age: keep until its own timeout
+    // passed; a follower (host/world) is one at any age.
+    let state = |env: u32| -> u32 {
         let loss = if p.slot_b() {
             ENV_LOSS_B.get(env)
         } else {
             ENV_LOSS_A.get(env)
         };
-        if let Some(l) = loss
-            && l.mode != ON_LOSS_KEEP
-            && age > l.timeout_ns
-        {
-            open |= l.mode == ON_LOSS_OPEN;
-            closed |= l.mode == ON_LOSS_CLOSED;
+        match loss {
+            Some(l) if l.mode == ON_LOSS_FOLLOW => ON_LOSS_FOLLOW,
+            Some(l) if age > l.timeout_ns => l.mode,
+            _ => ON_LOSS_KEEP,
         }
-    }
-    if closed {
+    };
+    let a = state(src);
+    let b = if src == dst { a } else { state(dst) };
+    let open = if src == dst {
+        a == ON_LOSS_OPEN
+    } else {
+        (a == ON_LOSS_OPEN && (b == ON_LOSS_OPEN || b == ON_LOSS_FOLLOW))
+            || (b == ON_LOSS_OPEN && a == ON_LOSS_FOLLOW)
+    };
+    if a == ON_LOSS_CLOSED || b == ON_LOSS_CLOSED {
         Some(Decision {
             decision: DECISION_VIOLATION,
             rule: RULE_AGENT_LOSS_CLOSED,

@@ -12,6 +12,7 @@ mod bind;
 mod classify;
 mod connect;
 mod event;
+mod ipv6;
 mod maps;
 mod net;
 mod sendmsg;

@@ -24,6 +24,7 @@ use crate::{
         remember, verdict_of,
     },
     event::{emit, set_sides},
+    ipv6::upper_layer,
     maps::INBOUND_TUPLES,
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4},
     sockenv,
@@ -33,7 +34,6 @@ const PASS: i32 = 1;
 const DROP: i32 = 0;
 /// Every network namespace's loopback device has this index.
 const LOOPBACK_IFINDEX: u32 = 1;
-const IPPROTO_FRAGMENT: u8 = 44;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
@@ -91,7 +91,8 @@ fn load_into<const N: usize>(
     if ret == 0 { Ok(()) } else { Err(()) }
 }
 
-/// Parses the network header and the first bytes of TCP or UDP. `false` for a
+/// Parses the network header (IPv6: through its extension headers, see
+/// `ipv6`) and the first bytes of TCP or UDP. `false` for a
 /// non-first fragment: it carries no ports, and without its first fragment
 /// (which is judged) the datagram cannot be reassembled anyway; `false` too for
 /// what is not IP.
@@ -116,18 +117,16 @@ fn parse(ctx: &SkBuffContext, pkt: &mut Packet) -> Result<bool, ()> {
         }
         6 => {
             pkt.family = AF_INET6;
-            pkt.proto = b[6];
             load_into(ctx, 8, &mut pkt.src)?;
             load_into(ctx, 24, &mut pkt.dst)?;
-            if pkt.proto == IPPROTO_FRAGMENT {
-                load_into(ctx, 40, &mut b)?;
-                if u16::from_be_bytes([b[2], b[3]]) & 0xfff8 != 0 {
-                    return Ok(false);
+            // Through the extension headers, if any (`b` is reused).
+            let next = b[6];
+            match upper_layer(next, &mut b, |offset, buf| load_into(ctx, offset, buf))? {
+                Some((proto, offset)) => {
+                    pkt.proto = proto;
+                    offset
                 }
-                pkt.proto = b[0];
-                48
-            } else {
-                40
+                None => return Ok(false),
             }
         }
         _ => return Ok(false),

@@ -1,8 +1,10 @@
 //! The watchdog: per env, `on_agent_loss = "keep" | "open" | "closed"` and
 //! `agent_loss_timeout`. The agent writes a heartbeat every second; once it
 //! is older than an env's timeout the kernel applies that env's fail mode to
-//! new flows involving the env (`closed` beats `open`). A restarted agent
-//! reports the gap (`agent_gap`, right after `policy_loaded`).
+//! new flows involving the env, the stricter side of a pair winning
+//! (`closed` > `keep` > `open`: a pair opens only when both sides fail open,
+//! see also `adversarial_watchdog.rs`). A restarted agent reports the gap
+//! (`agent_gap`, right after `policy_loaded`).
 //!
 //! Every test SIGKILLs an agent whose policy gives `dev` a 2 s timeout and
 //! polls the outcome with a deadline (a fail mode may start between
@@ -177,7 +179,11 @@ fn restart_and_check_gap(lab: &mut Lab, killed: Instant, open: &[&str], closed: 
 
 #[test]
 fn open_lets_dev_through_after_the_timeout() {
-    let mut lab = lab(&PolicyExtras::agent_loss("open", TIMEOUT), "");
+    // A pair opens only when both sides fail open: prod does too.
+    let mut lab = lab(
+        &PolicyExtras::agent_loss("open", TIMEOUT),
+        &PolicyExtras::agent_loss("open", TIMEOUT),
+    );
     let dev_prod = at(Site::Prod, 9000);
     expect(
         &lab,
@@ -205,7 +211,7 @@ fn open_lets_dev_through_after_the_timeout() {
         opened >= earliest(),
         "dev -> prod connected {opened:?} after the SIGKILL, before the {TIMEOUT} timeout could have passed"
     );
-    let why = "(dev fails open)";
+    let why = "(dev and prod fail open)";
     expect(&lab, Client::Dev, Proto::Udp, dev_prod, Want::Connects, why);
     expect(
         &lab,
@@ -215,15 +221,15 @@ fn open_lets_dev_through_after_the_timeout() {
         Want::Connects,
         why,
     );
+    let why = "(shared keeps its policy, and keep beats open)";
     expect(
         &lab,
         Client::Dev,
         Proto::Tcp,
         at(Site::Shared, 9000),
-        Want::Connects,
+        Want::Refused,
         why,
     );
-    let why = "(prod keeps its policy: no on_agent_loss, 30 s default timeout)";
     expect(
         &lab,
         Client::Prod,
@@ -241,7 +247,7 @@ fn open_lets_dev_through_after_the_timeout() {
         why,
     );
 
-    restart_and_check_gap(&mut lab, killed, &["dev"], &[]);
+    restart_and_check_gap(&mut lab, killed, &["dev", "prod"], &[]);
     let why = "after the restart (a fresh heartbeat)";
     expect(&lab, Client::Dev, Proto::Tcp, dev_prod, Want::Refused, why);
     expect(
@@ -292,17 +298,8 @@ fn closed_refuses_everything_involving_dev_after_the_timeout() {
         dev_dev,
         Want::Refused,
     );
-    let (opened, _) = poll_until(
-        &lab,
-        killed,
-        Client::Prod,
-        Proto::Tcp,
-        prod_shared,
-        Want::Connects,
-    );
     eprintln!(
-        "on_agent_loss=closed/open, timeout {TIMEOUT}: dev -> dev refused {closed:?}, prod -> shared:9000 \
-         connected {opened:?} after the SIGKILL"
+        "on_agent_loss=closed/open, timeout {TIMEOUT}: dev -> dev refused {closed:?} after the SIGKILL"
     );
     assert!(
         closed >= earliest(),
@@ -345,6 +342,15 @@ fn closed_refuses_everything_involving_dev_after_the_timeout() {
         why,
     );
     expect(&lab, Client::Prod, Proto::Tcp, dev_dev, Want::Refused, why);
+    let why = "(prod fails open, shared keeps: keep wins)";
+    expect(
+        &lab,
+        Client::Prod,
+        Proto::Tcp,
+        prod_shared,
+        Want::Refused,
+        why,
+    );
     let why = "(flows not involving dev)";
     expect(
         &lab,

@@ -2,7 +2,10 @@
 use std::net::IpAddr;
 
 use envguard_common::{
-    config::{EnvLoss, MODE_AUDIT, MODE_ENFORCE, ON_LOSS_CLOSED, ON_LOSS_KEEP, ON_LOSS_OPEN},
+    config::{
+        EnvLoss, MODE_AUDIT, MODE_ENFORCE, ON_LOSS_CLOSED, ON_LOSS_FOLLOW, ON_LOSS_KEEP,
+        ON_LOSS_OPEN,
+    },
     maps::{MAX_CGROUPS, MAX_CIDRS, MAX_ENVS, MAX_PAIR_MODES, MAX_RULE_ENTRIES},
     policy::{
         ENV_HOST, ENV_WORLD, FIRST_DECLARED_ENV, PairKey, RULE_PREFIX_PAIR, RULE_PREFIX_PORT,
@@ -38,7 +41,8 @@ pub struct Compiled {
     pub deny_rules: Vec<(u32, RuleKey, u32)>,
     /// Pairs with their own mode.
     pub pair_modes: Vec<(PairKey, u32)>,
-    /// Fail mode per env id (`host` and `world` keep).
+    /// Fail mode per env id (`host` and `world`: follow if their default
+    /// allows, else keep).
     pub env_loss: Vec<EnvLoss>,
 }
 
@@ -203,6 +207,16 @@ pub fn compile_with_ids(policy: &Policy, previous: &[String]) -> Result<Compiled
     }
 
     let mut env_loss = vec![EnvLoss::new(ON_LOSS_KEEP, 0); env_names.len()];
+    // `host` and `world` have no fail mode of their own; one whose default
+    // allows flows lets a peer env that failed open open the pair too.
+    for (env, default) in [
+        (ENV_HOST, policy.default_host),
+        (ENV_WORLD, policy.default_world),
+    ] {
+        if default == Default::Allow {
+            env_loss[env as usize] = EnvLoss::new(ON_LOSS_FOLLOW, 0);
+        }
+    }
     for e in &policy.envs {
         let mode = match e.on_agent_loss {
             OnLoss::Keep => ON_LOSS_KEEP,

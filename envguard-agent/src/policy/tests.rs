@@ -274,10 +274,17 @@ fn agent_loss_settings_parse_and_compile() {
     assert_eq!(p.envs[1].on_agent_loss, OnLoss::Keep);
     assert_eq!(p.envs[1].agent_loss_timeout, DEFAULT_AGENT_LOSS_TIMEOUT);
     let c = compile(&p).unwrap();
-    use envguard_common::config::{EnvLoss, ON_LOSS_CLOSED, ON_LOSS_KEEP};
+    use envguard_common::config::{EnvLoss, ON_LOSS_CLOSED, ON_LOSS_FOLLOW, ON_LOSS_KEEP};
     assert_eq!(c.env_loss.len(), 4);
     assert_eq!(c.env_loss[2], EnvLoss::new(ON_LOSS_CLOSED, 5_000_000_000));
-    assert_eq!(c.env_loss[0].mode, ON_LOSS_KEEP);
+    assert_eq!(c.env_loss[3].mode, ON_LOSS_KEEP);
+    // host and world allow by default: they follow a peer that fails open.
+    assert_eq!(c.env_loss[0], EnvLoss::new(ON_LOSS_FOLLOW, 0));
+    assert_eq!(c.env_loss[1], EnvLoss::new(ON_LOSS_FOLLOW, 0));
+    let denied = format!("[defaults]\nhost = \"deny\"\n{text}");
+    let c = compile(&parse(&denied).unwrap()).unwrap();
+    assert_eq!(c.env_loss[0], EnvLoss::new(ON_LOSS_KEEP, 0));
+    assert_eq!(c.env_loss[1], EnvLoss::new(ON_LOSS_FOLLOW, 0));
     for (text, needle) in [
         (
             "[envs.a]\non_agent_loss = \"maybe\"\n",

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! egprobe [--cgroup ABS_DIR] [--netns NAME] COMMAND ...
-//!   connect tcp|udp ADDR PORT [--timeout-ms N] [--bind SRC]
+//!   connect tcp|udp ADDR PORT [--timeout-ms N] [--bind SRC] [--ipv6-dstopts] [--ipv6-hopopts]
 //!   serve   tcp|udp ADDR[,ADDR...] PORT
 //!   whoami
 //!   connect-loop tcp ADDR PORT [--rate N] [--duration-ms N] [--timeout-ms N]
@@ -77,6 +77,11 @@
 //!   idle connections open until its stdin closes, then exits.
 //! - `hold`: sleeps MS milliseconds, prints nothing.
 //!
+//! `connect --ipv6-dstopts` / `--ipv6-hopopts` (TCP over IPv6): the socket
+//! gets a destination-options / hop-by-hop header holding one PadN option
+//! (`IPV6_DSTOPTS` / `IPV6_HOPOPTS`, CAP_NET_RAW), so every packet it sends
+//! carries that extension header between the IPv6 and TCP headers.
+//!
 //! Setup failures (bad arguments, cgroup or namespace not joinable) print a
 //! message on stderr and exit with status 2 without printing JSON.
 
@@ -97,7 +102,7 @@ fn die(msg: impl std::fmt::Display) -> ! {
 
 fn usage() -> ! {
     die("usage: egprobe [--cgroup DIR] [--netns NAME] \
-         (connect tcp|udp ADDR PORT [--timeout-ms N] [--bind SRC] | serve tcp|udp ADDR[,ADDR...] PORT | whoami \
+         (connect tcp|udp ADDR PORT [--timeout-ms N] [--bind SRC] [--ipv6-dstopts] [--ipv6-hopopts] | serve tcp|udp ADDR[,ADDR...] PORT | whoami \
          | connect-loop tcp ADDR PORT [--rate N] [--duration-ms N] [--timeout-ms N] | udp-burst ADDR PORT --count N \
          | flows [--rounds N] [--timeout-ms N] tcp|udp,ADDR,PORT... \
          | ctl-race SOCKET REQUEST PROGRAM [ARGS...] | ctl-flood SOCKET EVENTS IDLE | hold MS)")
@@ -206,6 +211,17 @@ fn connect(args: &[String]) {
     let mut bind: Option<IpAddr> = None;
     let mut rest = args[3..].iter();
     while let Some(opt) = rest.next() {
+        match opt.as_str() {
+            "--ipv6-dstopts" | "--ipv6-hopopts" => {
+                ipv6_ext_hdrs().push(if opt == "--ipv6-dstopts" {
+                    libc::IPV6_DSTOPTS
+                } else {
+                    libc::IPV6_HOPOPTS
+                });
+                continue;
+            }
+            _ => {}
+        }
         let val = rest.next().unwrap_or_else(|| usage());
         match opt.as_str() {
             "--timeout-ms" => {
@@ -263,6 +279,7 @@ fn tcp_exchange(
     local: &mut Option<SocketAddr>,
 ) -> Result<(), Failure> {
     let fd = raw_socket(&dst, libc::SOCK_STREAM).map_err(fail("socket"))?;
+    set_ipv6_ext_hdrs(&fd).map_err(fail("setsockopt"))?;
     if let Some(src) = bind {
         sys_bind(&fd, SocketAddr::new(src, 0)).map_err(fail("bind"))?;
         *local = sock_name(&fd).ok();
@@ -412,6 +429,36 @@ fn from_sockaddr(storage: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
         }
         f => Err(io::Error::other(format!("unexpected address family {f}"))),
     }
+}
+
+/// The extension headers `connect --ipv6-dstopts/--ipv6-hopopts` asked for
+/// (`IPV6_DSTOPTS`, `IPV6_HOPOPTS`).
+fn ipv6_ext_hdrs() -> std::sync::MutexGuard<'static, Vec<libc::c_int>> {
+    static HDRS: std::sync::Mutex<Vec<libc::c_int>> = std::sync::Mutex::new(Vec::new());
+    HDRS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Gives the socket the asked-for extension headers, each 8 bytes: next
+/// header (the kernel fills it in), length 0 (8 bytes), one PadN option with
+/// 4 zero bytes.
+fn set_ipv6_ext_hdrs(fd: &OwnedFd) -> io::Result<()> {
+    let hdr: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+    for &opt in ipv6_ext_hdrs().iter() {
+        // SAFETY: hdr is a readable buffer of the given length.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                opt,
+                hdr.as_ptr().cast(),
+                hdr.len() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn sys_bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
