@@ -9,6 +9,7 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod bind;
+mod cgroup_mkdir;
 mod classify;
 mod connect;
 mod event;
