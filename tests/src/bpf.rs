@@ -149,6 +149,12 @@ pub struct LinkInfo {
 
 /// `BPF_LINK_TYPE_CGROUP`.
 pub const LINK_TYPE_CGROUP: u32 = 3;
+/// `BPF_LINK_TYPE_RAW_TRACEPOINT`.
+pub const LINK_TYPE_RAW_TRACEPOINT: u32 = 1;
+
+/// envguard's programs that are not attached to a cgroup: the link pin's name
+/// and its `enum bpf_link_type`.
+pub const WATCHES: [(&str, u32); 1] = [("cgroup_mkdir", LINK_TYPE_RAW_TRACEPOINT)];
 
 pub fn link_info(fd: &OwnedFd) -> io::Result<LinkInfo> {
     let b = obj_info(fd, |_| {})?;
