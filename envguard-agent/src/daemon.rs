@@ -395,16 +395,21 @@ impl Daemon {
     /// that exist now. The `cgroup_mkdir` watch normally recorded a new one
     /// already; this is the safety net (no watch, a path too long for it)
     /// and removes what is gone, including cgroups created and removed
-    /// between two polls. The map is read before the paths are looked at, so
-    /// an id the watch records meanwhile is never taken for a stale one. A
+    /// between two polls. What to remove comes from a read of the map made
+    /// before the paths are looked at, so an id the watch records meanwhile
+    /// is never taken for a stale one; what to add from a read after. A
     /// change that means verdicts were taken with the wrong env (a listed
     /// cgroup that was `host` until now, an existing cgroup whose env was
     /// wrong) makes every cached verdict stale, so none outlives the fix;
     /// forgetting a cgroup that is gone changes no verdict.
     fn sync_cgroups(&mut self) -> anyhow::Result<()> {
         let in_kernel = self.kernel.cgroups()?;
-        for (path, id) in self.tracker.refresh() {
-            if in_kernel.contains_key(&id) {
+        let appeared = self.tracker.refresh();
+        // Read again for what to add: the watch may have recorded a cgroup
+        // created between the first read and the lookups.
+        let recorded = self.kernel.cgroups()?;
+        for (path, id) in appeared {
+            if recorded.contains_key(&id) {
                 log::info!("cgroup {path} appeared (id {id}); the kernel recorded it at mkdir");
             } else {
                 log::info!("cgroup {path} appeared (id {id}); recorded by the poll");
@@ -413,7 +418,7 @@ impl Daemon {
         let want: HashMap<u64, u32> = self.tracker.present().into_iter().collect();
         let mut changed = 0;
         for (&id, &env) in &want {
-            if in_kernel.get(&id) != Some(&env) {
+            if recorded.get(&id) != Some(&env) {
                 self.kernel.set_cgroup(id, Some(env))?;
                 changed += 1;
             }
