@@ -7,7 +7,9 @@
 //! IPv4 and IPv6), and again from the same sockets 2.5 s later. Enforce: all
 //! refused with EPERM; audit: all delivered; both: every attempt reported as
 //! a violation from `dev` (`env_from: "cgroup"`, the new cgroup's id), and
-//! the agent's poll finds that the kernel had recorded the id at mkdir.
+//! the agent's poll finds that the kernel had recorded the id at mkdir. A
+//! listed path too long for the kernel's watch is left to the poll, and then
+//! no verdict cached before the poll may outlive it.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -186,6 +188,80 @@ fn recreated_dev(mode: Mode) {
             "recreation {round}: the agent did not log {recorded:?}; its stderr:\n{stderr}"
         );
     }
+    lab.stop_agent();
+}
+
+/// A listed cgroup whose path is too long for the kernel's watch (its key
+/// holds 254 bytes) is left to the poll: a socket made in it at once may be
+/// `host` for up to a second, but its verdicts must not outlive the poll. At
+/// t=2.5 s the UDP socket's datagram is refused and the TCP connection's
+/// data is dropped, both reported from `dev`.
+#[test]
+fn listed_cgroup_too_long_for_the_watch_keeps_no_host_verdict() {
+    let mut lab = Lab::new(EGPROBE, Mode::Enforce);
+    let long = format!("dev-{}", "x".repeat(250));
+    let root = lab.cg.rel("");
+    let text = lab.policy_text(&Default::default()).replace(
+        &format!("cgroups = [\"{root}/dev\"]"),
+        &format!("cgroups = [\"{root}/dev\", \"{root}/{long}\"]"),
+    );
+    assert!(text.contains(&long), "policy rewritten: {text}");
+    lab.write_policy_raw(&text);
+    lab.serve_remote_sites();
+    lab.spawn_agent(&AgentOptions::ephemeral());
+    assert!(
+        lab.cg.rel(&long).len() > 254,
+        "the path must not fit the watch's key"
+    );
+    lab.cg.mkdir(&long);
+    let id = lab.cg.id(&long);
+    let place = envguard_tests::Place {
+        netns: Some(lab.topo.client.name().to_owned()),
+        cgroup: Some(lab.cg.abs(&long)),
+    };
+    let specs: Vec<FlowSpec> = [Proto::Tcp, Proto::Udp]
+        .into_iter()
+        .map(|proto| FlowSpec {
+            proto,
+            dst: SocketAddr::new(Site::Prod.addr(Family::V4), PORT),
+        })
+        .collect();
+    let report = flows_with_gap(lab.egprobe(), &place, 2, GAP, &specs);
+    // t=0 is the poll's to win or lose; t=2.5 s is not.
+    assert_ne!(
+        report.outcomes[0][1], "ok",
+        "the TCP connection from the long-path cgroup still carries data to prod at t=2.5 s: {:?}",
+        report.outcomes
+    );
+    assert_eq!(
+        report.outcomes[1][1],
+        format!("send:{EPERM}"),
+        "the UDP socket of the long-path cgroup still sends to prod at t=2.5 s: {:?}",
+        report.outcomes
+    );
+    for spec in &specs {
+        let of_spec = |l: &Value| {
+            l["kind"] == "violation"
+                && l["process"]["cgroup_id"] == id
+                && l["proto"] == spec.proto.name()
+                && l["source"]["env"] == "dev"
+                && l["source"]["env_from"] == "cgroup"
+                && l["destination"]["env"] == "prod"
+        };
+        lab.agent().wait_for(
+            &format!(
+                "a violation from the long-path cgroup over {}",
+                spec.proto.name()
+            ),
+            EVENT_TIMEOUT,
+            of_spec,
+        );
+    }
+    let stderr = lab.agent().stderr();
+    assert!(
+        stderr.contains("too long for the kernel's cgroup_mkdir watch"),
+        "the agent must say the long path is left to the poll; its stderr:\n{stderr}"
+    );
     lab.stop_agent();
 }
 
