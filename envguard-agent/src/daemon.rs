@@ -91,13 +91,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Env ids as the adopted state has them, so its counters and the envs kept
     // on sockets stay right.
     let compiled = compile_with_ids(&policy, &kernel.env_names()?)?;
-    let tracker = CgroupTracker::new(&mount, &compiled);
+    let mut tracker = CgroupTracker::new(&mount, &compiled);
     // The policy goes into the maps before any new program is attached, so no
     // program ever runs without it.
     kernel
         .apply_policy(
             &compiled,
-            &tracker.present(),
+            || tracker.rescan(),
             compiled.mode,
             &compiled.pair_modes,
         )
@@ -430,10 +430,61 @@ impl Daemon {
         Ok(())
     }
 
-    fn housekeeping(&mut self) -> anyhow::Result<()> {
-        for (id, env) in self.tracker.refresh() {
-            self.kernel.set_cgroup(id, env)?;
+    /// Brings the kernel's cgroup → env map in line with the listed cgroups
+    /// that exist now. The `cgroup_mkdir` watch normally recorded a new one
+    /// already; this is the safety net (no watch, a path too long for it)
+    /// and removes what is gone, including cgroups created and removed
+    /// between two polls. What to remove comes from a read of the map made
+    /// before the paths are looked at, so an id the watch records meanwhile
+    /// is never taken for a stale one; what to add from a read after. A
+    /// change that means verdicts were taken with the wrong env (a listed
+    /// cgroup that was `host` until now, an existing cgroup whose env was
+    /// wrong) makes every cached verdict stale, so none outlives the fix;
+    /// forgetting a cgroup that is gone changes no verdict.
+    fn sync_cgroups(&mut self) -> anyhow::Result<()> {
+        let in_kernel = self.kernel.cgroups()?;
+        let appeared = self.tracker.refresh();
+        // Read again for what to add: the watch may have recorded a cgroup
+        // created between the first read and the lookups.
+        let recorded = self.kernel.cgroups()?;
+        for (path, id) in appeared {
+            if recorded.contains_key(&id) {
+                log::info!("cgroup {path} appeared (id {id}); the kernel recorded it at mkdir");
+            } else {
+                log::info!("cgroup {path} appeared (id {id}); recorded by the poll");
+            }
         }
+        let want: HashMap<u64, u32> = self.tracker.present().into_iter().collect();
+        let mut changed = 0;
+        for (&id, &env) in &want {
+            if recorded.get(&id) != Some(&env) {
+                self.kernel.set_cgroup(id, Some(env))?;
+                changed += 1;
+            }
+        }
+        for &id in in_kernel.keys() {
+            if !want.contains_key(&id) {
+                self.kernel.set_cgroup(id, None)?;
+                if self.names.exists(id) {
+                    log::info!("cgroup id {id} is not listed (any more): removed");
+                    changed += 1;
+                } else {
+                    log::info!("cgroup id {id} is gone: removed");
+                }
+            }
+        }
+        if changed > 0 {
+            self.kernel.invalidate_verdicts()?;
+            // Sockets labelled while their cgroup had the wrong env get their
+            // holders' env at the next holder pass, which looks at every one.
+            self.holders.forget();
+            log::info!("{changed} cgroup env changes: cached verdicts invalidated");
+        }
+        Ok(())
+    }
+
+    fn housekeeping(&mut self) -> anyhow::Result<()> {
+        self.sync_cgroups()?;
         for (path, id) in self.tracker.known() {
             self.names.insert(id, path);
         }
@@ -520,7 +571,7 @@ impl Daemon {
         s.events_emitted = self.stream.emitted.clone();
         s.events_lost = self.lost_totals.clone();
         s.events_suppressed = self.stream.suppressed();
-        s.policy_revision = u64::from(self.kernel.generation());
+        s.policy_revision = self.kernel.policy_loads();
         s.control_refused = self
             .gate
             .refused()
@@ -839,11 +890,11 @@ impl Daemon {
             }
         };
         warn_about(&policy, &self.mount, &self.root_rel);
-        let tracker = CgroupTracker::new(&self.mount, &compiled);
+        let mut tracker = CgroupTracker::new(&self.mount, &compiled);
         let mode = mode_value(self.global_mode(&policy));
         let pairs = self.pair_modes(&compiled);
         self.kernel
-            .apply_policy(&compiled, &tracker.present(), mode, &pairs)
+            .apply_policy(&compiled, || tracker.rescan(), mode, &pairs)
             .context("writing the new policy into the kernel")?;
         // Overrides of pairs whose envs are gone have nothing left to act on.
         self.pairs
@@ -1027,6 +1078,14 @@ impl CgroupTracker {
             .collect()
     }
 
+    /// Looks every path up again; the ids found, with their envs.
+    fn rescan(&mut self) -> Vec<(u64, u32)> {
+        for (path, _, id) in &mut self.entries {
+            *id = sys::cgroup_id(&sys::cgroup_dir(&self.mount, path));
+        }
+        self.present()
+    }
+
     fn known(&self) -> Vec<(String, u64)> {
         self.entries
             .iter()
@@ -1034,25 +1093,23 @@ impl CgroupTracker {
             .collect()
     }
 
-    /// Map updates to apply: (cgroup id, Some(env) to add, None to remove).
-    fn refresh(&mut self) -> Vec<(u64, Option<u32>)> {
-        let mut updates = Vec::new();
-        for (path, env, id) in &mut self.entries {
+    /// Looks every path up again, saying what went; returns what came.
+    fn refresh(&mut self) -> Vec<(String, u64)> {
+        let mut appeared = Vec::new();
+        for (path, _, id) in &mut self.entries {
             let now = sys::cgroup_id(&sys::cgroup_dir(&self.mount, path));
             if now == *id {
                 continue;
             }
             if let Some(old) = *id {
-                updates.push((old, None));
                 log::info!("cgroup {path} (id {old}) is gone");
             }
             if let Some(new) = now {
-                updates.push((new, Some(*env)));
-                log::info!("cgroup {path} appeared (id {new})");
+                appeared.push((path.clone(), new));
             }
             *id = now;
         }
-        updates
+        appeared
     }
 }
 

@@ -1,6 +1,7 @@
 //! envguard's userspace: policy, loader, event stream. `main.rs` only parses
 //! the command line and calls into here.
 pub mod bpf_sys;
+pub mod btf;
 pub mod cmd;
 pub mod control;
 pub mod daemon;

@@ -20,16 +20,16 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkbAttachType, Program, ProgramError, links::FdLink},
 };
 use envguard_common::{
-    config::{AgentState, Config, Counter, EnvLoss, PolicyMeta},
+    config::{AgentState, CgroupOffsets, Config, Counter, EnvLoss, PolicyMeta},
     event::{DecisionKey, DedupKey, DedupValue},
     flow::SockEnv,
     maps,
-    policy::{EnvName, EnvValue, MAX_ENV_NAME, PairKey, RuleValue},
+    policy::{CgroupPath, EnvName, EnvValue, MAX_ENV_NAME, PairKey, RuleValue},
     programs,
 };
 
 use crate::{
-    bpf_sys,
+    bpf_sys, btf,
     error::{Error, Result},
     pinroot,
     policy::compile::Compiled,
@@ -140,6 +140,8 @@ pub struct Kernel {
     object_hash: u64,
     cgroup_id: u64,
     config: Config,
+    /// Policies loaded by this agent (the metrics' revision).
+    loads: u64,
     /// Lost events reported so far, by this agent and its predecessors.
     pub lost_reported: u64,
     dedup_interval_ns: u64,
@@ -198,6 +200,7 @@ impl Kernel {
             object_hash: sys::fnv1a(&[OBJECT]),
             cgroup_id: 0,
             config,
+            loads: 0,
             lost_reported: state.lost_reported,
             dedup_interval_ns: opts.dedup_interval.as_nanos() as u64,
         })
@@ -211,9 +214,15 @@ impl Kernel {
         &self.pin_root
     }
 
-    /// The policy generation in force (bumped by every load).
+    /// The policy generation in force (bumped by every load, and by every
+    /// runtime change of the cgroups' envs).
     pub fn generation(&self) -> u32 {
         self.config.generation
+    }
+
+    /// Policies loaded by this agent: 1 after start, +1 per reload.
+    pub fn policy_loads(&self) -> u64 {
+        self.loads
     }
 
     /// Writes a compiled policy into the inactive slot of the policy maps, then
@@ -222,10 +231,19 @@ impl Kernel {
     ///
     /// `pair_modes` are the pairs' modes to install (the policy's, with the
     /// operator's runtime changes on top); `mode` the global one.
+    ///
+    /// `cgroup_ids` finds the listed cgroups' ids (path → id → env). It is
+    /// called once the slot's listed paths are in (so the `cgroup_mkdir` watch
+    /// records a cgroup created from then on in this slot) and its old ids
+    /// cleared (so none the watch records is lost): a listed cgroup created
+    /// during the load is in the slot either way. What the watch may still
+    /// record from the old paths while they are replaced (a program that read
+    /// an old path before the clear and writes after it) is removed by the
+    /// daemon's next poll (`cgroups`), within a second.
     pub fn apply_policy(
         &mut self,
         compiled: &Compiled,
-        cgroup_ids: &[(u64, u32)],
+        cgroup_ids: impl FnOnce() -> Vec<(u64, u32)>,
         mode: u32,
         pair_modes: &[(PairKey, u32)],
     ) -> Result<()> {
@@ -233,9 +251,25 @@ impl Kernel {
         let slot = next.slot() as usize;
         let ebpf = &mut self.ebpf;
         {
+            let name = maps::LISTED_CGROUPS[slot];
+            let mut m: HashMap<_, CgroupPath, EnvValue> = map(ebpf, name)?;
+            clear_hash(&mut m, name)?;
+            for (path, env) in &compiled.cgroups {
+                match CgroupPath::new(path) {
+                    Some(k) => m
+                        .insert(k, EnvValue { env: *env }, 0)
+                        .map_err(|e| bpf_err(format!("writing {name}"), e))?,
+                    None => log::warn!(
+                        "cgroup {path} is too long for the kernel's cgroup_mkdir watch; \
+                         when it is created, it is in its env from the agent's next poll (≤ 1 s)"
+                    ),
+                }
+            }
+        }
+        {
             let mut m: HashMap<_, u64, EnvValue> = map(ebpf, maps::CGROUP_ENVS[slot])?;
             clear_hash(&mut m, maps::CGROUP_ENVS[slot])?;
-            for &(id, env) in cgroup_ids {
+            for (id, env) in cgroup_ids() {
                 m.insert(id, EnvValue { env }, 0)
                     .map_err(|e| bpf_err(format!("writing {}", maps::CGROUP_ENVS[slot]), e))?;
             }
@@ -302,7 +336,26 @@ impl Kernel {
             .map_err(|e| bpf_err(format!("writing {}", maps::POLICY_META[slot]), e))?;
         }
         self.set_config(next)?;
+        self.loads += 1;
         self.write_env_names(&compiled.env_names)
+    }
+
+    /// Makes every cached verdict (and inbound tuple) stale without changing
+    /// the slot: for when a cgroup's env changed under the policy in force.
+    pub fn invalidate_verdicts(&mut self) -> Result<()> {
+        let c = self.config;
+        self.set_config(Config::new(c.generation.wrapping_add(2), c.mode))
+    }
+
+    /// The cgroups of the policy in force, as the kernel has them (what the
+    /// agent wrote, and what the `cgroup_mkdir` watch recorded).
+    pub fn cgroups(&mut self) -> Result<std::collections::HashMap<u64, u32>> {
+        let name = maps::CGROUP_ENVS[self.config.slot() as usize];
+        let m: HashMap<_, u64, EnvValue> = map(&mut self.ebpf, name)?;
+        m.iter()
+            .map(|r| r.map(|(id, v)| (id, v.env)))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bpf_err(format!("reading {name}"), e))
     }
 
     /// Env names by id, as the policy in force assigned them (empty on a first start).
@@ -408,7 +461,10 @@ impl Kernel {
         let mut m: HashMap<_, u64, EnvValue> = map(&mut self.ebpf, name)?;
         match env {
             Some(env) => m.insert(id, EnvValue { env }, 0),
-            None => m.remove(&id),
+            None => match m.remove(&id) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                other => other,
+            },
         }
         .map_err(|e| bpf_err(format!("updating {name}"), e))
     }
@@ -461,6 +517,12 @@ impl Kernel {
         for old in stale_links {
             fs::remove_file(&old).map_err(io_err(format!("removing {}", old.display())))?;
         }
+        if let Err(e) = self.watch_mkdir(same_build) {
+            log::warn!(
+                "no {} watch ({e}): a listed cgroup created while the agent runs is `host` until the next poll (≤ 1 s)",
+                programs::CGROUP_MKDIR
+            );
+        }
         remove_other_layouts(&self.pin_root, &self.layout_dir)?;
         self.heartbeat()
     }
@@ -478,6 +540,7 @@ impl Kernel {
             Program::CgroupSockAddr(p) => p.load(),
             Program::CgroupSkb(p) => p.load(),
             Program::CgroupSock(p) => p.load(),
+            Program::RawTracePoint(p) => p.load(),
             _ => {
                 return Err(bpf_msg(
                     format!("loading {name}"),
@@ -487,6 +550,60 @@ impl Kernel {
         };
         res.map_err(|e| load_error(name, e, verifier_log))?;
         Ok(prog)
+    }
+
+    /// Attaches the `cgroup_mkdir` watch (raw tracepoint, not tied to a
+    /// cgroup) and pins its link beside the others; a pinned one of this
+    /// build is kept. Without the kernel's BTF or the fields it reads, the
+    /// watch is off and listed cgroups created later wait for the poll.
+    fn watch_mkdir(&mut self, same_build: bool) -> Result<()> {
+        let name = programs::CGROUP_MKDIR;
+        let offsets = btf::Btf::from_sys_fs().and_then(|b| btf::cgroup_offsets(&b));
+        {
+            let mut m: Array<_, CgroupOffsets> = map(&mut self.ebpf, maps::MKDIR_OFFSETS)?;
+            let value = offsets.as_ref().copied().unwrap_or(CgroupOffsets {
+                enabled: 0,
+                cgroup_kn: 0,
+                cgroup_root: 0,
+                kn_id: 0,
+                root_hierarchy_id: 0,
+                _pad: 0,
+            });
+            m.set(0, value, 0)
+                .map_err(|e| bpf_err(format!("writing {}", maps::MKDIR_OFFSETS), e))?;
+        }
+        if let Err(e) = offsets {
+            log::warn!(
+                "no {name} watch ({e}): a listed cgroup created while the agent runs is `host` until the next poll (≤ 1 s)"
+            );
+            return Ok(());
+        }
+        let pin = self.layout_dir.join("links").join(name);
+        if pin.exists() && same_build {
+            return Ok(());
+        }
+        let prog = self.load_program(name)?;
+        let Program::RawTracePoint(p) = prog else {
+            return Err(bpf_msg(
+                format!("loading {name}"),
+                "unexpected program type",
+            ));
+        };
+        let context = format!("attaching {name}");
+        let id = p.attach(name).map_err(|e| bpf_err(&context, e))?;
+        let link = FdLink::from(p.take_link(id).map_err(|e| bpf_err(&context, e))?);
+        // Another build's link goes only once this one records: rename
+        // replaces the pin in one step, which releases the old link. (No dot
+        // in the name: bpffs refuses those.)
+        let new = pin.with_file_name(format!("{name}_next"));
+        let _ = fs::remove_file(&new);
+        link.pin(&new)
+            .map_err(|e| bpf_err(format!("pinning {}", new.display()), e))?;
+        fs::rename(&new, &pin).map_err(io_err(format!(
+            "moving {} to {}",
+            new.display(),
+            pin.display()
+        )))
     }
 
     /// Tells the kernel the agent is alive (the watchdog's input), and records

@@ -205,10 +205,7 @@ fn relabel(
     if current.is_some_and(|c| c.env == wanted) {
         return Some((wanted, cookie));
     }
-    let holder = held
-        .iter()
-        .find(|h| h.env == wanted)
-        .unwrap_or(first);
+    let holder = held.iter().find(|h| h.env == wanted).unwrap_or(first);
     let cgroup_id = sys::cgroup_id(&sys::cgroup_dir(mount, &holder.cgroup)).unwrap_or(0);
     let listening = sockopt::<i32>(&sock, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1);
     let value = match current {
@@ -232,7 +229,10 @@ fn relabel(
             Some((wanted, cookie))
         }
         Err(e) => {
-            log::warn!("labelling socket (cookie {cookie}) held by pid {}: {e}", first.pid);
+            log::warn!(
+                "labelling socket (cookie {cookie}) held by pid {}: {e}",
+                first.pid
+            );
             current.map(|c| (c.env, cookie))
         }
     }

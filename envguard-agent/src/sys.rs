@@ -170,6 +170,11 @@ impl CgroupNames {
         found
     }
 
+    /// Whether the cgroup exists now (never from the cache).
+    pub fn exists(&self, id: u64) -> bool {
+        self.resolve(id).is_some()
+    }
+
     fn resolve(&self, id: u64) -> Option<String> {
         let mount_fd = self.mount_fd.as_ref()?;
         let mut handle = KernfsHandle {

@@ -104,6 +104,22 @@ pub struct AgentState {
 }
 const _: () = assert!(core::mem::size_of::<AgentState>() == 40);
 
+/// The single entry of `MKDIR_OFFSETS`: where the `cgroup_mkdir` watch finds
+/// what it reads in the kernel's structures, from the running kernel's BTF
+/// (`struct cgroup`'s `kn` and `root`, `struct kernfs_node`'s `id`, `struct
+/// cgroup_root`'s `hierarchy_id`). `enabled == 0`: the watch does nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupOffsets {
+    pub enabled: u32,
+    pub cgroup_kn: u32,
+    pub cgroup_root: u32,
+    pub kn_id: u32,
+    pub root_hierarchy_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CgroupOffsets>() == 24);
+
 /// Indexes into the per-CPU `COUNTERS` array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

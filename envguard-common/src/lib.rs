@@ -22,6 +22,8 @@ mod pod {
     unsafe impl aya::Pod for config::PolicyMeta {}
     unsafe impl aya::Pod for config::EnvLoss {}
     unsafe impl aya::Pod for config::AgentState {}
+    unsafe impl aya::Pod for config::CgroupOffsets {}
+    unsafe impl aya::Pod for policy::CgroupPath {}
     unsafe impl aya::Pod for policy::EnvValue {}
     unsafe impl aya::Pod for policy::RuleKey {}
     unsafe impl aya::Pod for policy::RuleValue {}

@@ -7,6 +7,10 @@
 
 /// `HashMap<u64 cgroup id, EnvValue>`: cgroups listed in the policy.
 pub const CGROUP_ENVS: [&str; 2] = ["CGROUP_ENVS_A", "CGROUP_ENVS_B"];
+/// `HashMap<CgroupPath, EnvValue>`: the listed cgroups by path, so the
+/// `cgroup_mkdir` watch records a listed cgroup's id in `CGROUP_ENVS` (of the
+/// slots whose policy lists it) as the cgroup is created.
+pub const LISTED_CGROUPS: [&str; 2] = ["LISTED_CGROUPS_A", "LISTED_CGROUPS_B"];
 /// `LpmTrie<[u8; 4], EnvValue>`: IPv4 CIDRs of the envs.
 pub const CIDR_ENVS_V4: [&str; 2] = ["CIDR_ENVS_V4_A", "CIDR_ENVS_V4_B"];
 /// `LpmTrie<[u8; 16], EnvValue>`: IPv6 CIDRs of the envs.
@@ -39,13 +43,15 @@ pub const INBOUND_TUPLES: &str = "INBOUND_TUPLES";
 /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`, cloned into accepted
 /// sockets) of `flow::SockEnv`: each socket's env.
 pub const SOCK_ENVS: &str = "SOCK_ENVS";
+/// `Array<CgroupOffsets>` with one entry: what the `cgroup_mkdir` watch reads where.
+pub const MKDIR_OFFSETS: &str = "MKDIR_OFFSETS";
 /// `RingBuf` of `ViolationEvent`.
 pub const EVENTS: &str = "EVENTS";
 /// `PerCpuArray<u64>` of counters, indexed by `config::Counter`.
 pub const COUNTERS: &str = "COUNTERS";
 
 /// Every map, for pinning and removal.
-pub const ALL: [&str; 26] = [
+pub const ALL: [&str; 29] = [
     DEDUP,
     DENY_RULES[0],
     DENY_RULES[1],
@@ -72,6 +78,9 @@ pub const ALL: [&str; 26] = [
     SOCK_ENVS,
     EVENTS,
     COUNTERS,
+    LISTED_CGROUPS[0],
+    LISTED_CGROUPS[1],
+    MKDIR_OFFSETS,
 ];
 
 /// Bump when a map's type, key, value or meaning changes: pinned maps of
@@ -88,6 +97,8 @@ pub const MAX_PAIR_MODES: u32 = 65_536;
 pub const MAX_DECISION_KEYS: u32 = 65_536;
 /// Capacity of `CGROUP_ENVS`.
 pub const MAX_CGROUPS: u32 = 16_384;
+/// Capacity of `LISTED_CGROUPS` (paths beyond it are left to the agent's poll).
+pub const MAX_LISTED_PATHS: u32 = 4096;
 /// Capacity of each CIDR trie.
 pub const MAX_CIDRS: u32 = 262_144;
 /// Capacity of `RULES` (after expanding wildcards and port ranges).

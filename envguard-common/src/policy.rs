@@ -90,3 +90,32 @@ pub struct EnvName {
     pub name: [u8; MAX_ENV_NAME + 1],
 }
 const _: () = assert!(core::mem::size_of::<EnvName>() == 64);
+
+/// Size of a `LISTED_CGROUPS` key: a cgroup's path from the v2 hierarchy's
+/// root, NUL-padded. Longer paths (at most `MAX_CGROUP_PATH - 2` bytes fit,
+/// so that a path the kernel cut short never matches) are left to the
+/// agent's poll.
+pub const MAX_CGROUP_PATH: usize = 256;
+
+/// Key of `LISTED_CGROUPS_A/B`: a listed cgroup's path as the kernel's
+/// `cgroup_mkdir` tracepoint spells it (`/a/b`, from the hierarchy's root).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupPath {
+    /// The path's bytes, then zeros.
+    pub bytes: [u8; MAX_CGROUP_PATH],
+}
+const _: () = assert!(core::mem::size_of::<CgroupPath>() == MAX_CGROUP_PATH);
+
+impl CgroupPath {
+    /// The key of `path`, or `None` when it does not fit.
+    pub fn new(path: &str) -> Option<Self> {
+        let b = path.as_bytes();
+        if b.len() > MAX_CGROUP_PATH - 2 || b.contains(&0) {
+            return None;
+        }
+        let mut bytes = [0; MAX_CGROUP_PATH];
+        bytes[..b.len()].copy_from_slice(b);
+        Some(Self { bytes })
+    }
+}

@@ -9,3 +9,5 @@ pub const POST_BIND4: &str = "post_bind4";
 pub const POST_BIND6: &str = "post_bind6";
 pub const SKB_INGRESS: &str = "skb_ingress";
 pub const SKB_EGRESS: &str = "skb_egress";
+/// Raw tracepoint `cgroup_mkdir`: records a listed cgroup's id as it is created.
+pub const CGROUP_MKDIR: &str = "cgroup_mkdir";

@@ -9,6 +9,7 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod bind;
+mod cgroup_mkdir;
 mod classify;
 mod connect;
 mod event;
@@ -17,8 +18,8 @@ mod maps;
 mod net;
 mod sendmsg;
 mod skb;
-mod sockenv;
 mod sock_addr;
+mod sockenv;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -8,11 +8,11 @@ use aya_ebpf::{
     },
 };
 use envguard_common::{
-    config::{AgentState, Config, EnvLoss, NUM_COUNTERS, PolicyMeta},
+    config::{AgentState, CgroupOffsets, Config, EnvLoss, NUM_COUNTERS, PolicyMeta},
     event::{DecisionKey, DedupKey, DedupValue},
     flow::{FlowKey, FlowVerdict, SockEnv, TupleKey},
     maps::*,
-    policy::{EnvName, EnvValue, PairKey, RuleKey, RuleValue},
+    policy::{CgroupPath, EnvName, EnvValue, PairKey, RuleKey, RuleValue},
 };
 
 // The policy maps come in two slots (see `envguard_common::maps`).
@@ -117,3 +117,15 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+// The `cgroup_mkdir` watch (see `cgroup_mkdir.rs`).
+
+#[map]
+pub static LISTED_CGROUPS_A: HashMap<CgroupPath, EnvValue> =
+    HashMap::with_max_entries(MAX_LISTED_PATHS, 0);
+#[map]
+pub static LISTED_CGROUPS_B: HashMap<CgroupPath, EnvValue> =
+    HashMap::with_max_entries(MAX_LISTED_PATHS, 0);
+
+#[map]
+pub static MKDIR_OFFSETS: Array<CgroupOffsets> = Array::with_max_entries(1, 0);

@@ -1,8 +1,7 @@
 //! The decision shared by the connect and sendmsg hooks.
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
-        bpf_get_socket_cookie,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
     },
     programs::SockAddrContext,
 };
@@ -57,12 +56,7 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let local = local_env(&p, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     });
-    let remote = match local_peer_env(
-        ctx.sock_addr.cast(),
-        &remote_addr,
-        remote_port,
-        proto,
-    ) {
+    let remote = match local_peer_env(ctx.sock_addr.cast(), &remote_addr, remote_port, proto) {
         Some(peer) => peer,
         None => cidr_env(&p, &remote_addr),
     };

@@ -55,7 +55,12 @@ impl Attacker {
     /// Starts a server scenario and waits for its readiness line.
     pub fn serve(&self, place: &Place, uid: Option<u32>, rest: &[&str]) -> Server {
         let a = args(&Place::default(), uid, rest);
-        Server::start(&self.bin, place, &a, format!("egattack {rest:?} at {place:?}"))
+        Server::start(
+            &self.bin,
+            place,
+            &a,
+            format!("egattack {rest:?} at {place:?}"),
+        )
     }
 
     /// Starts an interactive scenario (`tcp-hold`).
@@ -107,8 +112,12 @@ impl Interactive {
             .rx
             .recv_timeout(Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("{} printed nothing more: {e}", self.desc));
-        serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("{} printed a line that is not JSON ({e}): {line}", self.desc))
+        serde_json::from_str(&line).unwrap_or_else(|e| {
+            panic!(
+                "{} printed a line that is not JSON ({e}): {line}",
+                self.desc
+            )
+        })
     }
 
     /// Sends one line to its stdin.

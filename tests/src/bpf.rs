@@ -25,14 +25,14 @@ const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 
 /// Each envguard program and the `enum bpf_attach_type` it is attached with.
 pub const HOOKS: [(&str, u32); 8] = [
-    ("skb_ingress", 0),   // BPF_CGROUP_INET_INGRESS
-    ("skb_egress", 1),    // BPF_CGROUP_INET_EGRESS
-    ("connect4", 10),     // BPF_CGROUP_INET4_CONNECT
-    ("connect6", 11),     // BPF_CGROUP_INET6_CONNECT
-    ("post_bind4", 12),   // BPF_CGROUP_INET4_POST_BIND
-    ("post_bind6", 13),   // BPF_CGROUP_INET6_POST_BIND
-    ("sendmsg4", 14),     // BPF_CGROUP_UDP4_SENDMSG
-    ("sendmsg6", 15),     // BPF_CGROUP_UDP6_SENDMSG
+    ("skb_ingress", 0), // BPF_CGROUP_INET_INGRESS
+    ("skb_egress", 1),  // BPF_CGROUP_INET_EGRESS
+    ("connect4", 10),   // BPF_CGROUP_INET4_CONNECT
+    ("connect6", 11),   // BPF_CGROUP_INET6_CONNECT
+    ("post_bind4", 12), // BPF_CGROUP_INET4_POST_BIND
+    ("post_bind6", 13), // BPF_CGROUP_INET6_POST_BIND
+    ("sendmsg4", 14),   // BPF_CGROUP_UDP4_SENDMSG
+    ("sendmsg6", 15),   // BPF_CGROUP_UDP6_SENDMSG
 ];
 
 /// `BPF_OBJ_*` commands.
@@ -148,6 +148,12 @@ pub struct LinkInfo {
 
 /// `BPF_LINK_TYPE_CGROUP`.
 pub const LINK_TYPE_CGROUP: u32 = 3;
+/// `BPF_LINK_TYPE_RAW_TRACEPOINT`.
+pub const LINK_TYPE_RAW_TRACEPOINT: u32 = 1;
+
+/// envguard's programs that are not attached to a cgroup: the link pin's name
+/// and its `enum bpf_link_type`.
+pub const WATCHES: [(&str, u32); 1] = [("cgroup_mkdir", LINK_TYPE_RAW_TRACEPOINT)];
 
 pub fn link_info(fd: &OwnedFd) -> io::Result<LinkInfo> {
     let b = obj_info(fd, |_| {})?;

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::bpf::{self, HOOKS, Kind, LinkInfo};
+use crate::bpf::{self, HOOKS, Kind, LinkInfo, WATCHES};
 use crate::sys;
 
 /// How long objects may take to disappear once their last reference went
@@ -76,8 +76,9 @@ impl PinRoot {
     /// Reads what the agent pinned, with every cross-check the contract
     /// allows: exactly one layout directory; one link pin per program, each
     /// a cgroup link attached to `cgroup_id` with the program's attach
-    /// type; the programs attached at `cgroup_dir` are exactly the linked
-    /// ones. Panics, listing the pin root, otherwise.
+    /// type, plus one link of its type per [`WATCHES`] entry (the
+    /// `cgroup_mkdir` raw tracepoint); the programs attached at `cgroup_dir`
+    /// are exactly the linked ones. Panics, listing the pin root, otherwise.
     pub fn footprint(&self, cgroup_dir: &Path, cgroup_id: u64) -> Footprint {
         let listing = || {
             self.entries()
@@ -112,6 +113,25 @@ impl PinRoot {
                 "{}: expected a cgroup link (type {}) on cgroup {cgroup_id} with attach type {attach_type}, got {info:?}",
                 pin.display(),
                 bpf::LINK_TYPE_CGROUP
+            );
+            links.insert(name.to_owned(), info);
+        }
+        for (name, link_type) in WATCHES {
+            let pin = layout.join("links").join(name);
+            let fd = bpf::obj_get(&pin).unwrap_or_else(|e| {
+                panic!(
+                    "cannot open link pin {} ({e}); contents of the pin root:\n{}",
+                    pin.display(),
+                    listing()
+                )
+            });
+            let info = bpf::link_info(&fd)
+                .unwrap_or_else(|e| panic!("link info of {}: {e}", pin.display()));
+            assert_eq!(
+                info.link_type,
+                link_type,
+                "{}: expected a link of type {link_type}, got {info:?}",
+                pin.display()
             );
             links.insert(name.to_owned(), info);
         }

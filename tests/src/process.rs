@@ -310,7 +310,19 @@ pub struct FlowsReport {
 /// `egprobe flows`: `rounds` rounds over `specs` from one process (one TCP
 /// connection per TCP spec, kept across rounds; one UDP socket per family).
 pub fn flows(egprobe: &Path, place: &Place, rounds: u32, specs: &[FlowSpec]) -> FlowsReport {
+    flows_with_gap(egprobe, place, rounds, Duration::ZERO, specs)
+}
+
+/// [`flows`] with a pause of `gap` between rounds (`--gap-ms`).
+pub fn flows_with_gap(
+    egprobe: &Path,
+    place: &Place,
+    rounds: u32,
+    gap: Duration,
+    specs: &[FlowSpec],
+) -> FlowsReport {
     let mut args = vec!["flows".to_owned(), "--rounds".into(), rounds.to_string()];
+    args.extend(["--gap-ms".to_owned(), gap.as_millis().to_string()]);
     args.extend(specs.iter().map(FlowSpec::arg));
     let v = run_json(egprobe, place, &args);
     let pid = v["pid"]

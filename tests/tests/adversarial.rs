@@ -13,12 +13,8 @@ use std::{
 };
 
 use envguard_tests::{
-    Client, Lab, Mode, Netns, PolicyExtras, Proto, Site,
-    attack::Attacker,
-    control::assert_fields,
-    event::is_violation,
-    netns::Family,
-    sys,
+    Client, Lab, Mode, Netns, PolicyExtras, Proto, Site, attack::Attacker, control::assert_fields,
+    event::is_violation, netns::Family, sys,
 };
 use serde_json::{Value, json};
 
@@ -122,9 +118,7 @@ fn same_host_hijack(mode: Mode) {
     let pred = |v: &Value| v["destination"]["port"] == 7401;
     let (i, first) = violation_after(&lab, mark, "the first datagram's violation", pred);
     assert_fields(&first, "the datagram before the rebind", &want);
-    let (_, second) = violation_after(&lab, i + 1, "the datagram after the rebind", |v| {
-        pred(v)
-    });
+    let (_, second) = violation_after(&lab, i + 1, "the datagram after the rebind", |v| pred(v));
     assert_fields(&second, "the datagram after the rebind", &want);
     lab.stop_agent();
 }
@@ -153,13 +147,39 @@ impl Impostor {
         let suffix = ns.name().trim_start_matches("ega");
         let (iif, sif) = (format!("ea{suffix}"), format!("eb{suffix}"));
         sys::ip(&[
-            "-n", ns.name(), "link", "add", &iif, "type", "veth", "peer", "name", &sif, "netns",
+            "-n",
+            ns.name(),
+            "link",
+            "add",
+            &iif,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &sif,
+            "netns",
             server_ns,
         ]);
-        sys::ip(&["-n", ns.name(), "addr", "add", "198.18.100.2/32", "dev", &iif]);
+        sys::ip(&[
+            "-n",
+            ns.name(),
+            "addr",
+            "add",
+            "198.18.100.2/32",
+            "dev",
+            &iif,
+        ]);
         sys::ip(&["-n", ns.name(), "link", "set", &iif, "up"]);
         sys::ip(&["-n", server_ns, "link", "set", &sif, "up"]);
-        sys::ip(&["-n", ns.name(), "route", "add", "198.18.0.0/15", "dev", &iif]);
+        sys::ip(&[
+            "-n",
+            ns.name(),
+            "route",
+            "add",
+            "198.18.0.0/15",
+            "dev",
+            &iif,
+        ]);
         Impostor {
             ns,
             server_ns: server_ns.to_owned(),
@@ -285,7 +305,10 @@ fn reply_lookalike(mode: Mode) {
         None,
         &["udp-from", "0.0.0.0", "0", &dev_ip, "53"],
     );
-    assert_eq!(asked["outcome"], "echo", "prod -> dev 53/udp and its answer");
+    assert_eq!(
+        asked["outcome"], "echo",
+        "prod -> dev 53/udp and its answer"
+    );
 
     let mark = lab.agent().len();
     let r = attacker.run(
@@ -412,7 +435,10 @@ fn listener_held_by_two_envs_is_reported() {
     let (_, rec) = lab
         .agent()
         .wait_for("socket_shared", Duration::from_secs(3), |v| {
-            v["kind"] == "socket_shared" && v["pids"].as_array().is_some_and(|p| p.contains(&json!(parent)))
+            v["kind"] == "socket_shared"
+                && v["pids"]
+                    .as_array()
+                    .is_some_and(|p| p.contains(&json!(parent)))
         });
     let envs: Vec<&str> = rec["envs"]
         .as_array()
@@ -424,8 +450,15 @@ fn listener_held_by_two_envs_is_reported() {
     sorted.sort_unstable();
     assert_eq!(sorted, ["dev", "prod"], "holders' envs: {rec}");
     let prod_at = envs.iter().position(|e| *e == "prod").expect("prod");
-    assert_eq!(rec["pids"][prod_at], json!(parent), "prod's holder pid: {rec}");
-    assert_eq!(rec["env"], "prod", "it keeps the env it was created in: {rec}");
+    assert_eq!(
+        rec["pids"][prod_at],
+        json!(parent),
+        "prod's holder pid: {rec}"
+    );
+    assert_eq!(
+        rec["env"], "prod",
+        "it keeps the env it was created in: {rec}"
+    );
     assert!(rec["inode"].as_u64().is_some_and(|i| i > 0), "{rec}");
     assert!(rec["cookie"].as_u64().is_some_and(|c| c > 0), "{rec}");
     lab.stop_agent();
@@ -438,13 +471,22 @@ fn mode_switch_reaches_established_loopback_flow() {
     let mut lab = lab(Mode::Audit);
     let attacker = Attacker::new(EGATTACK);
     lab.start_agent();
-    lab.serve(&lab.client_place(Client::Prod), Proto::Tcp, &[LOCALHOST], 7406);
+    lab.serve(
+        &lab.client_place(Client::Prod),
+        Proto::Tcp,
+        &[LOCALHOST],
+        7406,
+    );
     let mut hold = attacker.interactive(
         &lab.client_place(Client::Dev),
         Some(NOBODY),
         &["tcp-hold", "127.0.0.1", "7406"],
     );
-    assert_eq!(hold.next(), json!({"connected": "echo"}), "audit lets it connect");
+    assert_eq!(
+        hold.next(),
+        json!({"connected": "echo"}),
+        "audit lets it connect"
+    );
     hold.send("x");
     assert_eq!(hold.next(), json!({"exchange": "echo"}), "and exchange");
     lab.cli(&["mode", "enforce", "--from", "dev", "--to", "prod"])

@@ -85,7 +85,10 @@ fn main() {
                 && libc::setresuid(uid, uid, uid) == 0
         };
         if !ok {
-            die(format!("dropping to uid {uid}: {}", io::Error::last_os_error()));
+            die(format!(
+                "dropping to uid {uid}: {}",
+                io::Error::last_os_error()
+            ));
         }
     }
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -115,8 +118,14 @@ fn join_cgroup(dir: &std::path::Path) {
 }
 
 fn sa(addr: &str, port: &str) -> SocketAddr {
-    let ip: IpAddr = addr.parse().unwrap_or_else(|_| die(format!("bad address {addr}")));
-    SocketAddr::new(ip, port.parse().unwrap_or_else(|_| die(format!("bad port {port}"))))
+    let ip: IpAddr = addr
+        .parse()
+        .unwrap_or_else(|_| die(format!("bad address {addr}")));
+    SocketAddr::new(
+        ip,
+        port.parse()
+            .unwrap_or_else(|_| die(format!("bad port {port}"))),
+    )
 }
 
 fn outcome(e: &io::Error) -> String {

@@ -8,7 +8,7 @@
 //!   whoami
 //!   connect-loop tcp ADDR PORT [--rate N] [--duration-ms N] [--timeout-ms N]
 //!   udp-burst ADDR PORT --count N
-//!   flows [--rounds N] [--timeout-ms N] tcp|udp,ADDR,PORT...
+//!   flows [--rounds N] [--timeout-ms N] [--gap-ms N] tcp|udp,ADDR,PORT...
 //!   ctl-race SOCKET REQUEST PROGRAM [ARGS...]
 //!   ctl-flood SOCKET EVENTS IDLE
 //!   hold MS
@@ -51,7 +51,8 @@
 //! - `flows`: per `--rounds` (default 3), every spec in order: TCP specs keep
 //!   one connection each (connected in the first round, or again after a
 //!   failure) and echo one line on it per round; UDP specs share one
-//!   unconnected socket per family and `sendto` + `recvfrom` the echo.
+//!   unconnected socket per family and `sendto` + `recvfrom` the echo;
+//!   `--gap-ms` sleeps that long between rounds.
 //!   `{"pid":P,"results":[{"spec":"tcp,ADDR,PORT","outcomes":["ok","connect:1",...]}]}`
 //!   with each outcome `ok` or `STAGE:ERRNO`.
 //!
@@ -104,7 +105,7 @@ fn usage() -> ! {
     die("usage: egprobe [--cgroup DIR] [--netns NAME] \
          (connect tcp|udp ADDR PORT [--timeout-ms N] [--bind SRC] [--ipv6-dstopts] [--ipv6-hopopts] | serve tcp|udp ADDR[,ADDR...] PORT | whoami \
          | connect-loop tcp ADDR PORT [--rate N] [--duration-ms N] [--timeout-ms N] | udp-burst ADDR PORT --count N \
-         | flows [--rounds N] [--timeout-ms N] tcp|udp,ADDR,PORT... \
+         | flows [--rounds N] [--timeout-ms N] [--gap-ms N] tcp|udp,ADDR,PORT... \
          | ctl-race SOCKET REQUEST PROGRAM [ARGS...] | ctl-flood SOCKET EVENTS IDLE | hold MS)")
 }
 
@@ -972,6 +973,7 @@ fn flow_udp(sock: &UdpSocket, dst: SocketAddr, timeout: Duration, tag: &str) -> 
 fn flows(args: &[String]) {
     let mut rounds: usize = 3;
     let mut timeout_ms: u64 = 2000;
+    let mut gap_ms: u64 = 0;
     let mut specs: Vec<(bool, SocketAddr, String)> = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -980,6 +982,7 @@ fn flows(args: &[String]) {
             "--timeout-ms" => {
                 timeout_ms = parse_num("timeout", it.next().unwrap_or_else(|| usage()))
             }
+            "--gap-ms" => gap_ms = parse_num("gap", it.next().unwrap_or_else(|| usage())),
             spec => {
                 let parts: Vec<&str> = spec.split(',').collect();
                 if parts.len() != 3 {
@@ -995,7 +998,11 @@ fn flows(args: &[String]) {
     }
     let timeout = Duration::from_millis(timeout_ms);
     let ops = u64::try_from(rounds * specs.len()).unwrap_or(u64::MAX);
-    let secs = u32::try_from(ops.saturating_mul(timeout_ms) / 1000 + 10).unwrap_or(u32::MAX);
+    let gaps = u64::try_from(rounds)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(gap_ms);
+    let secs =
+        u32::try_from((ops.saturating_mul(timeout_ms) + gaps) / 1000 + 10).unwrap_or(u32::MAX);
     // SAFETY: alarm has no preconditions.
     unsafe { libc::alarm(secs) };
     let pid = std::process::id();
@@ -1007,6 +1014,9 @@ fn flows(args: &[String]) {
     let mut conns: Vec<Option<TcpStream>> = specs.iter().map(|_| None).collect();
     let mut outcomes: Vec<Vec<String>> = specs.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
+        if round > 0 {
+            std::thread::sleep(Duration::from_millis(gap_ms));
+        }
         for (i, (tcp, dst, _)) in specs.iter().enumerate() {
             let tag = format!("egprobe {pid} flow {i} round {round}");
             let o = if *tcp {
