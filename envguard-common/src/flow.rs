@@ -67,14 +67,22 @@ impl TupleKey {
 pub const DECISION_ALLOW: u32 = 1;
 pub const DECISION_VIOLATION: u32 = 2;
 
-/// A cached decision. The mode is applied when the verdict is used, not stored,
-/// so a mode switch (global or of the flow's env pair) takes effect on
-/// established flows at their next packet.
+/// A cached decision. A violation remembers the mode it was judged and
+/// reported in: once the pair's mode differs, the flow is judged (and
+/// reported) again at its next packet, so a mode switch reaches established
+/// flows and the new verdict has its record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowVerdict {
     pub generation: u32,
-    pub decision: u32,
+    /// `DECISION_*`.
+    pub decision: u8,
+    /// `config::MODE_*` the decision was taken in.
+    pub mode: u8,
+    /// 1 when the remote side opened the conversation (an inbound connection
+    /// or datagram), 0 when this socket did.
+    pub inbound: u8,
+    pub _pad: u8,
     /// The pair's envs, for its mode.
     pub src_env: u32,
     pub dst_env: u32,
@@ -82,13 +90,27 @@ pub struct FlowVerdict {
 const _: () = assert!(core::mem::size_of::<FlowVerdict>() == 16);
 
 impl FlowVerdict {
-    pub const fn new(generation: u32, decision: u32, src_env: u32, dst_env: u32) -> Self {
+    pub const fn new(
+        generation: u32,
+        decision: u32,
+        mode: u32,
+        inbound: bool,
+        src_env: u32,
+        dst_env: u32,
+    ) -> Self {
         Self {
             generation,
-            decision,
+            decision: decision as u8,
+            mode: mode as u8,
+            inbound: inbound as u8,
+            _pad: 0,
             src_env,
             dst_env,
         }
+    }
+
+    pub const fn allows(&self) -> bool {
+        self.decision as u32 == DECISION_ALLOW
     }
 }
 

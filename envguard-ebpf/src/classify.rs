@@ -168,8 +168,12 @@ pub fn cidr_env(p: &Policy, addr: &[u8; 16]) -> Side {
 /// traffic for it: that socket's env, recorded when it was bound. Works for
 /// loopback and for the host's own addresses alike, in the caller's netns.
 #[inline(always)]
+///
+/// `src`, when known, is the local end of an established flow: the lookup
+/// then finds the connected socket at the other end rather than its listener.
 pub fn local_peer_env(
     ctx: *mut core::ffi::c_void,
+    src: Option<(&[u8; 16], u16)>,
     addr: &[u8; 16],
     port: u16,
     proto: u8,
@@ -179,11 +183,21 @@ pub fn local_peer_env(
         Some(v4) => {
             tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(v4);
             tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
+            if let Some((a, p)) = src
+                && let Some(s4) = unmapped_v4(a)
+            {
+                tuple.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(s4);
+                tuple.__bindgen_anon_1.ipv4.sport = p.to_be();
+            }
             core::mem::size_of_val(unsafe { &tuple.__bindgen_anon_1.ipv4 })
         }
         None => {
             tuple.__bindgen_anon_1.ipv6.daddr = v6_words(addr);
             tuple.__bindgen_anon_1.ipv6.dport = port.to_be();
+            if let Some((a, p)) = src {
+                tuple.__bindgen_anon_1.ipv6.saddr = v6_words(a);
+                tuple.__bindgen_anon_1.ipv6.sport = p.to_be();
+            }
             core::mem::size_of_val(unsafe { &tuple.__bindgen_anon_1.ipv6 })
         }
     } as u32;
@@ -312,13 +326,20 @@ fn agent_loss(p: &Policy, src: u32, dst: u32) -> Option<Decision> {
     }
 }
 
-/// A cached decision of this policy generation, if any.
+/// A cached decision that still holds: taken under this policy generation
+/// and, for a violation, in the mode its pair has now.
 #[inline(always)]
-pub fn cached(key: &FlowKey, generation: u32) -> Option<FlowVerdict> {
+pub fn cached(key: &FlowKey, cfg: &Config) -> Option<FlowVerdict> {
     match unsafe { FLOW_VERDICTS.get(key) } {
-        Some(v) if v.generation == generation => Some(*v),
+        Some(v) if fresh(v, cfg) => Some(*v),
         _ => None,
     }
+}
+
+#[inline(always)]
+pub fn fresh(v: &FlowVerdict, cfg: &Config) -> bool {
+    v.generation == cfg.generation
+        && (v.allows() || mode_of(cfg, v.src_env, v.dst_env) == v.mode as u32)
 }
 
 #[inline(always)]

@@ -9,23 +9,21 @@ use aya_ebpf::{
 use envguard_common::{
     config::{Config, Counter, MODE_ENFORCE},
     event::{
-        AF_INET, AF_INET6, DIRECTION_EGRESS, DIRECTION_INGRESS, DedupKey, ENV_FROM_SOCKET,
-        HOOK_SKB_EGRESS, HOOK_SKB_INGRESS,
+        AF_INET, AF_INET6, DIRECTION_EGRESS, DIRECTION_INGRESS, DedupKey, ENV_FROM_DEFAULT,
+        ENV_FROM_SOCKET, HOOK_SKB_EGRESS, HOOK_SKB_INGRESS,
     },
-    flow::{
-        DECISION_ALLOW, DECISION_VIOLATION, FlowKey, FlowVerdict, SOCK_F_ACTIVE, SOCK_F_HOLDER,
-        SockEnv, TupleKey,
-    },
+    flow::{FlowKey, FlowVerdict, SOCK_F_ACTIVE, SOCK_F_HOLDER, SockEnv, TupleKey},
+    policy::ENV_HOST,
 };
 
 use crate::{
     classify::{
-        Side, cidr_env, config, count, count_decision, decide, local_env, mode_of, policy,
-        remember, verdict_of,
+        Side, cidr_env, config, count, count_decision, decide, fresh, local_env, local_peer_env,
+        mode_of, policy, remember, verdict_of,
     },
     event::{emit, set_sides},
     ipv6::upper_layer,
-    maps::INBOUND_TUPLES,
+    maps::{FLOW_VERDICTS, INBOUND_TUPLES},
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4},
     sockenv,
 };
@@ -176,65 +174,104 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     let flow = FlowKey::new(cookie, *remote_addr, remote_port, pkt.proto);
     // Also on loopback: a same-host flow judged at connect() follows a mode
     // switch at its next packet, like any other.
-    if let Some(v) = crate::classify::cached(&flow, cfg.generation) {
+    if let Some(v) = crate::classify::cached(&flow, &cfg) {
         return Ok(verdict(&cfg, &v));
     }
-    if loopback {
-        // Same-host traffic crosses the loopback device; the sender's connect
-        // or sendmsg hook has judged it with the receiving socket's env. A
-        // datagram that got here was allowed: remember it so that this socket
-        // may answer it.
-        if ingress && pkt.proto == IPPROTO_UDP {
-            // The envs do not matter for an allowed verdict.
-            remember(
-                &flow,
-                &FlowVerdict::new(cfg.generation, DECISION_ALLOW, 0, 0),
-            );
-        }
-        return Ok(PASS);
-    }
-
     let is_tcp = pkt.proto == IPPROTO_TCP;
-    let syn_only = is_tcp && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-    let sk = unsafe { (*raw).__bindgen_anon_2.sk };
-    let store = if sk.is_null() {
-        None
-    } else {
-        sockenv::get(sk.cast()).copied()
-    };
-    // An accepted connection: its listener judged (and reported) the SYN. Only
-    // the listener's own decisions are adopted, and never by a SYN, which is
-    // always judged afresh.
-    let listener = match &store {
-        Some(s) if s.origin_cookie != 0 && s.origin_cookie != cookie => s.origin_cookie,
-        _ => 0,
-    };
-    if is_tcp
-        && !syn_only
-        && listener != 0
-        && let Some(v) = unsafe {
-            INBOUND_TUPLES.get(&TupleKey::new(
-                listener,
-                *local_addr,
-                *remote_addr,
-                local_port,
-                remote_port,
-            ))
-        }
-        && v.generation == cfg.generation
-    {
-        let v = *v;
-        remember(&flow, &v);
-        return Ok(verdict(&cfg, &v));
-    }
-
     let p = policy(cfg);
+    // Same-host traffic crosses the loopback device; the sender's connect or
+    // sendmsg hook judged it with the receiving socket's env, and reported
+    // it. It is judged here only when the decision recorded for it no longer
+    // holds (another policy, another mode: judged and reported again, the
+    // way the conversation went), and when a datagram arrives at a socket
+    // that never sent to its source: its sender's decision is taken over,
+    // quietly, so that this socket's answers follow it.
+    let mut quiet = false;
+    let (inbound, remote, sk, listener, syn_only) = if loopback {
+        let inbound = match unsafe { FLOW_VERDICTS.get(&flow) } {
+            Some(old) => old.inbound != 0,
+            None if ingress && pkt.proto == IPPROTO_UDP => {
+                quiet = true;
+                true
+            }
+            None => return Ok(PASS),
+        };
+        let peer = local_peer_env(
+            raw.cast(),
+            Some((local_addr, local_port)),
+            remote_addr,
+            remote_port,
+            pkt.proto,
+        )
+        .unwrap_or(Side {
+            env: ENV_HOST,
+            from: ENV_FROM_DEFAULT,
+            cgroup_id: 0,
+        });
+        (Some(inbound), peer, core::ptr::null_mut(), 0, false)
+    } else {
+        let syn_only = is_tcp && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+        let sk = unsafe { (*raw).__bindgen_anon_2.sk };
+        // What the socket's storage says, read into plain scalars: the
+        // verifier refuses code that reads an absent value's fields, which an
+        // `Option` of the whole record lets the compiler emit.
+        let mut labelled = false;
+        let mut active = false;
+        // An accepted connection: its listener judged (and reported) the SYN.
+        // Only the listener's own decisions are adopted, and never by a SYN,
+        // which is always judged afresh.
+        let mut listener = 0;
+        if !sk.is_null()
+            && let Some(s) = sockenv::get(sk.cast())
+        {
+            labelled = true;
+            active = s.flags & SOCK_F_ACTIVE != 0;
+            if s.origin_cookie != cookie {
+                listener = s.origin_cookie;
+            }
+        }
+        if is_tcp
+            && !syn_only
+            && listener != 0
+            && let Some(v) = unsafe {
+                INBOUND_TUPLES.get(&TupleKey::new(
+                    listener,
+                    *local_addr,
+                    *remote_addr,
+                    local_port,
+                    remote_port,
+                ))
+            }
+            && fresh(v, &cfg)
+        {
+            let v = *v;
+            remember(&flow, &v);
+            return Ok(verdict(&cfg, &v));
+        }
+        // Which way the conversation goes. A datagram and a SYN go the way
+        // they travel: a reply is let through only by the state its socket
+        // recorded when it sent (the verdict cache), never because its ports
+        // look like one. Within a TCP connection, the socket says who opened it.
+        let inbound = if !is_tcp || syn_only {
+            Some(ingress)
+        } else if labelled && active {
+            Some(false)
+        } else if labelled && listener != 0 {
+            Some(true)
+        } else {
+            // Established before envguard saw it open.
+            None
+        };
+        (inbound, cidr_env(&p, remote_addr), sk, listener, syn_only)
+    };
+    let _ = listener;
     let mut local = local_env(&p, |level| unsafe {
         bpf_skb_ancestor_cgroup_id(raw, level)
     });
     // The agent found who holds the socket: their env is the socket's, even
     // when it was created elsewhere.
-    if let Some(s) = &store
+    if !sk.is_null()
+        && let Some(s) = sockenv::get(sk.cast())
         && s.flags & SOCK_F_HOLDER != 0
         && s.env != local.env
     {
@@ -244,21 +281,6 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
             cgroup_id: s.cgroup_id,
         };
     }
-    let remote = cidr_env(&p, remote_addr);
-    // Which way the conversation goes. A datagram and a SYN go the way they
-    // travel: a reply is let through only by the state its socket recorded
-    // when it sent (the verdict cache), never because its ports look like
-    // one. Within a TCP connection, the socket says who opened it.
-    let inbound = if !is_tcp || syn_only {
-        Some(ingress)
-    } else {
-        match &store {
-            Some(s) if s.flags & SOCK_F_ACTIVE != 0 => Some(false),
-            Some(_) if listener != 0 => Some(true),
-            // Established before envguard saw it open.
-            _ => None,
-        }
-    };
     let decision = match inbound {
         Some(true) => decide(&p, remote.env, local.env, pkt.proto, local_port),
         Some(false) => decide(&p, local.env, remote.env, pkt.proto, remote_port),
@@ -287,7 +309,15 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     } else {
         (local.env, remote.env)
     };
-    let v = FlowVerdict::new(cfg.generation, decision.decision, src, dst);
+    let mode = mode_of(&cfg, src, dst);
+    let v = FlowVerdict::new(
+        cfg.generation,
+        decision.decision,
+        mode,
+        inbound.unwrap_or(ingress),
+        src,
+        dst,
+    );
     if is_tcp && ingress && syn_only && !sk.is_null() {
         // The listener keeps its own cookie in its storage, which the kernel
         // clones into the connections it accepts: that is how they find this.
@@ -301,7 +331,9 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         let _ = INBOUND_TUPLES.insert(&tuple, &v, 0);
     }
     remember(&flow, &v);
-    let mode = mode_of(&cfg, src, dst);
+    if quiet {
+        return Ok(verdict(&cfg, &v));
+    }
     count_decision(src, dst, decision.decision, mode, direction, pkt.proto);
     if decision.is_violation() {
         let cgroup_id = unsafe { bpf_skb_cgroup_id(raw) };
@@ -346,7 +378,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
 /// What a decision means for this packet, in the flow's pair's current mode.
 #[inline(always)]
 fn verdict(cfg: &Config, v: &FlowVerdict) -> i32 {
-    if v.decision == DECISION_VIOLATION && mode_of(cfg, v.src_env, v.dst_env) == MODE_ENFORCE {
+    if !v.allows() && mode_of(cfg, v.src_env, v.dst_env) == MODE_ENFORCE {
         DROP
     } else {
         PASS

@@ -47,8 +47,8 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let cfg = config();
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let flow = FlowKey::new(cookie, remote_addr, remote_port, proto);
-    if let Some(v) = cached(&flow, cfg.generation)
-        && v.decision == DECISION_ALLOW
+    if let Some(v) = cached(&flow, &cfg)
+        && v.allows()
     {
         return ALLOW;
     }
@@ -56,17 +56,25 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let local = local_env(&p, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     });
-    let remote = match local_peer_env(ctx.sock_addr.cast(), &remote_addr, remote_port, proto) {
+    let remote = match local_peer_env(ctx.sock_addr.cast(), None, &remote_addr, remote_port, proto)
+    {
         Some(peer) => peer,
         None => cidr_env(&p, &remote_addr),
     };
     let decision = decide(&p, local.env, remote.env, proto, remote_port);
     label(ctx, hook, proto, &local);
+    let mode = mode_of(&cfg, local.env, remote.env);
     remember(
         &flow,
-        &FlowVerdict::new(cfg.generation, decision.decision, local.env, remote.env),
+        &FlowVerdict::new(
+            cfg.generation,
+            decision.decision,
+            mode,
+            false,
+            local.env,
+            remote.env,
+        ),
     );
-    let mode = mode_of(&cfg, local.env, remote.env);
     count_decision(
         local.env,
         remote.env,

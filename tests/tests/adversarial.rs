@@ -491,11 +491,31 @@ fn mode_switch_reaches_established_loopback_flow() {
     assert_eq!(hold.next(), json!({"exchange": "echo"}), "and exchange");
     lab.cli(&["mode", "enforce", "--from", "dev", "--to", "prod"])
         .assert_ok("mode enforce dev -> prod");
+    let mark = lab.agent().len();
     hold.send("x");
     assert_eq!(
         hold.next(),
         json!({"exchange": "timeout"}),
         "after the pair switched to enforce, the established dev -> prod flow must stop"
+    );
+    // Refused, and reported as refused: the flow is judged again in its new mode.
+    let (_, v) = violation_after(&lab, mark, "the established flow, now denied", |v| {
+        v["destination"]["port"] == 7406
+    });
+    assert_fields(
+        &v,
+        "the established flow, now denied",
+        &[
+            ("verdict", json!("denied")),
+            ("mode", json!("enforce")),
+            ("source.env", json!("dev")),
+            ("destination.env", json!("prod")),
+            ("destination.env_from", json!("socket")),
+        ],
+    );
+    assert!(
+        matches!(v["hook"].as_str(), Some("skb_egress" | "skb_ingress")),
+        "judged again at a packet hook: {v}"
     );
     lab.cli(&["mode", "audit", "--from", "dev", "--to", "prod"])
         .assert_ok("mode audit dev -> prod");
@@ -536,6 +556,65 @@ fn raw_socket_datagram_is_judged_at_the_packet_hook() {
         count_violations(&lab, mark, |v| v["destination"]["port"] == 9000),
         1,
         "one datagram, one record"
+    );
+    lab.stop_agent();
+}
+
+// A reload that forbids an established same-host flow reaches it at its
+// next packet, as it does for flows through a device.
+#[test]
+fn reload_reaches_established_loopback_flow() {
+    let allow = "[[allow]]\nfrom = \"dev\"\nto = \"prod\"\nports = [\"7407/tcp\"]\n";
+    let mut lab = Lab::with_policy(
+        EGPROBE,
+        Mode::Enforce,
+        &PolicyExtras {
+            allow: allow.into(),
+            ..Default::default()
+        },
+    );
+    let attacker = Attacker::new(EGATTACK);
+    lab.start_agent();
+    lab.serve(
+        &lab.client_place(Client::Prod),
+        Proto::Tcp,
+        &[LOCALHOST],
+        7407,
+    );
+    let mut hold = attacker.interactive(
+        &lab.client_place(Client::Dev),
+        Some(NOBODY),
+        &["tcp-hold", "127.0.0.1", "7407"],
+    );
+    assert_eq!(
+        hold.next(),
+        json!({"connected": "echo"}),
+        "allowed by the rule"
+    );
+    lab.set_policy(&PolicyExtras::default());
+    lab.cli(&["reload"]).assert_ok("reload without the rule");
+    let mark = lab.agent().len();
+    hold.send("x");
+    assert_eq!(
+        hold.next(),
+        json!({"exchange": "timeout"}),
+        "the rule is gone: the established dev -> prod flow must stop"
+    );
+    let (_, v) = violation_after(
+        &lab,
+        mark,
+        "the established flow under the new policy",
+        |v| v["destination"]["port"] == 7407,
+    );
+    assert_fields(
+        &v,
+        "the established flow under the new policy",
+        &[
+            ("verdict", json!("denied")),
+            ("source.env", json!("dev")),
+            ("destination.env", json!("prod")),
+            ("destination.env_from", json!("socket")),
+        ],
     );
     lab.stop_agent();
 }
