@@ -364,7 +364,13 @@ impl Daemon {
             &mut self.names,
         );
         if pass.relabeled > 0 {
-            log::info!("{} sockets given their holders' env", pass.relabeled);
+            // Decisions taken with a socket's old env (a peer's cached allow
+            // to it, its own flows) must not outlive the change.
+            self.kernel.invalidate_verdicts()?;
+            log::info!(
+                "{} sockets given their holders' env; cached verdicts invalidated",
+                pass.relabeled
+            );
         }
         self.report_shared(pass.shared)
     }

@@ -618,3 +618,75 @@ fn reload_reaches_established_loopback_flow() {
     );
     lab.stop_agent();
 }
+
+// 4c. A peer's decision taken while the socket had its old env does not
+// outlive the change: a dev UDP socket that talked to a host socket is cut off
+// once that socket's holder moves into prod.
+#[test]
+fn cached_allow_to_a_relabelled_socket_does_not_survive() {
+    let mut lab = lab(Mode::Enforce);
+    let attacker = Attacker::new(EGATTACK);
+    lab.start_agent();
+    let prod_dir = lab.cg.abs("prod").display().to_string();
+    let mut server = attacker.interactive(
+        &lab.client_place(Client::Host),
+        None,
+        &["udp-serve-move", "127.0.0.1", "7408", &prod_dir],
+    );
+    assert_eq!(server.next()["ready"], json!(true), "server ready");
+    let mut dev = attacker.interactive(
+        &lab.client_place(Client::Dev),
+        Some(NOBODY),
+        &["udp-hold", "127.0.0.1", "7408"],
+    );
+    dev.send("x");
+    assert_eq!(
+        dev.next(),
+        json!({"exchange": "echo"}),
+        "dev -> host is allowed"
+    );
+    let mark = lab.agent().len();
+    server.send("move");
+    assert_eq!(
+        server.next(),
+        json!({"moved": true}),
+        "the holder moved into prod"
+    );
+    let start = Instant::now();
+    loop {
+        dev.send("x");
+        let r = dev.next();
+        if r == json!({"exchange": "refused"}) {
+            break;
+        }
+        assert_eq!(
+            r,
+            json!({"exchange": "echo"}),
+            "neither delivered nor refused"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "dev's cached allow to the socket outlived its move into prod by 3 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "adversarial: dev's datagrams refused {:?} after the holder moved",
+        start.elapsed()
+    );
+    let (_, v) = violation_after(&lab, mark, "dev -> relabelled socket", |v| {
+        v["destination"]["port"] == 7408
+    });
+    assert_fields(
+        &v,
+        "dev -> relabelled socket",
+        &[
+            ("hook", json!("sendmsg4")),
+            ("verdict", json!("denied")),
+            ("source.env", json!("dev")),
+            ("destination.env", json!("prod")),
+            ("destination.env_from", json!("socket")),
+        ],
+    );
+    lab.stop_agent();
+}

@@ -28,6 +28,11 @@
 //! - `raw-udp DST_ADDR DST_PORT`: a UDP datagram built by hand and sent
 //!   through a raw IPv4 socket (needs CAP_NET_RAW): prints `{"outcome":O}`
 //!   (`"sent"` when the kernel took it).
+//! - `udp-serve-move ADDR PORT CGROUP_DIR`: a UDP echo server bound where it
+//!   started; prints `{"ready":true,"pid":P}`, and moves itself into
+//!   CGROUP_DIR at the first line on stdin (then prints `{"moved":true}`).
+//! - `udp-hold DST_ADDR DST_PORT`: one UDP socket; for every line on stdin
+//!   sends a datagram from it and prints `{"exchange":O}`.
 //! - `share-listener ADDR PORT CGROUP_DIR`: binds and listens, forks a child
 //!   that moves into CGROUP_DIR holding the same socket; prints
 //!   `{"ready":true,"pid":P,"child":C}`; both stay until killed.
@@ -105,6 +110,8 @@ fn main() {
         ["tcp-hold", addr, port] => tcp_hold(sa(addr, port)),
         ["listen-then-move", addr, port, dir] => listen_then_move(sa(addr, port), dir),
         ["share-listener", addr, port, dir] => share_listener(sa(addr, port), dir),
+        ["udp-serve-move", addr, port, dir] => udp_serve_move(sa(addr, port), dir),
+        ["udp-hold", addr, port] => udp_hold(sa(addr, port)),
         ["raw-udp", addr, port] => print(json!({"outcome": raw_udp(sa(addr, port))})),
         _ => die(format!("unknown command {args:?} (see the module docs)")),
     }
@@ -442,5 +449,42 @@ fn raw_udp(dst: SocketAddr) -> String {
         outcome(&io::Error::last_os_error())
     } else {
         "sent".into()
+    }
+}
+
+fn udp_serve_move(addr: SocketAddr, dir: &str) {
+    let s = UdpSocket::bind(addr).unwrap_or_else(|e| die(format!("bind {addr}: {e}")));
+    let echo = s.try_clone().unwrap_or_else(|e| die(format!("clone: {e}")));
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        loop {
+            if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                let _ = echo.send_to(&buf[..n], from);
+            }
+        }
+    });
+    print(json!({"ready": true, "pid": std::process::id()}));
+    let mut line = String::new();
+    if io::stdin().read_line(&mut line).is_ok() {
+        join_cgroup(std::path::Path::new(dir));
+        print(json!({"moved": true}));
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn udp_hold(dst: SocketAddr) {
+    let any: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let s = UdpSocket::bind(any).unwrap_or_else(|e| die(format!("udp socket: {e}")));
+    for line in io::stdin().lock().lines() {
+        if line.is_err() {
+            break;
+        }
+        print(json!({"exchange": exchange_udp(&s, dst)}));
     }
 }
