@@ -274,13 +274,25 @@ impl Kernel {
                     .map_err(|e| bpf_err(format!("writing {}", maps::CGROUP_ENVS[slot]), e))?;
             }
         }
+        // Host addresses go to the exact-match maps the kernel looks at
+        // first, everything shorter to the tries.
         fill_trie(
             ebpf,
             maps::CIDR_ENVS_V4[slot],
             compiled
                 .cidrs_v4
                 .iter()
+                .filter(|&&(p, ..)| p < 32)
                 .map(|&(p, a, env)| (Key::new(p, a), EnvValue { env })),
+        )?;
+        fill_hash(
+            ebpf,
+            maps::CIDR_HOSTS_V4[slot],
+            compiled
+                .cidrs_v4
+                .iter()
+                .filter(|&&(p, ..)| p == 32)
+                .map(|&(_, a, env)| (a, EnvValue { env })),
         )?;
         fill_trie(
             ebpf,
@@ -288,7 +300,17 @@ impl Kernel {
             compiled
                 .cidrs_v6
                 .iter()
+                .filter(|&&(p, ..)| p < 128)
                 .map(|&(p, a, env)| (Key::new(p, a), EnvValue { env })),
+        )?;
+        fill_hash(
+            ebpf,
+            maps::CIDR_HOSTS_V6[slot],
+            compiled
+                .cidrs_v6
+                .iter()
+                .filter(|&&(p, ..)| p == 128)
+                .map(|&(_, a, env)| (a, EnvValue { env })),
         )?;
         fill_trie(
             ebpf,
@@ -734,6 +756,21 @@ fn clear_hash<K: aya::Pod, V: aya::Pod>(
     for k in keys {
         m.remove(&k)
             .map_err(|e| bpf_err(format!("clearing {name}"), e))?;
+    }
+    Ok(())
+}
+
+/// Empties a hash map, then fills it.
+fn fill_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    entries: impl Iterator<Item = (K, V)>,
+) -> Result<()> {
+    let mut m: HashMap<_, K, V> = map(ebpf, name)?;
+    clear_hash(&mut m, name)?;
+    for (k, v) in entries {
+        m.insert(k, v, 0)
+            .map_err(|e| bpf_err(format!("writing {name}"), e))?;
     }
     Ok(())
 }

@@ -137,14 +137,20 @@ pub struct SockEnv {
     pub env: u32,
     /// `SOCK_F_*`.
     pub flags: u32,
+    /// A connected TCP socket's decision for its one peer (with
+    /// `SOCK_F_VERDICT`): the packet hooks read it before parsing anything,
+    /// so an established flow costs one lookup on the socket.
+    pub verdict: FlowVerdict,
 }
-const _: () = assert!(core::mem::size_of::<SockEnv>() == 24);
+const _: () = assert!(core::mem::size_of::<SockEnv>() == 40);
 
 /// The agent set `env` from the processes holding the socket: the kernel keeps it.
 pub const SOCK_F_HOLDER: u32 = 1;
 /// The socket started its conversation (connect() or a first send): its
 /// packets are judged as its own outbound flow.
 pub const SOCK_F_ACTIVE: u32 = 2;
+/// `SockEnv::verdict` holds the socket's decision for its peer.
+pub const SOCK_F_VERDICT: u32 = 4;
 
 impl SockEnv {
     pub const fn new(env: u32, cgroup_id: u64, origin_cookie: u64, flags: u32) -> Self {
@@ -152,7 +158,9 @@ impl SockEnv {
             cgroup_id,
             origin_cookie,
             env,
-            flags,
+            // Checked only under SOCK_F_VERDICT, which nothing sets here.
+            flags: flags & !SOCK_F_VERDICT,
+            verdict: FlowVerdict::new(0, 0, 0, false, 0, 0),
         }
     }
 }

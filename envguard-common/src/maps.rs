@@ -15,6 +15,12 @@ pub const LISTED_CGROUPS: [&str; 2] = ["LISTED_CGROUPS_A", "LISTED_CGROUPS_B"];
 pub const CIDR_ENVS_V4: [&str; 2] = ["CIDR_ENVS_V4_A", "CIDR_ENVS_V4_B"];
 /// `LpmTrie<[u8; 16], EnvValue>`: IPv6 CIDRs of the envs.
 pub const CIDR_ENVS_V6: [&str; 2] = ["CIDR_ENVS_V6_A", "CIDR_ENVS_V6_B"];
+/// `HashMap<[u8; 4], EnvValue>`: the IPv4 /32s of the envs, looked up before
+/// the trie: a host address is one hash bucket instead of a walk of up to 32
+/// dependent loads, whatever the size of the policy.
+pub const CIDR_HOSTS_V4: [&str; 2] = ["CIDR_HOSTS_V4_A", "CIDR_HOSTS_V4_B"];
+/// `HashMap<[u8; 16], EnvValue>`: the IPv6 /128s, likewise.
+pub const CIDR_HOSTS_V6: [&str; 2] = ["CIDR_HOSTS_V6_A", "CIDR_HOSTS_V6_B"];
 /// `LpmTrie<RuleKey, RuleValue>`: allowed (source env, destination env, proto, port) flows.
 pub const RULES: [&str; 2] = ["RULES_A", "RULES_B"];
 /// `LpmTrie<RuleKey, RuleValue>`: denied flows; deny beats allow.
@@ -51,7 +57,7 @@ pub const EVENTS: &str = "EVENTS";
 pub const COUNTERS: &str = "COUNTERS";
 
 /// Every map, for pinning and removal.
-pub const ALL: [&str; 29] = [
+pub const ALL: [&str; 33] = [
     DEDUP,
     DENY_RULES[0],
     DENY_RULES[1],
@@ -65,6 +71,10 @@ pub const ALL: [&str; 29] = [
     CIDR_ENVS_V4[1],
     CIDR_ENVS_V6[0],
     CIDR_ENVS_V6[1],
+    CIDR_HOSTS_V4[0],
+    CIDR_HOSTS_V4[1],
+    CIDR_HOSTS_V6[0],
+    CIDR_HOSTS_V6[1],
     RULES[0],
     RULES[1],
     POLICY_META[0],

@@ -23,9 +23,9 @@ use envguard_common::{
 use crate::{
     maps::{
         AGENT_STATE, CGROUP_ENVS_A, CGROUP_ENVS_B, CIDR_ENVS_V4_A, CIDR_ENVS_V4_B, CIDR_ENVS_V6_A,
-        CIDR_ENVS_V6_B, CONFIG, COUNTERS, DECISIONS, DENY_RULES_A, DENY_RULES_B, ENV_LOSS_A,
-        ENV_LOSS_B, FLOW_VERDICTS, PAIR_MODES_A, PAIR_MODES_B, POLICY_META_A, POLICY_META_B,
-        RULES_A, RULES_B,
+        CIDR_ENVS_V6_B, CIDR_HOSTS_V4_A, CIDR_HOSTS_V4_B, CIDR_HOSTS_V6_A, CIDR_HOSTS_V6_B, CONFIG,
+        COUNTERS, DECISIONS, DENY_RULES_A, DENY_RULES_B, ENV_LOSS_A, ENV_LOSS_B, FLOW_VERDICTS,
+        PAIR_MODES_A, PAIR_MODES_B, POLICY_META_A, POLICY_META_B, RULES_A, RULES_B,
     },
     net::{IPPROTO_TCP, IPPROTO_UDP, unmapped_v4, v6_words},
 };
@@ -144,11 +144,19 @@ pub fn local_env(p: &Policy, ancestor: impl Fn(i32) -> u64) -> Side {
 /// The env of a remote address by longest-prefix match.
 #[inline(always)]
 pub fn cidr_env(p: &Policy, addr: &[u8; 16]) -> Side {
+    // An exact host entry is the longest prefix there is: when one matches,
+    // the trie has nothing longer to say.
     let hit = match (unmapped_v4(addr), p.slot_b()) {
-        (Some(v4), false) => CIDR_ENVS_V4_A.get(Key::new(32, v4)),
-        (Some(v4), true) => CIDR_ENVS_V4_B.get(Key::new(32, v4)),
-        (None, false) => CIDR_ENVS_V6_A.get(Key::new(128, *addr)),
-        (None, true) => CIDR_ENVS_V6_B.get(Key::new(128, *addr)),
+        (Some(v4), false) => {
+            unsafe { CIDR_HOSTS_V4_A.get(&v4) }.or_else(|| CIDR_ENVS_V4_A.get(Key::new(32, v4)))
+        }
+        (Some(v4), true) => {
+            unsafe { CIDR_HOSTS_V4_B.get(&v4) }.or_else(|| CIDR_ENVS_V4_B.get(Key::new(32, v4)))
+        }
+        (None, false) => unsafe { CIDR_HOSTS_V6_A.get(addr) }
+            .or_else(|| CIDR_ENVS_V6_A.get(Key::new(128, *addr))),
+        (None, true) => unsafe { CIDR_HOSTS_V6_B.get(addr) }
+            .or_else(|| CIDR_ENVS_V6_B.get(Key::new(128, *addr))),
     };
     match hit {
         Some(v) => Side {

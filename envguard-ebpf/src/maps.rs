@@ -32,6 +32,21 @@ pub static CIDR_ENVS_V6_A: LpmTrie<[u8; 16], EnvValue> = LpmTrie::with_max_entri
 #[map]
 pub static CIDR_ENVS_V6_B: LpmTrie<[u8; 16], EnvValue> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 
+// Not preallocated: they take memory for the host addresses a policy has,
+// not for their capacity.
+#[map]
+pub static CIDR_HOSTS_V4_A: HashMap<[u8; 4], EnvValue> =
+    HashMap::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
+#[map]
+pub static CIDR_HOSTS_V4_B: HashMap<[u8; 4], EnvValue> =
+    HashMap::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
+#[map]
+pub static CIDR_HOSTS_V6_A: HashMap<[u8; 16], EnvValue> =
+    HashMap::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
+#[map]
+pub static CIDR_HOSTS_V6_B: HashMap<[u8; 16], EnvValue> =
+    HashMap::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
+
 #[map]
 pub static RULES_A: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(MAX_RULE_ENTRIES, 0);
 #[map]

@@ -2,7 +2,11 @@
 //! flows the sock_addr hooks did not see start (accepted connections, sockets
 //! older than the agent). A flow is classified once and its decision cached.
 use aya_ebpf::{
-    helpers::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, generated},
+    bindings::{BPF_TCP_LISTEN, bpf_sock},
+    helpers::{
+        bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        generated,
+    },
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
@@ -12,7 +16,7 @@ use envguard_common::{
         AF_INET, AF_INET6, DIRECTION_EGRESS, DIRECTION_INGRESS, DedupKey, ENV_FROM_DEFAULT,
         ENV_FROM_SOCKET, HOOK_SKB_EGRESS, HOOK_SKB_INGRESS,
     },
-    flow::{FlowKey, FlowVerdict, SOCK_F_ACTIVE, SOCK_F_HOLDER, SockEnv, TupleKey},
+    flow::{FlowKey, FlowVerdict, SOCK_F_ACTIVE, SOCK_F_HOLDER, SOCK_F_VERDICT, SockEnv, TupleKey},
     policy::ENV_HOST,
 };
 
@@ -150,6 +154,18 @@ fn parse(ctx: &SkBuffContext, pkt: &mut Packet) -> Result<bool, ()> {
 #[inline(always)]
 fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     let raw = ctx.skb.skb;
+    // An established TCP flow: its socket holds its decision. Nothing else
+    // (no header, no cache key) is needed while that decision holds.
+    let sk = unsafe { (*raw).__bindgen_anon_2.sk };
+    if !sk.is_null()
+        && let Some(s) = sockenv::get(sk.cast())
+        && s.flags & SOCK_F_VERDICT != 0
+    {
+        let cfg = config();
+        if fresh(&s.verdict, &cfg) {
+            return Ok(verdict(&cfg, &s.verdict));
+        }
+    }
     let loopback = unsafe { (*raw).ifindex } == LOOPBACK_IFINDEX;
     let mut pkt = Packet {
         family: 0,
@@ -175,6 +191,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     // Also on loopback: a same-host flow judged at connect() follows a mode
     // switch at its next packet, like any other.
     if let Some(v) = crate::classify::cached(&flow, &cfg) {
+        keep_on_socket(sk, pkt.proto, &v);
         return Ok(verdict(&cfg, &v));
     }
     let is_tcp = pkt.proto == IPPROTO_TCP;
@@ -208,10 +225,9 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
             from: ENV_FROM_DEFAULT,
             cgroup_id: 0,
         });
-        (Some(inbound), peer, core::ptr::null_mut(), 0, false)
+        (Some(inbound), peer, sk, 0, false)
     } else {
         let syn_only = is_tcp && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-        let sk = unsafe { (*raw).__bindgen_anon_2.sk };
         // What the socket's storage says, read into plain scalars: the
         // verifier refuses code that reads an absent value's fields, which an
         // `Option` of the whole record lets the compiler emit.
@@ -246,6 +262,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         {
             let v = *v;
             remember(&flow, &v);
+            keep_on_socket(sk, pkt.proto, &v);
             return Ok(verdict(&cfg, &v));
         }
         // Which way the conversation goes. A datagram and a SYN go the way
@@ -331,6 +348,9 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         let _ = INBOUND_TUPLES.insert(&tuple, &v, 0);
     }
     remember(&flow, &v);
+    if !syn_only {
+        keep_on_socket(sk, pkt.proto, &v);
+    }
     if quiet {
         return Ok(verdict(&cfg, &v));
     }
@@ -373,6 +393,23 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         });
     }
     Ok(verdict(&cfg, &v))
+}
+
+/// Keeps a TCP socket's decision on the socket, where its next packets find
+/// it first. Not for a listener: its packets come from many peers.
+#[inline(always)]
+fn keep_on_socket(sk: *mut bpf_sock, proto: u8, v: &FlowVerdict) {
+    if proto != IPPROTO_TCP || sk.is_null() {
+        return;
+    }
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() || unsafe { (*full).state } == BPF_TCP_LISTEN {
+        return;
+    }
+    if let Some(s) = sockenv::get(full.cast()) {
+        s.verdict = *v;
+        s.flags |= SOCK_F_VERDICT;
+    }
 }
 
 /// What a decision means for this packet, in the flow's pair's current mode.

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use envguard_common::{
     config::{Counter, MODE_ENFORCE},
     event::{AF_INET, AF_INET6, DIRECTION_EGRESS, DedupKey, HOOK_CONNECT4, HOOK_CONNECT6},
-    flow::{DECISION_ALLOW, FlowKey, FlowVerdict, SOCK_F_ACTIVE, SockEnv},
+    flow::{DECISION_ALLOW, FlowKey, FlowVerdict, SOCK_F_ACTIVE, SOCK_F_VERDICT, SockEnv},
 };
 
 use crate::{
@@ -62,19 +62,17 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         None => cidr_env(&p, &remote_addr),
     };
     let decision = decide(&p, local.env, remote.env, proto, remote_port);
-    label(ctx, hook, proto, &local);
     let mode = mode_of(&cfg, local.env, remote.env);
-    remember(
-        &flow,
-        &FlowVerdict::new(
-            cfg.generation,
-            decision.decision,
-            mode,
-            false,
-            local.env,
-            remote.env,
-        ),
+    let verdict = FlowVerdict::new(
+        cfg.generation,
+        decision.decision,
+        mode,
+        false,
+        local.env,
+        remote.env,
     );
+    label(ctx, hook, proto, &local, &verdict);
+    remember(&flow, &verdict);
     count_decision(
         local.env,
         remote.env,
@@ -109,9 +107,10 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
 
 /// Gives the calling socket its env if it has none yet, so that an unbound
 /// socket (a UDP client's) is judged by it when it is the destination; marks a
-/// connecting TCP socket as the side that opened its connection.
+/// connecting TCP socket as the side that opened its connection, and gives it
+/// its decision, which its packets then find on the socket.
 #[inline(always)]
-fn label(ctx: &SockAddrContext, hook: u8, proto: u8, local: &Side) {
+fn label(ctx: &SockAddrContext, hook: u8, proto: u8, local: &Side, verdict: &FlowVerdict) {
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     if sk.is_null() {
         return;
@@ -120,7 +119,13 @@ fn label(ctx: &SockAddrContext, hook: u8, proto: u8, local: &Side) {
     let flags = if connecting { SOCK_F_ACTIVE } else { 0 };
     let init = SockEnv::new(local.env, unsafe { bpf_get_current_cgroup_id() }, 0, flags);
     match sockenv::get_or_create(sk.cast(), &init) {
-        Some(s) => s.flags |= flags,
+        Some(s) => {
+            s.flags |= flags;
+            if connecting {
+                s.verdict = *verdict;
+                s.flags |= SOCK_F_VERDICT;
+            }
+        }
         None => count(Counter::SockStorageFull),
     }
 }
