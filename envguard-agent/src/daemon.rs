@@ -710,7 +710,7 @@ impl Daemon {
         for_secs: Option<u64>,
         actor: Actor,
     ) -> anyhow::Result<serde_json::Value> {
-        let mode: Mode = mode.parse().map_err(anyhow::Error::msg)?;
+        let mode: Mode = crate::policy::parse_mode(mode).map_err(anyhow::Error::msg)?;
         if for_secs == Some(0) {
             anyhow::bail!("a break-glass duration must be at least 1 s");
         }

@@ -327,8 +327,10 @@ fn hook(h: u8) -> &'static str {
     }
 }
 
-fn verdict_name(v: u8) -> &'static str {
-    if v == ev::VERDICT_DENIED {
+pub fn verdict_name(v: u8) -> &'static str {
+    if v == ev::VERDICT_ALLOWED {
+        "allowed"
+    } else if v == ev::VERDICT_DENIED {
         "denied"
     } else {
         "audited"
