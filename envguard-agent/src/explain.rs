@@ -19,12 +19,12 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    cgroups,
     events::{rule_label, verdict_name},
     policy::{
         ANY, Mode, OnLoss, Policy, PortSpec, Selector, compile::Compiled, normalize_cgroup,
         ports::proto_name,
     },
-    scan,
 };
 
 /// One side of a flow, as given on the command line.
@@ -502,7 +502,7 @@ fn resolve(
                         .to_owned(),
                 );
             }
-            match scan::deepest_listed(path, &compiled.cgroups) {
+            match cgroups::deepest_listed(path, &compiled.cgroups) {
                 Some((listed, env)) if listed == path => {
                     side(*env, "cgroup", format!("cgroup {listed} (listed)"))
                 }
