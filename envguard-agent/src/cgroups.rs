@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 use envguard_common::policy::ENV_HOST;
 
 pub use crate::policy::{cgroup_level, normalize_cgroup};
-use crate::{policy::compile::Compiled, sys};
+use crate::{
+    error::Diagnostic,
+    policy::{Policy, compile::Compiled, lint::lint},
+    sys,
+};
 
 /// The env of a cgroup path: its deepest listed ancestor's, as the kernel decides.
 pub fn env_of_cgroup(path: &str, listed: &[(String, u32)]) -> u32 {
@@ -103,6 +107,42 @@ impl CgroupTracker {
         }
         appeared
     }
+}
+
+/// Problems that do not stop a policy from loading but that an operator should
+/// hear about: they usually mean it does less than intended. The policy's lint
+/// warnings (`policy::lint`), then, given the cgroup2 mount, the listed cgroups
+/// that do not exist yet; in file order. Each displays as `FILE:LINE: message`.
+pub fn policy_warnings(policy: &Policy, cgroup_mount: Option<&Path>) -> Vec<Diagnostic> {
+    let mut out = lint(policy);
+    if let Some(mount) = cgroup_mount {
+        out.extend(missing_cgroups(policy, mount));
+        out.sort_by_key(|d| d.line);
+    }
+    out
+}
+
+/// The policy's cgroups that do not exist (yet) under the cgroup2 mount: a
+/// fact of this host, not a fault of the file.
+pub fn missing_cgroups(policy: &Policy, mount: &Path) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    for env in &policy.envs {
+        for (i, c) in env.cgroups.iter().enumerate() {
+            if sys::cgroup_id(&sys::cgroup_dir(mount, c)).is_none() {
+                out.push(Diagnostic {
+                    path: policy.path.clone(),
+                    line: env.lines.cgroups.get(i).copied(),
+                    message: format!(
+                        "cgroup {c} of env {} does not exist yet under {}; it will belong to {} once created",
+                        env.name,
+                        mount.display(),
+                        env.name
+                    ),
+                });
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

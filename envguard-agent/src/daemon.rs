@@ -239,7 +239,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 }
 
 fn warn_about(policy: &Policy, mount: &Path, root_rel: &str) {
-    for w in crate::cmd::policy_warnings(policy, Some(mount)) {
+    for w in crate::cgroups::policy_warnings(policy, Some(mount)) {
         log::warn!("{w}");
     }
     for c in policy.envs.iter().flat_map(|e| &e.cgroups) {
@@ -1030,4 +1030,3 @@ async fn sleep_until(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
-

@@ -285,4 +285,3 @@ fn sockopt<T: Default>(fd: &OwnedFd, level: i32, name: i32) -> Option<T> {
     let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut v).cast(), &mut len) };
     (r == 0 && len as usize == size_of::<T>()).then_some(v)
 }
-
