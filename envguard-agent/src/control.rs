@@ -24,7 +24,10 @@ use tokio::{
     sync::{broadcast, mpsc, oneshot},
 };
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    policy::Mode,
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/envguard/control.sock";
 
@@ -292,16 +295,7 @@ pub enum Request {
     // refused for them too.
     Status {},
     /// Switch the global mode, or one env pair's (`from` and `to` together).
-    Mode {
-        mode: String,
-        #[serde(default)]
-        from: Option<String>,
-        #[serde(default)]
-        to: Option<String>,
-        /// Revert after this many seconds (break-glass).
-        #[serde(default)]
-        for_secs: Option<u64>,
-    },
+    Mode(ModeRequest),
     Reload {},
     Explain {
         from: String,
@@ -312,10 +306,102 @@ pub enum Request {
     Events {},
 }
 
+/// Which mode a `mode` request switches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Global,
+    Pair { from: String, to: String },
+}
+
+impl std::fmt::Display for Scope {
+    /// `global` or `from->to`, as in `mode_change` records and replies.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Global => f.write_str("global"),
+            Scope::Pair { from, to } => write!(f, "{from}->{to}"),
+        }
+    }
+}
+
+/// `{"cmd":"mode","mode":"audit"|"enforce","from":ENV,"to":ENV,"for_secs":N}`:
+/// `from` and `to` together or neither.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ModeWire", into = "ModeWire")]
+pub struct ModeRequest {
+    pub mode: Mode,
+    pub scope: Scope,
+    /// Revert after this many seconds (break-glass).
+    pub for_secs: Option<u64>,
+}
+
+/// A `mode` request as it travels.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModeWire {
+    mode: Mode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    for_secs: Option<u64>,
+}
+
+impl TryFrom<ModeWire> for ModeRequest {
+    type Error = &'static str;
+
+    fn try_from(w: ModeWire) -> Result<Self, Self::Error> {
+        let scope = match (w.from, w.to) {
+            (None, None) => Scope::Global,
+            (Some(from), Some(to)) => Scope::Pair { from, to },
+            _ => return Err("a pair's mode needs both --from and --to"),
+        };
+        Ok(ModeRequest {
+            mode: w.mode,
+            scope,
+            for_secs: w.for_secs,
+        })
+    }
+}
+
+impl From<ModeRequest> for ModeWire {
+    fn from(r: ModeRequest) -> Self {
+        let (from, to) = match r.scope {
+            Scope::Global => (None, None),
+            Scope::Pair { from, to } => (Some(from), Some(to)),
+        };
+        ModeWire {
+            mode: r.mode,
+            from,
+            to,
+            for_secs: r.for_secs,
+        }
+    }
+}
+
+/// The answer to `mode`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeReply {
+    /// `global` or `from->to`.
+    pub scope: String,
+    /// The mode before.
+    pub from: Mode,
+    pub to: Mode,
+    /// When a break-glass switch reverts (RFC 3339); `null` for a lasting one.
+    pub expires_at: Option<String>,
+}
+
+/// The answer to `reload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReply {
+    /// `sha256:…` of the policy file now in force.
+    pub revision: String,
+}
+
 impl Request {
     /// Whether the request changes the agent's state.
     pub fn mutates(&self) -> bool {
-        matches!(self, Request::Mode { .. } | Request::Reload {})
+        matches!(self, Request::Mode(_) | Request::Reload {})
     }
 }
 
@@ -600,6 +686,14 @@ pub async fn call(
 }
 
 /// Runs `call` on a fresh current-thread runtime, for the CLI subcommands.
+/// [`call_blocking`], the answer read as `T` (the command's reply type).
+pub fn call_typed<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    request: &Request,
+) -> anyhow::Result<T> {
+    Ok(serde_json::from_value(call_blocking(socket, request)?)?)
+}
+
 pub fn call_blocking(socket: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -646,12 +740,11 @@ mod tests {
             serde_json::from_str(r#"{"cmd":"mode","mode":"audit","for_secs":60}"#).unwrap();
         assert_eq!(
             ok,
-            Request::Mode {
-                mode: "audit".into(),
-                from: None,
-                to: None,
+            Request::Mode(ModeRequest {
+                mode: Mode::Audit,
+                scope: Scope::Global,
                 for_secs: Some(60)
-            }
+            })
         );
         assert!(ok.mutates());
         for bad in [

@@ -1,6 +1,7 @@
 //! The host daemon: starts enforcement (or adopts it), then serves events,
 //! housekeeping, signals and control requests until told to stop. It owns all
 //! runtime state; the control socket's tasks send it requests.
+use crate::cgroups::{CgroupTracker, is_below, normalize_root};
 use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
@@ -27,7 +28,7 @@ use tokio::{
 };
 
 use crate::{
-    control::{self, Actor, Call, Request, Response},
+    control::{self, Actor, Call, ModeReply, ModeRequest, ReloadReply, Request, Response, Scope},
     error::Error,
     events::{self, CounterRecord, LostEvents, PolicyLoaded, Stream},
     explain::{Endpoint, ModeState, PortProto},
@@ -238,7 +239,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 }
 
 fn warn_about(policy: &Policy, mount: &Path, root_rel: &str) {
-    for w in crate::cmd::policy_warnings(policy, Some(mount)) {
+    for w in crate::cgroups::policy_warnings(policy, Some(mount)) {
         log::warn!("{w}");
     }
     for c in policy.envs.iter().flat_map(|e| &e.cgroups) {
@@ -590,12 +591,9 @@ impl Daemon {
     fn handle(&mut self, request: Request, actor: Actor) -> Response {
         let result = match request {
             Request::Status {} => self.status(),
-            Request::Mode {
-                mode,
-                from,
-                to,
-                for_secs,
-            } => self.set_mode(&mode, from, to, for_secs, actor),
+            Request::Mode(m) => self
+                .set_mode(m, actor)
+                .and_then(|r| Ok(serde_json::to_value(r)?)),
             Request::Reload {} => self.reload(actor),
             Request::Explain { from, to, port } => self.explain(&from, &to, &port),
             // Served by the control task itself.
@@ -708,15 +706,12 @@ impl Daemon {
         (self.global_mode(&self.policy), "global")
     }
 
-    fn set_mode(
-        &mut self,
-        mode: &str,
-        from: Option<String>,
-        to: Option<String>,
-        for_secs: Option<u64>,
-        actor: Actor,
-    ) -> anyhow::Result<serde_json::Value> {
-        let mode: Mode = mode.parse().map_err(anyhow::Error::msg)?;
+    fn set_mode(&mut self, request: ModeRequest, actor: Actor) -> anyhow::Result<ModeReply> {
+        let ModeRequest {
+            mode,
+            scope,
+            for_secs,
+        } = request;
         if for_secs == Some(0) {
             anyhow::bail!("a break-glass duration must be at least 1 s");
         }
@@ -724,9 +719,9 @@ impl Daemon {
             let d = Duration::from_secs(s);
             (Instant::now() + d, SystemTime::now() + d)
         });
-        let pair = match (from, to) {
-            (None, None) => None,
-            (Some(f), Some(t)) => {
+        let pair = match scope {
+            Scope::Global => None,
+            Scope::Pair { from: f, to: t } => {
                 for n in [&f, &t] {
                     if self.compiled.env_id(n).is_none() {
                         anyhow::bail!(
@@ -741,7 +736,6 @@ impl Daemon {
                 }
                 Some((f, t))
             }
-            _ => anyhow::bail!("a pair's mode needs both --from and --to"),
         };
         let (scope, previous) = match &pair {
             None => ("global".to_owned(), self.global_mode(&self.policy)),
@@ -788,9 +782,12 @@ impl Daemon {
                 reason: "request",
             },
         )?;
-        Ok(
-            serde_json::json!({"scope": scope, "from": previous.to_string(), "to": mode.to_string(), "expires_at": expires_at}),
-        )
+        Ok(ModeReply {
+            scope,
+            from: previous,
+            to: mode,
+            expires_at,
+        })
     }
 
     fn pair_key(&self, from: &str, to: &str) -> anyhow::Result<PairKey> {
@@ -915,7 +912,9 @@ impl Daemon {
         self.holders.forget();
         self.holders_pass()?;
         self.emit_policy_loaded(Some(actor))?;
-        Ok(serde_json::json!({"revision": self.policy.revision}))
+        Ok(serde_json::to_value(ReloadReply {
+            revision: self.policy.revision.clone(),
+        })?)
     }
 
     fn status(&mut self) -> anyhow::Result<serde_json::Value> {
@@ -1035,103 +1034,5 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Accepts the attach point relative to the mount or as an absolute path under it.
-fn normalize_root(given: &str, mount: &Path) -> String {
-    let rel = Path::new(given)
-        .strip_prefix(mount)
-        .map(|p| format!("/{}", p.display()))
-        .unwrap_or_else(|_| given.to_owned());
-    let trimmed = rel.trim_end_matches('/');
-    if trimmed.is_empty() {
-        "/".to_owned()
-    } else {
-        trimmed.to_owned()
-    }
-}
-
-pub fn is_below(path: &str, root: &str) -> bool {
-    root == "/" || path == root || path.starts_with(&format!("{root}/"))
-}
-
-/// Keeps `CGROUP_ENVS` in step with the policy's cgroups as they are created,
-/// removed and recreated (a recreated cgroup has a new id).
-struct CgroupTracker {
-    mount: PathBuf,
-    /// (path, env id, id when last seen)
-    entries: Vec<(String, u32, Option<u64>)>,
-}
-
-impl CgroupTracker {
-    fn new(mount: &Path, compiled: &Compiled) -> Self {
-        let entries = compiled
-            .cgroups
-            .iter()
-            .map(|(p, env)| (p.clone(), *env, sys::cgroup_id(&sys::cgroup_dir(mount, p))))
-            .collect();
-        Self {
-            mount: mount.to_owned(),
-            entries,
-        }
-    }
-
-    fn present(&self) -> Vec<(u64, u32)> {
-        self.entries
-            .iter()
-            .filter_map(|(_, env, id)| id.map(|id| (id, *env)))
-            .collect()
-    }
-
-    /// Looks every path up again; the ids found, with their envs.
-    fn rescan(&mut self) -> Vec<(u64, u32)> {
-        for (path, _, id) in &mut self.entries {
-            *id = sys::cgroup_id(&sys::cgroup_dir(&self.mount, path));
-        }
-        self.present()
-    }
-
-    fn known(&self) -> Vec<(String, u64)> {
-        self.entries
-            .iter()
-            .filter_map(|(p, _, id)| id.map(|id| (p.clone(), id)))
-            .collect()
-    }
-
-    /// Looks every path up again, saying what went; returns what came.
-    fn refresh(&mut self) -> Vec<(String, u64)> {
-        let mut appeared = Vec::new();
-        for (path, _, id) in &mut self.entries {
-            let now = sys::cgroup_id(&sys::cgroup_dir(&self.mount, path));
-            if now == *id {
-                continue;
-            }
-            if let Some(old) = *id {
-                log::info!("cgroup {path} (id {old}) is gone");
-            }
-            if let Some(new) = now {
-                appeared.push((path.clone(), new));
-            }
-            *id = now;
-        }
-        appeared
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attach_root_accepts_both_spellings() {
-        let m = Path::new("/sys/fs/cgroup/unified");
-        assert_eq!(normalize_root("/", m), "/");
-        assert_eq!(normalize_root("/a/b/", m), "/a/b");
-        assert_eq!(normalize_root("/sys/fs/cgroup/unified/a", m), "/a");
-        assert_eq!(normalize_root("/sys/fs/cgroup/unified", m), "/");
-        assert!(is_below("/a/b", "/a"));
-        assert!(!is_below("/ab", "/a"));
-        assert!(is_below("/x", "/"));
     }
 }

@@ -315,20 +315,15 @@ fn env_from(from: u8) -> &'static str {
     }
 }
 
+/// The `hook` of a record: the program named by its event id in the hook table.
 fn hook(h: u8) -> &'static str {
-    match h {
-        ev::HOOK_CONNECT4 => "connect4",
-        ev::HOOK_CONNECT6 => "connect6",
-        ev::HOOK_SENDMSG4 => "sendmsg4",
-        ev::HOOK_SENDMSG6 => "sendmsg6",
-        ev::HOOK_SKB_INGRESS => "skb_ingress",
-        ev::HOOK_SKB_EGRESS => "skb_egress",
-        _ => "unknown",
-    }
+    envguard_common::programs::by_event_id(h).map_or("unknown", |hook| hook.name)
 }
 
-fn verdict_name(v: u8) -> &'static str {
-    if v == ev::VERDICT_DENIED {
+pub fn verdict_name(v: u8) -> &'static str {
+    if v == ev::VERDICT_ALLOWED {
+        "allowed"
+    } else if v == ev::VERDICT_DENIED {
         "denied"
     } else {
         "audited"

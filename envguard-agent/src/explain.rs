@@ -1,27 +1,30 @@
 //! What-if: the decision envguard takes for one flow, and why — each side's
 //! env and what put it there, the deciding rule, and what the mode does.
 //!
-//! Pure: it reads the compiled policy (`policy::compile::Compiled`) with the
-//! same lookups as the kernel's `decide` (longest-prefix match over the rule
-//! and CIDR entries, deepest listed cgroup), so it cannot drift from what is
-//! enforced. The agent-loss fail modes are left out: they only apply while no
+//! Pure: it runs the kernel's own decision (`envguard_common::decide`) over
+//! the compiled policy (`policy::compile::Compiled`), with the same lookups
+//! as the kernel's maps (longest-prefix match over the rule and CIDR entries,
+//! deepest listed cgroup); the root suite's truth table checks that both
+//! give the same verdicts and rule labels. The agent-loss fail modes are left out: they only apply while no
 //! agent runs.
 use std::{fmt, net::IpAddr, str::FromStr};
 
 use envguard_common::{
-    event::{AF_INET, ViolationEvent},
+    config::EnvLoss,
+    decide::{self as shared, ModeLookup, RuleLookup},
+    event::{AF_INET, VERDICT_ALLOWED, VERDICT_DENIED, ViolationEvent},
     policy::{RULE_NONE, RULE_PREFIX_PORT, RuleKey},
 };
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    events::rule_label,
+    cgroups,
+    events::{rule_label, verdict_name},
     policy::{
         ANY, Mode, OnLoss, Policy, PortSpec, Selector, compile::Compiled, normalize_cgroup,
         ports::proto_name,
     },
-    scan,
 };
 
 /// One side of a flow, as given on the command line.
@@ -213,33 +216,58 @@ pub struct Decision {
     pub rule: u32,
 }
 
-/// The kernel's decision (`decide` in the kernel's classify.rs, fail modes
-/// aside) from the compiled entries: a matching deny wins, then same env is
-/// allowed, then a matching allow; else a violation. Both lookups are
-/// longest-prefix matches, so the rule named is the one the kernel names.
+/// The kernel's decision, fail modes aside: the shared decision
+/// (`envguard_common::decide::decide`, which the kernel's programs run over
+/// their maps) over the compiled entries.
 pub fn decide(compiled: &Compiled, src: u32, dst: u32, proto: u8, port: u16) -> Decision {
-    let key = RuleKey::new(src, dst, proto, port);
-    if let Some(rule) = longest_match(&compiled.deny_rules, &key) {
-        return Decision {
-            allowed: false,
-            rule,
-        };
+    let d = shared::decide(compiled, src, dst, proto, port);
+    Decision {
+        allowed: !d.is_violation(),
+        rule: d.rule,
     }
-    if src == dst {
-        return Decision {
-            allowed: true,
-            rule: RULE_NONE,
-        };
+}
+
+/// The compiled policy answers the shared decision's questions as the
+/// kernel's maps would: both rule lookups are longest-prefix matches, so the
+/// rule named is the one the kernel names. No heartbeat: offline, the
+/// agent-loss fail modes never apply (they only do while no agent runs).
+impl RuleLookup for Compiled {
+    fn deny_rule(&self, key: &RuleKey) -> Option<u32> {
+        longest_match(&self.deny_rules, key)
     }
-    match longest_match(&compiled.rules, &key) {
-        Some(rule) => Decision {
-            allowed: true,
-            rule,
-        },
-        None => Decision {
-            allowed: false,
-            rule: RULE_NONE,
-        },
+
+    fn allow_rule(&self, key: &RuleKey) -> Option<u32> {
+        longest_match(&self.rules, key)
+    }
+
+    fn env_loss(&self, env: u32) -> Option<&EnvLoss> {
+        self.env_loss.get(env as usize)
+    }
+
+    fn heartbeat_ns(&self) -> u64 {
+        0
+    }
+
+    fn now_ns(&self) -> u64 {
+        0
+    }
+}
+
+/// The modes in force, by env id, with the kernel's encoding.
+struct ModesById<'a> {
+    modes: &'a ModeState,
+    compiled: &'a Compiled,
+}
+
+impl ModeLookup for ModesById<'_> {
+    fn global_mode(&self) -> u32 {
+        self.modes.global.kernel()
+    }
+
+    fn pair_mode(&self, src: u32, dst: u32) -> Option<u32> {
+        let (from, to) = (self.compiled.env_name(src), self.compiled.env_name(dst));
+        let (mode, pair) = self.modes.mode_of(from, to);
+        pair.map(|_| mode.kernel())
     }
 }
 
@@ -352,7 +380,12 @@ pub fn explain(
     let socket_peer = proto_name(proto).is_some_and(|n| n == "tcp" || n == "udp");
     let (src, from_side) = resolve(compiled, from, None, &mut notes)?;
     let (dst, to_side) = resolve(compiled, to, Some(socket_peer), &mut notes)?;
-    let decision = decide(compiled, src, dst, proto, port);
+    let modes_by_id = ModesById { modes, compiled };
+    let outcome = shared::outcome(compiled, &modes_by_id, src, dst, proto, port);
+    let decision = Decision {
+        allowed: !outcome.decision.is_violation(),
+        rule: outcome.decision.rule,
+    };
 
     let label = if decision.allowed && decision.rule == RULE_NONE {
         "same-env (flows within one env are allowed)".to_owned()
@@ -366,10 +399,11 @@ pub fn explain(
     let line = policy.rules.get(decision.rule as usize).map(|r| r.line);
 
     let (mode, pair) = modes.mode_of(&from_side.env, &to_side.env);
-    let (verdict, effect) = match (decision.allowed, mode) {
-        (true, _) => ("allowed", "allowed"),
-        (false, Mode::Enforce) => ("denied", "refused"),
-        (false, Mode::Audit) => ("audited", "allowed and reported"),
+    let verdict = verdict_name(outcome.verdict);
+    let effect = match outcome.verdict {
+        VERDICT_ALLOWED => "allowed",
+        VERDICT_DENIED => "refused",
+        _ => "allowed and reported",
     };
     let scope = match pair {
         Some(_) => format!("pair {}->{}", from_side.env, to_side.env),
@@ -468,7 +502,7 @@ fn resolve(
                         .to_owned(),
                 );
             }
-            match scan::deepest_listed(path, &compiled.cgroups) {
+            match cgroups::deepest_listed(path, &compiled.cgroups) {
                 Some((listed, env)) if listed == path => {
                     side(*env, "cgroup", format!("cgroup {listed} (listed)"))
                 }

@@ -2,6 +2,7 @@
 //! the command line and calls into here.
 pub mod bpf_sys;
 pub mod btf;
+pub mod cgroups;
 pub mod cmd;
 pub mod control;
 pub mod daemon;

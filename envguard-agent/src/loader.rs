@@ -25,7 +25,7 @@ use envguard_common::{
     flow::SockEnv,
     maps,
     policy::{CgroupPath, EnvName, EnvValue, MAX_ENV_NAME, PairKey, RuleValue},
-    programs,
+    programs::{self, Attach, Hook},
 };
 
 use crate::{
@@ -39,19 +39,14 @@ use crate::{
 /// The kernel object, built by build.rs.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envguard-ebpf"));
 
-/// Programs in attach order: socket bookkeeping and packet hooks first, the
-/// hooks that refuse calls last, so that by the time a connect() is judged,
-/// every later packet of it will be too.
-pub const PROGRAMS: &[&str] = &[
-    programs::POST_BIND4,
-    programs::POST_BIND6,
-    programs::SKB_INGRESS,
-    programs::SKB_EGRESS,
-    programs::CONNECT4,
-    programs::CONNECT6,
-    programs::SENDMSG4,
-    programs::SENDMSG6,
-];
+/// The kernel object's bytes (for tests that read it).
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
+/// The cgroup hooks in attach order, from the hook table
+/// (`envguard_common::programs::HOOKS`).
+pub const PROGRAMS: &[&str] = &programs::CGROUP_PROGRAMS;
 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/envguard";
 
@@ -508,7 +503,8 @@ impl Kernel {
             .is_some_and(|p| p.object_hash == self.object_hash);
         let links_dir = self.layout_dir.join("links");
         let mut stale_links = Vec::new();
-        for &name in PROGRAMS {
+        for hook in programs::HOOKS.iter().filter(|h| h.is_cgroup()) {
+            let name = hook.name;
             let pin = links_dir.join(name);
             let context = || format!("attaching {name} to {}", cgroup.display());
             if pin.exists() && same_cgroup {
@@ -532,7 +528,7 @@ impl Kernel {
                 stale_links.push(old);
             }
             let prog = self.load_program(name)?;
-            let link = attach_program(prog, name, &dir).map_err(|e| bpf_msg(context(), e))?;
+            let link = attach_program(prog, hook, &dir).map_err(|e| bpf_msg(context(), e))?;
             link.pin(&pin)
                 .map_err(|e| bpf_err(format!("pinning {}", pin.display()), e))?;
         }
@@ -580,6 +576,13 @@ impl Kernel {
     /// watch is off and listed cgroups created later wait for the poll.
     fn watch_mkdir(&mut self, same_build: bool) -> Result<()> {
         let name = programs::CGROUP_MKDIR;
+        let Some(Attach::RawTracepoint(tracepoint)) = programs::by_name(name).map(|h| h.attach)
+        else {
+            return Err(bpf_msg(
+                format!("loading {name}"),
+                "not a raw tracepoint in the hook table",
+            ));
+        };
         let offsets = btf::Btf::from_sys_fs().and_then(|b| btf::cgroup_offsets(&b));
         {
             let mut m: Array<_, CgroupOffsets> = map(&mut self.ebpf, maps::MKDIR_OFFSETS)?;
@@ -612,7 +615,7 @@ impl Kernel {
             ));
         };
         let context = format!("attaching {name}");
-        let id = p.attach(name).map_err(|e| bpf_err(&context, e))?;
+        let id = p.attach(tracepoint).map_err(|e| bpf_err(&context, e))?;
         let link = FdLink::from(p.take_link(id).map_err(|e| bpf_err(&context, e))?);
         // Another build's link goes only once this one records: rename
         // replaces the pin in one step, which releases the old link. (No dot
@@ -680,7 +683,7 @@ impl Kernel {
 
 fn attach_program(
     prog: &mut Program,
-    name: &str,
+    hook: &Hook,
     dir: &File,
 ) -> std::result::Result<FdLink, String> {
     // aya attaches through BPF links, which the kernel always treats as
@@ -700,10 +703,10 @@ fn attach_program(
             FdLink::try_from(p.take_link(id).map_err(prog_err)?).map_err(link_err)
         }
         Program::CgroupSkb(p) => {
-            let ty = if name == programs::SKB_INGRESS {
-                CgroupSkbAttachType::Ingress
-            } else {
-                CgroupSkbAttachType::Egress
+            let ty = match hook.attach {
+                Attach::Cgroup(programs::BPF_CGROUP_INET_INGRESS) => CgroupSkbAttachType::Ingress,
+                Attach::Cgroup(programs::BPF_CGROUP_INET_EGRESS) => CgroupSkbAttachType::Egress,
+                _ => return Err("a cgroup_skb program needs an ingress or egress hook".to_owned()),
             };
             let id = p.attach(dir, ty, mode).map_err(prog_err)?;
             FdLink::try_from(p.take_link(id).map_err(prog_err)?).map_err(link_err)

@@ -10,6 +10,7 @@
 //! wanted env differs from what it last found, duplicates one fd with
 //! pidfd_getfd(2) and reads and writes the socket's storage through it.
 //! Sockets already seen with the same holders cost one readlink per fd.
+use crate::cgroups::{env_of_cgroup, is_below};
 use std::{
     collections::{BTreeSet, HashMap},
     fs,
@@ -98,7 +99,7 @@ impl Holders {
             let Some(cgroup) = process_cgroup(pid) else {
                 continue;
             };
-            if !crate::daemon::is_below(&cgroup, root) {
+            if !is_below(&cgroup, root) {
                 continue;
             }
             let env = env_of_cgroup(&cgroup, listed);
@@ -238,20 +239,6 @@ fn relabel(
     }
 }
 
-/// The env of a cgroup path: its deepest listed ancestor's, as the kernel decides.
-pub fn env_of_cgroup(path: &str, listed: &[(String, u32)]) -> u32 {
-    deepest_listed(path, listed).map_or(ENV_HOST, |(_, env)| *env)
-}
-
-/// The listed (cgroup path, env id) that decides a cgroup path's env: its
-/// deepest listed ancestor, the path itself included; `None` means `host`.
-pub fn deepest_listed<'a>(path: &str, listed: &'a [(String, u32)]) -> Option<&'a (String, u32)> {
-    listed
-        .iter()
-        .filter(|(c, _)| crate::daemon::is_below(path, c))
-        .max_by_key(|(c, _)| crate::policy::cgroup_level(c))
-}
-
 /// The process's cgroup v2 path (the `0::` line).
 fn process_cgroup(pid: i32) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
@@ -297,22 +284,4 @@ fn sockopt<T: Default>(fd: &OwnedFd, level: i32, name: i32) -> Option<T> {
     // SAFETY: `v` is a valid buffer of `len` bytes.
     let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut v).cast(), &mut len) };
     (r == 0 && len as usize == size_of::<T>()).then_some(v)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deepest_listed_ancestor_decides() {
-        let listed = vec![
-            ("/a".to_owned(), 2),
-            ("/a/b".to_owned(), 3),
-            ("/c".to_owned(), 4),
-        ];
-        assert_eq!(env_of_cgroup("/a/b/x", &listed), 3);
-        assert_eq!(env_of_cgroup("/a/bx", &listed), 2);
-        assert_eq!(env_of_cgroup("/a", &listed), 2);
-        assert_eq!(env_of_cgroup("/d", &listed), ENV_HOST);
-    }
 }

@@ -1,8 +1,64 @@
 //! The global configuration, the agent's state and the kernel's counters.
 
-/// Modes, as stored in `Config::mode`.
+/// Modes, as stored in `Config::mode` and `PAIR_MODES_A/B` values.
 pub const MODE_AUDIT: u32 = 0;
 pub const MODE_ENFORCE: u32 = 1;
+
+/// What a violation gets: reported only (`audit`) or refused too (`enforce`).
+/// The one place that knows its kernel encoding and its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
+pub enum Mode {
+    Audit,
+    Enforce,
+}
+
+impl Mode {
+    /// `MODE_AUDIT` or `MODE_ENFORCE`.
+    pub const fn kernel(self) -> u32 {
+        match self {
+            Mode::Audit => MODE_AUDIT,
+            Mode::Enforce => MODE_ENFORCE,
+        }
+    }
+
+    /// A kernel value: `MODE_ENFORCE` is enforce, anything else audit (as
+    /// the programs read it).
+    pub const fn from_kernel(v: u32) -> Mode {
+        if v == MODE_ENFORCE {
+            Mode::Enforce
+        } else {
+            Mode::Audit
+        }
+    }
+
+    /// `audit` or `enforce`, as in policy files, requests and records.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Mode::Audit => "audit",
+            Mode::Enforce => "enforce",
+        }
+    }
+
+    /// The mode named `s`, if it is one.
+    pub fn from_name(s: &str) -> Option<Mode> {
+        match s {
+            "audit" => Some(Mode::Audit),
+            "enforce" => Some(Mode::Enforce),
+            _ => None,
+        }
+    }
+}
+
+impl core::fmt::Display for Mode {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Deepest cgroup level the kernel walks when looking for a listed ancestor.
 /// The verifier needs a constant bound; real hierarchies (systemd, kubelet)

@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod config;
+pub mod decide;
 pub mod event;
 pub mod flow;
 pub mod maps;

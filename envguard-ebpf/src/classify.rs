@@ -5,19 +5,11 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use envguard_common::{
-    config::{
-        Config, Counter, MAX_CGROUP_LEVEL, MODE_AUDIT, MODE_ENFORCE, ON_LOSS_CLOSED,
-        ON_LOSS_FOLLOW, ON_LOSS_KEEP, ON_LOSS_OPEN, PolicyMeta,
-    },
-    event::{
-        DecisionKey, ENV_FROM_CGROUP, ENV_FROM_CIDR, ENV_FROM_DEFAULT, ENV_FROM_SOCKET,
-        VERDICT_ALLOWED, VERDICT_AUDITED, VERDICT_DENIED,
-    },
-    flow::{DECISION_ALLOW, DECISION_VIOLATION, FlowKey, FlowVerdict},
-    policy::{
-        ENV_HOST, ENV_WORLD, PairKey, RULE_AGENT_LOSS_CLOSED, RULE_AGENT_LOSS_OPEN, RULE_NONE,
-        RULE_PREFIX_PORT, RuleKey,
-    },
+    config::{Config, Counter, EnvLoss, MAX_CGROUP_LEVEL, MODE_AUDIT, PolicyMeta},
+    decide::{self as shared, ModeLookup, RuleLookup},
+    event::{DecisionKey, ENV_FROM_CGROUP, ENV_FROM_CIDR, ENV_FROM_DEFAULT, ENV_FROM_SOCKET},
+    flow::{FlowKey, FlowVerdict},
+    policy::{ENV_HOST, ENV_WORLD, PairKey, RULE_PREFIX_PORT, RuleKey},
 };
 
 use crate::{
@@ -39,18 +31,7 @@ pub struct Side {
     pub cgroup_id: u64,
 }
 
-#[derive(Clone, Copy)]
-pub struct Decision {
-    pub decision: u32,
-    pub rule: u32,
-}
-
-impl Decision {
-    #[inline(always)]
-    pub fn is_violation(&self) -> bool {
-        self.decision == DECISION_VIOLATION
-    }
-}
+pub use envguard_common::decide::Decision;
 
 /// What one program run needs to know about the policy in force.
 pub struct Policy {
@@ -241,96 +222,58 @@ pub fn local_peer_env(
 }
 
 /// The policy's decision for a flow from `src` to `dst` on `proto`/`port`,
-/// overridden by the envs' fail modes when the agent has been gone too long.
+/// overridden by the envs' fail modes when the agent has been gone too long:
+/// the shared decision (`envguard_common::decide`) over this slot's maps.
 #[inline(always)]
 pub fn decide(p: &Policy, src: u32, dst: u32, proto: u8, port: u16) -> Decision {
-    if let Some(d) = agent_loss(p, src, dst) {
-        return d;
-    }
-    let key = Key::new(RULE_PREFIX_PORT, RuleKey::new(src, dst, proto, port));
-    // Deny beats allow, and the same-env default too.
-    let denied = if p.slot_b() {
-        DENY_RULES_B.get(&key)
-    } else {
-        DENY_RULES_A.get(&key)
-    };
-    if let Some(v) = denied {
-        return Decision {
-            decision: DECISION_VIOLATION,
-            rule: v.rule,
-        };
-    }
-    if src == dst {
-        return Decision {
-            decision: DECISION_ALLOW,
-            rule: RULE_NONE,
-        };
-    }
-    let hit = if p.slot_b() {
-        RULES_B.get(key)
-    } else {
-        RULES_A.get(key)
-    };
-    match hit {
-        Some(v) => Decision {
-            decision: DECISION_ALLOW,
-            rule: v.rule,
-        },
-        None => Decision {
-            decision: DECISION_VIOLATION,
-            rule: RULE_NONE,
-        },
-    }
+    shared::decide(p, src, dst, proto, port)
 }
 
-/// The watchdog: once the agent's heartbeat is older than an env's timeout,
-/// that env's fail mode applies, and for a pair of envs the stricter side
-/// wins (`closed` > `keep` > `open`): closed if either side is closed; open
-/// only if both sides are open, or one is open and the other is `host` or
-/// `world` whose `[defaults]` allow flows (`ON_LOSS_FOLLOW`); a same-env flow
-/// takes its env's mode. `host` and `world` never trigger anything on their
-/// own. `None` while the agent is alive, or before any agent wrote a heartbeat.
-#[inline(always)]
-fn agent_loss(p: &Policy, src: u32, dst: u32) -> Option<Decision> {
-    let heartbeat = AGENT_STATE.get(0)?.heartbeat_ns;
-    if heartbeat == 0 {
-        return None;
+/// The kernel's answers to the shared decision's questions: the active
+/// slot's maps, the agent's heartbeat and the boot clock.
+impl RuleLookup for Policy {
+    #[inline(always)]
+    fn deny_rule(&self, key: &RuleKey) -> Option<u32> {
+        let key = Key::new(RULE_PREFIX_PORT, *key);
+        let hit = if self.slot_b() {
+            DENY_RULES_B.get(&key)
+        } else {
+            DENY_RULES_A.get(&key)
+        };
+        hit.map(|v| v.rule)
     }
-    let age = unsafe { bpf_ktime_get_boot_ns() }.saturating_sub(heartbeat);
-    // The fail mode an env is in at this age: keep until its own timeout
-    // passed; a follower (host/world) is one at any age.
-    let state = |env: u32| -> u32 {
-        let loss = if p.slot_b() {
+
+    #[inline(always)]
+    fn allow_rule(&self, key: &RuleKey) -> Option<u32> {
+        let key = Key::new(RULE_PREFIX_PORT, *key);
+        let hit = if self.slot_b() {
+            RULES_B.get(key)
+        } else {
+            RULES_A.get(key)
+        };
+        hit.map(|v| v.rule)
+    }
+
+    #[inline(always)]
+    fn env_loss(&self, env: u32) -> Option<&EnvLoss> {
+        if self.slot_b() {
             ENV_LOSS_B.get(env)
         } else {
             ENV_LOSS_A.get(env)
-        };
-        match loss {
-            Some(l) if l.mode == ON_LOSS_FOLLOW => ON_LOSS_FOLLOW,
-            Some(l) if age > l.timeout_ns => l.mode,
-            _ => ON_LOSS_KEEP,
         }
-    };
-    let a = state(src);
-    let b = if src == dst { a } else { state(dst) };
-    let open = if src == dst {
-        a == ON_LOSS_OPEN
-    } else {
-        (a == ON_LOSS_OPEN && (b == ON_LOSS_OPEN || b == ON_LOSS_FOLLOW))
-            || (b == ON_LOSS_OPEN && a == ON_LOSS_FOLLOW)
-    };
-    if a == ON_LOSS_CLOSED || b == ON_LOSS_CLOSED {
-        Some(Decision {
-            decision: DECISION_VIOLATION,
-            rule: RULE_AGENT_LOSS_CLOSED,
-        })
-    } else if open {
-        Some(Decision {
-            decision: DECISION_ALLOW,
-            rule: RULE_AGENT_LOSS_OPEN,
-        })
-    } else {
-        None
+    }
+
+    #[inline(always)]
+    fn heartbeat_ns(&self) -> u64 {
+        match AGENT_STATE.get(0) {
+            Some(s) => s.heartbeat_ns,
+            None => 0,
+        }
+    }
+
+    #[inline(always)]
+    fn now_ns(&self) -> u64 {
+        unsafe { bpf_ktime_get_boot_ns() }
     }
 }
 
@@ -361,15 +304,27 @@ pub fn remember(key: &FlowKey, verdict: &FlowVerdict) {
 /// when the policy or an operator set one, else the global mode.
 #[inline(always)]
 pub fn mode_of(cfg: &Config, src: u32, dst: u32) -> u32 {
-    let key = PairKey::new(src, dst);
-    let pair = if cfg.slot() == 1 {
-        unsafe { PAIR_MODES_B.get(&key) }
-    } else {
-        unsafe { PAIR_MODES_A.get(&key) }
-    };
-    match pair {
-        Some(m) => *m,
-        None => cfg.mode,
+    shared::mode_of(&Modes(cfg), src, dst)
+}
+
+/// The modes in force: the configuration and the active slot's pair modes.
+struct Modes<'a>(&'a Config);
+
+impl ModeLookup for Modes<'_> {
+    #[inline(always)]
+    fn global_mode(&self) -> u32 {
+        self.0.mode
+    }
+
+    #[inline(always)]
+    fn pair_mode(&self, src: u32, dst: u32) -> Option<u32> {
+        let key = PairKey::new(src, dst);
+        let pair = if self.0.slot() == 1 {
+            unsafe { PAIR_MODES_B.get(&key) }
+        } else {
+            unsafe { PAIR_MODES_A.get(&key) }
+        };
+        pair.copied()
     }
 }
 
@@ -396,11 +351,5 @@ pub fn count_decision(src: u32, dst: u32, decision: u32, mode: u32, direction: u
 /// The verdict byte of a decision in a mode.
 #[inline(always)]
 pub fn verdict_of(decision: u32, mode: u32) -> u8 {
-    if decision == DECISION_ALLOW {
-        VERDICT_ALLOWED
-    } else if mode == MODE_ENFORCE {
-        VERDICT_DENIED
-    } else {
-        VERDICT_AUDITED
-    }
+    shared::verdict_of(decision, mode)
 }

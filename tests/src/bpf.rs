@@ -5,6 +5,7 @@
 //! cgroup (`BPF_PROG_QUERY`). The attribute layouts are the kernel's
 //! `union bpf_attr` members, written out by hand.
 
+use envguard_common::programs;
 use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::io;
@@ -23,17 +24,22 @@ const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 
-/// Each envguard program and the `enum bpf_attach_type` it is attached with.
-pub const HOOKS: [(&str, u32); 8] = [
-    ("skb_ingress", 0), // BPF_CGROUP_INET_INGRESS
-    ("skb_egress", 1),  // BPF_CGROUP_INET_EGRESS
-    ("connect4", 10),   // BPF_CGROUP_INET4_CONNECT
-    ("connect6", 11),   // BPF_CGROUP_INET6_CONNECT
-    ("post_bind4", 12), // BPF_CGROUP_INET4_POST_BIND
-    ("post_bind6", 13), // BPF_CGROUP_INET6_POST_BIND
-    ("sendmsg4", 14),   // BPF_CGROUP_UDP4_SENDMSG
-    ("sendmsg6", 15),   // BPF_CGROUP_UDP6_SENDMSG
-];
+/// Each envguard cgroup program and the `enum bpf_attach_type` it is
+/// attached with, from the hook table (`envguard_common::programs::HOOKS`).
+pub const HOOKS: [(&str, u32); programs::NUM_CGROUP_HOOKS] = cgroup_hooks();
+
+const fn cgroup_hooks() -> [(&'static str, u32); programs::NUM_CGROUP_HOOKS] {
+    let mut out = [("", 0); programs::NUM_CGROUP_HOOKS];
+    let (mut i, mut n) = (0, 0);
+    while i < programs::HOOKS.len() {
+        if let programs::Attach::Cgroup(attach_type) = programs::HOOKS[i].attach {
+            out[n] = (programs::HOOKS[i].name, attach_type);
+            n += 1;
+        }
+        i += 1;
+    }
+    out
+}
 
 /// `BPF_OBJ_*` commands.
 #[repr(C)]
@@ -153,7 +159,23 @@ pub const LINK_TYPE_RAW_TRACEPOINT: u32 = 1;
 
 /// envguard's programs that are not attached to a cgroup: the link pin's name
 /// and its `enum bpf_link_type`.
-pub const WATCHES: [(&str, u32); 1] = [("cgroup_mkdir", LINK_TYPE_RAW_TRACEPOINT)];
+pub const WATCHES: [(&str, u32); programs::HOOKS.len() - programs::NUM_CGROUP_HOOKS] = watches();
+
+const fn watches() -> [(&'static str, u32); programs::HOOKS.len() - programs::NUM_CGROUP_HOOKS] {
+    let mut out = [("", 0); programs::HOOKS.len() - programs::NUM_CGROUP_HOOKS];
+    let (mut i, mut n) = (0, 0);
+    while i < programs::HOOKS.len() {
+        match programs::HOOKS[i].attach {
+            programs::Attach::Cgroup(_) => {}
+            programs::Attach::RawTracepoint(_) => {
+                out[n] = (programs::HOOKS[i].name, LINK_TYPE_RAW_TRACEPOINT);
+                n += 1;
+            }
+        }
+        i += 1;
+    }
+    out
+}
 
 pub fn link_info(fd: &OwnedFd) -> io::Result<LinkInfo> {
     let b = obj_info(fd, |_| {})?;

@@ -418,7 +418,9 @@ impl Lab {
     ///    began (events are reserved in order in the agent's ring buffer,
     ///    so an allowed case's event would have come first);
     /// 3. every other violating case: outcome and event.
-    pub fn run_cases(&self, cases: &[Case]) {
+    ///
+    /// Returns each violating case's event, in `cases` order.
+    pub fn run_cases(&self, cases: &[Case]) -> Vec<(usize, serde_json::Value)> {
         let agent = self.agent();
         let (allowed, violating): (Vec<&Case>, Vec<&Case>) =
             cases.iter().partition(|c| c.violation.is_none());
@@ -436,7 +438,8 @@ impl Lab {
             );
         }
         let sentinel = violating[0];
-        let (at, _) = self.check_violation(sentinel);
+        let (at, sentinel_event) = self.check_violation(sentinel);
+        let mut events = vec![(at, sentinel_event)];
         let stray: Vec<_> = agent
             .lines(mark..at)
             .into_iter()
@@ -454,8 +457,53 @@ impl Lab {
                 .join("\n  ")
         );
         for case in &violating[1..] {
-            self.check_violation(case);
+            events.push(self.check_violation(case));
         }
+        // Back in `cases` order.
+        let mut by_case = Vec::new();
+        let mut next = events.into_iter();
+        for (i, case) in cases.iter().enumerate() {
+            if case.violation.is_some()
+                && let Some((_, ev)) = next.next()
+            {
+                by_case.push((i, ev));
+            }
+        }
+        by_case
+    }
+
+    /// The shared decision (`envguard_common::decide`, the function the
+    /// kernel runs) on this lab's policy file, asked through `envguard
+    /// explain --policy FILE --json` (offline: no agent): for a local
+    /// `client` to `dst` on `proto`.
+    pub fn explain_egress(
+        &self,
+        client: Client,
+        proto: Proto,
+        dst: SocketAddr,
+    ) -> serde_json::Value {
+        let args: Vec<String> = vec![
+            "explain".into(),
+            "--policy".into(),
+            self.policy.path().display().to_string(),
+            "--from".into(),
+            self.cg.rel(client.sub()),
+            "--to".into(),
+            dst.ip().to_string(),
+            "--port".into(),
+            format!("{}/{}", dst.port(), proto.name()),
+            "--json".into(),
+        ];
+        let run = crate::control::run_cli(&args, None);
+        assert!(
+            run.status.is_some_and(|s| s.success()),
+            "envguard {}: {:?}\n{}",
+            args.join(" "),
+            run.status,
+            run.stderr
+        );
+        serde_json::from_str(run.stdout.trim())
+            .unwrap_or_else(|e| panic!("envguard explain printed no JSON ({e}): {}", run.stdout))
     }
 
     /// Runs one violating case; checks its outcome for the mode and its

@@ -14,6 +14,11 @@
 //! dev               VVVVV   .....   ..V.V   .....
 //! dev/late          VVVVV   .....   ..V.V   .....
 //! ```
+//!
+//! Every case is also put to the shared decision (`envguard_common::decide`,
+//! which the kernel's programs run over their maps) through `envguard explain
+//! --policy`: it must give the table's verdict, and for each violation the
+//! kernel's event must carry the same `rule` label, `verdict` and `mode`.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -40,6 +45,11 @@ enum Dst {
 }
 
 fn case(lab: &Lab, dst: Dst, client: Client, site: Site, proto: Proto, port: u16) -> Case {
+    let dst = dst_addr(dst, site, port);
+    lab.egress_case(client, proto, dst, site.env(), site.env_from())
+}
+
+fn dst_addr(dst: Dst, site: Site, port: u16) -> SocketAddr {
     let ip = match dst {
         Dst::V4 => site.addr(Family::V4),
         Dst::V6 => site.addr(Family::V6),
@@ -48,8 +58,7 @@ fn case(lab: &Lab, dst: Dst, client: Client, site: Site, proto: Proto, port: u16
             IpAddr::V6(_) => unreachable!("site IPv4 address"),
         },
     };
-    let dst = SocketAddr::new(ip, port);
-    lab.egress_case(client, proto, dst, site.env(), site.env_from())
+    SocketAddr::new(ip, port)
 }
 
 fn truth_table(mode: Mode, dst: Dst) {
@@ -58,6 +67,7 @@ fn truth_table(mode: Mode, dst: Dst) {
     lab.start_agent();
 
     let mut cases = Vec::new();
+    let mut shared = Vec::new();
     for (row, client) in Client::ALL.into_iter().enumerate() {
         for (col, site) in Site::ALL.into_iter().enumerate() {
             for (i, (proto, port)) in REMOTE_PORTS.into_iter().enumerate() {
@@ -69,12 +79,43 @@ fn truth_table(mode: Mode, dst: Dst) {
                     "test table disagrees with the policy model: {}",
                     case.desc
                 );
+                let e = lab.explain_egress(client, proto, dst_addr(dst, site, port));
+                assert_eq!(
+                    e["decision"] == "violation",
+                    want,
+                    "the shared decision disagrees with the table: {}: {e}",
+                    case.desc
+                );
+                if !want {
+                    assert_eq!(e["mode"]["verdict"], "allowed", "{}: {e}", case.desc);
+                }
                 cases.push(case);
+                shared.push(e);
             }
         }
     }
-    lab.run_cases(&cases);
+    let events = lab.run_cases(&cases);
     lab.stop_agent();
+
+    // The kernel's violations, exactly those the shared decision names, with
+    // its rule label, verdict and mode.
+    let violating = shared.iter().filter(|e| e["decision"] == "violation");
+    assert_eq!(events.len(), violating.count());
+    for (i, ev) in &events {
+        let (e, desc) = (&shared[*i], &cases[*i].desc);
+        assert_eq!(
+            ev["rule"], e["rule"]["label"],
+            "{desc}: rule, kernel vs shared"
+        );
+        assert_eq!(
+            ev["verdict"], e["mode"]["verdict"],
+            "{desc}: verdict, kernel vs shared"
+        );
+        assert_eq!(
+            ev["mode"], e["mode"]["mode"],
+            "{desc}: mode, kernel vs shared"
+        );
+    }
 
     if mode == Mode::Enforce {
         lab.assert_detached(&case(&lab, dst, Client::Dev, Site::Prod, Proto::Tcp, 9000));

@@ -8,46 +8,6 @@ pub mod reload;
 pub mod run;
 pub mod status;
 
-use std::path::Path;
-
-use crate::{
-    error::Diagnostic,
-    policy::{Policy, lint::lint},
-    sys,
-};
-
-/// Problems that do not stop a policy from loading but that an operator should
-/// hear about: they usually mean it does less than intended. The policy's lint
-/// warnings (`policy::lint`), then, given the cgroup2 mount, the listed cgroups
-/// that do not exist yet; in file order. Each displays as `FILE:LINE: message`.
-pub fn policy_warnings(policy: &Policy, cgroup_mount: Option<&Path>) -> Vec<Diagnostic> {
-    let mut out = lint(policy);
-    if let Some(mount) = cgroup_mount {
-        out.extend(missing_cgroups(policy, mount));
-        out.sort_by_key(|d| d.line);
-    }
-    out
-}
-
-/// The policy's cgroups that do not exist (yet) under the cgroup2 mount: a
-/// fact of this host, not a fault of the file.
-pub fn missing_cgroups(policy: &Policy, mount: &Path) -> Vec<Diagnostic> {
-    let mut out = Vec::new();
-    for env in &policy.envs {
-        for (i, c) in env.cgroups.iter().enumerate() {
-            if sys::cgroup_id(&sys::cgroup_dir(mount, c)).is_none() {
-                out.push(Diagnostic {
-                    path: policy.path.clone(),
-                    line: env.lines.cgroups.get(i).copied(),
-                    message: format!(
-                        "cgroup {c} of env {} does not exist yet under {}; it will belong to {} once created",
-                        env.name,
-                        mount.display(),
-                        env.name
-                    ),
-                });
-            }
-        }
-    }
-    out
-}
+// Shared with the daemon, which warns at every load; they live with the
+// cgroup-path logic so that the daemon never imports a subcommand.
+pub use crate::cgroups::{missing_cgroups, policy_warnings};

@@ -1,17 +1,22 @@
 //! `envguard mode`: switch audit/enforce at runtime.
 use std::time::Duration;
 
-use crate::control::{Request, SocketArg, call_blocking};
+use crate::{
+    control::{ModeReply, ModeRequest, Request, Scope, SocketArg, call_typed},
+    policy::{Mode, parse_mode},
+};
 
 /// Switch the global mode, or one env pair's, in the running agent. It takes
 /// effect in the kernel before the command returns (a map update, no reload).
 /// With --for it reverts by itself when the time is up (break-glass); `status`
-/// shows the pending revert. Needs root or CAP_NET_ADMIN.
+/// shows the pending revert. Needs root, or membership of the agent's
+/// --control-group together with CAP_NET_ADMIN (CAP_NET_ADMIN alone is not
+/// enough: the socket is not open to other users).
 #[derive(Debug, clap::Args)]
 pub struct ModeArgs {
     /// `audit` (report, let through) or `enforce` (refuse, report).
-    #[arg(value_parser = ["audit", "enforce"])]
-    pub mode: String,
+    #[arg(value_parser = parse_mode)]
+    pub mode: Mode,
     /// Source env of the pair to switch (with --to).
     #[arg(long, requires = "to")]
     pub from: Option<String>,
@@ -29,22 +34,27 @@ pub struct ModeArgs {
 }
 
 pub fn mode(args: &ModeArgs) -> anyhow::Result<()> {
-    let r = call_blocking(
-        &args.socket.path(),
-        &Request::Mode {
-            mode: args.mode.clone(),
-            from: args.from.clone(),
-            to: args.to.clone(),
-            for_secs: args.duration.map(|d| d.as_secs().max(1)),
+    let scope = match (&args.from, &args.to) {
+        (Some(from), Some(to)) => Scope::Pair {
+            from: from.clone(),
+            to: to.clone(),
         },
+        _ => Scope::Global,
+    };
+    let r: ModeReply = call_typed(
+        &args.socket.path(),
+        &Request::Mode(ModeRequest {
+            mode: args.mode,
+            scope,
+            for_secs: args.duration.map(|d| d.as_secs().max(1)),
+        }),
     )?;
     if args.json {
-        println!("{r}");
+        println!("{}", serde_json::to_value(&r)?);
     } else {
-        let s = |k: &str| r[k].as_str().unwrap_or("?").to_owned();
-        match r["expires_at"].as_str() {
-            Some(at) => println!("{}: {} -> {} until {at}", s("scope"), s("from"), s("to")),
-            None => println!("{}: {} -> {}", s("scope"), s("from"), s("to")),
+        match &r.expires_at {
+            Some(at) => println!("{}: {} -> {} until {at}", r.scope, r.from, r.to),
+            None => println!("{}: {} -> {}", r.scope, r.from, r.to),
         }
     }
     Ok(())

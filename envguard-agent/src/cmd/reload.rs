@@ -1,5 +1,5 @@
 //! `envguard reload`: swap in the policy file atomically.
-use crate::control::{Request, SocketArg, call_blocking};
+use crate::control::{ReloadReply, Request, SocketArg, call_typed};
 
 /// Make the running agent read its policy file again, validate it, and swap it
 /// in atomically. A bad file changes nothing: the old policy stays in force and
@@ -14,11 +14,11 @@ pub struct ReloadArgs {
 }
 
 pub fn reload(args: &ReloadArgs) -> anyhow::Result<()> {
-    let r = call_blocking(&args.socket.path(), &Request::Reload {})?;
+    let r: ReloadReply = call_typed(&args.socket.path(), &Request::Reload {})?;
     if args.json {
-        println!("{r}");
+        println!("{}", serde_json::to_value(&r)?);
     } else {
-        println!("reloaded: {}", r["revision"].as_str().unwrap_or("?"));
+        println!("reloaded: {}", r.revision);
     }
     Ok(())
 }

@@ -2,10 +2,7 @@
 use std::net::IpAddr;
 
 use envguard_common::{
-    config::{
-        EnvLoss, MODE_AUDIT, MODE_ENFORCE, ON_LOSS_CLOSED, ON_LOSS_FOLLOW, ON_LOSS_KEEP,
-        ON_LOSS_OPEN,
-    },
+    config::{EnvLoss, ON_LOSS_CLOSED, ON_LOSS_FOLLOW, ON_LOSS_KEEP, ON_LOSS_OPEN},
     maps::{MAX_CGROUPS, MAX_CIDRS, MAX_ENVS, MAX_PAIR_MODES, MAX_RULE_ENTRIES},
     policy::{
         ENV_HOST, ENV_WORLD, FIRST_DECLARED_ENV, PairKey, RULE_PREFIX_PAIR, RULE_PREFIX_PORT,
@@ -251,10 +248,7 @@ pub fn compile_with_ids(policy: &Policy, previous: &[String]) -> Result<Compiled
 }
 
 pub fn mode_value(mode: Mode) -> u32 {
-    match mode {
-        Mode::Audit => MODE_AUDIT,
-        Mode::Enforce => MODE_ENFORCE,
-    }
+    mode.kernel()
 }
 
 fn check_size(what: &'static str, needed: usize, max: u32) -> Result<(), PolicyError> {

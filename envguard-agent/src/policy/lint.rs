@@ -28,7 +28,7 @@
 //! (`tcp`) also matches port 0, so `1-65535/tcp` does not cover it. "Redundant"
 //! is about decisions: the rule named in a violation's `rule` may still change
 //! when a redundant rule is removed. Whether listed cgroups exist is a fact of
-//! the host, not of the file: `cmd::policy_warnings` reports that.
+//! the host, not of the file: `cgroups::policy_warnings` reports that.
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,

@@ -28,33 +28,11 @@ pub const WORLD: &str = "world";
 /// The wildcard of a rule's `from` or `to`.
 pub const ANY: &str = "*";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Audit,
-    Enforce,
-}
+pub use envguard_common::config::Mode;
 
-impl std::str::FromStr for Mode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "audit" => Ok(Mode::Audit),
-            "enforce" => Ok(Mode::Enforce),
-            other => Err(format!(
-                "mode must be \"audit\" or \"enforce\", not {other:?}"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Mode::Audit => "audit",
-            Mode::Enforce => "enforce",
-        })
-    }
+/// A mode by name, with the message a policy file or a request gets otherwise.
+pub fn parse_mode(s: &str) -> Result<Mode, String> {
+    Mode::from_name(s).ok_or_else(|| format!("mode must be \"audit\" or \"enforce\", not {s:?}"))
 }
 
 /// What happens to a flow involving `host` or `world` that no rule allows.
@@ -470,7 +448,7 @@ impl Validator<'_> {
     }
 
     fn mode(&mut self, m: &Spanned<String>) -> Option<Mode> {
-        match m.get_ref().parse() {
+        match parse_mode(m.get_ref()) {
             Ok(mode) => Some(mode),
             Err(e) => {
                 self.at(m, e);
