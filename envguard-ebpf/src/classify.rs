@@ -226,12 +226,38 @@ pub fn local_peer_env(
 /// the shared decision (`envguard_common::decide`) over this slot's maps.
 #[inline(always)]
 pub fn decide(p: &Policy, src: u32, dst: u32, proto: u8, port: u16) -> Decision {
-    shared::decide(p, src, dst, proto, port)
+    let packed = envguard_decide(p.slot_b() as u32, src, dst, proto as u32, port as u32);
+    Decision {
+        decision: (packed >> 32) as u32,
+        rule: packed as u32,
+    }
 }
 
-/// The kernel's answers to the shared decision's questions: the active
-/// slot's maps, the agent's heartbeat and the boot clock.
-impl RuleLookup for Policy {
+/// The decision as a BPF-to-BPF function of global linkage, which the
+/// verifier checks once, on its own, rather than again on every path that
+/// calls it: inlined, it was most of every program and multiplied the
+/// verifier's work past its limit. Scalars in, the decision and rule packed
+/// into one scalar out, as a global function must.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn envguard_decide(slot_b: u32, src: u32, dst: u32, proto: u32, port: u32) -> u64 {
+    let d = shared::decide(&Slot(slot_b != 0), src, dst, proto as u8, port as u16);
+    ((d.decision as u64) << 32) | d.rule as u64
+}
+
+/// One slot of the double-buffered policy maps.
+struct Slot(bool);
+
+impl Slot {
+    #[inline(always)]
+    fn slot_b(&self) -> bool {
+        self.0
+    }
+}
+
+/// The kernel's answers to the shared decision's questions: the slot's
+/// maps, the agent's heartbeat and the boot clock.
+impl RuleLookup for Slot {
     #[inline(always)]
     fn deny_rule(&self, key: &RuleKey) -> Option<u32> {
         let key = Key::new(RULE_PREFIX_PORT, *key);
