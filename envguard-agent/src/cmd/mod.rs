@@ -24,7 +24,7 @@ pub fn policy_warnings(policy: &Policy, cgroup_mount: Option<&Path>) -> Vec<Diag
     let mut out = lint(policy);
     if let Some(mount) = cgroup_mount {
         out.extend(missing_cgroups(policy, mount));
-        out.sort_by_key(|d| d.line);
+        out.sort_by(|a, b| (&a.path, a.line).cmp(&(&b.path, b.line)));
     }
     out
 }
@@ -36,9 +36,16 @@ pub fn missing_cgroups(policy: &Policy, mount: &Path) -> Vec<Diagnostic> {
     for env in &policy.envs {
         for (i, c) in env.cgroups.iter().enumerate() {
             if sys::cgroup_id(&sys::cgroup_dir(mount, c)).is_none() {
+                let (path, line) = match env.lines.cgroups.get(i) {
+                    Some(&l) => {
+                        let (path, l) = policy.locate(l);
+                        (path, Some(l))
+                    }
+                    None => (policy.path.clone(), None),
+                };
                 out.push(Diagnostic {
-                    path: policy.path.clone(),
-                    line: env.lines.cgroups.get(i).copied(),
+                    path,
+                    line,
                     message: format!(
                         "cgroup {c} of env {} does not exist yet under {}; it will belong to {} once created",
                         env.name,
