@@ -171,7 +171,7 @@ fn bpf_linker() -> anyhow::Result<()> {
 /// with its own config; no system service is needed); for the release
 /// artifacts and their tests, `podman` with `runc` (crun refuses the hybrid
 /// cgroup layout of this machine kind), `systemd-analyze` (systemd) and
-/// `strip` (binutils).
+/// `strip` (binutils); rsyslog-relp for the rsyslog relay test.
 fn test_tools() -> anyhow::Result<()> {
     let works = |cmd: &str, arg: &str| {
         Command::new(cmd)
@@ -189,6 +189,14 @@ fn test_tools() -> anyhow::Result<()> {
     // /usr/sbin is not on every PATH.
     if !works("rsyslogd", "-v") && !works("/usr/sbin/rsyslogd", "-v") {
         missing.push("rsyslog");
+    }
+    // RELP for the rsyslog relay test (contrib/rsyslog/).
+    let relp = Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status}", "rsyslog-relp"])
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"installed"));
+    if !relp {
+        missing.push("rsyslog-relp");
     }
     if !works("podman", "--version") {
         missing.push("podman");
