@@ -362,6 +362,14 @@ fn image(root: &Path, d: &Dist, bin: &Path, commit: &str) -> anyhow::Result<Path
             .args(["-t", &tag])
             .arg(&context),
     )?;
+    // The image this one replaced under the same tag, now dangling.
+    crate::run(Command::new("podman").args([
+        "image",
+        "prune",
+        "-f",
+        "--filter",
+        "label=org.opencontainers.image.title=envguard",
+    ]))?;
     let size =
         stdout(Command::new("podman").args(["image", "inspect", "--format", "{{.Size}}", &tag]))?;
     eprintln!("xtask: image {tag}: {} bytes", size.trim());
