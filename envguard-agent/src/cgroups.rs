@@ -129,9 +129,18 @@ pub fn missing_cgroups(policy: &Policy, mount: &Path) -> Vec<Diagnostic> {
     for env in &policy.envs {
         for (i, c) in env.cgroups.iter().enumerate() {
             if sys::cgroup_id(&sys::cgroup_dir(mount, c)).is_none() {
+                // A policy directory's lines count across its files: say
+                // which file and which line of it.
+                let (path, line) = match env.lines.cgroups.get(i) {
+                    Some(&l) => {
+                        let (path, l) = policy.locate(l);
+                        (path, Some(l))
+                    }
+                    None => (policy.path.clone(), None),
+                };
                 out.push(Diagnostic {
-                    path: policy.path.clone(),
-                    line: env.lines.cgroups.get(i).copied(),
+                    path,
+                    line,
                     message: format!(
                         "cgroup {c} of env {} does not exist yet under {}; it will belong to {} once created",
                         env.name,

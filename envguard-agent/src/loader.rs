@@ -121,6 +121,12 @@ fn layout_name(opts: &Options) -> Result<String> {
     Ok(format!("layout-{:016x}", sys::fnv1a(&[&bytes])))
 }
 
+/// The layout fingerprint of this build's kernel object with the default
+/// options (`envguard --version`); `None` without kernel programs.
+pub fn default_layout() -> Option<String> {
+    layout_name(&Options::default()).ok()
+}
+
 /// The kernel side of a running agent: the object (maps and programs), the
 /// lock on the pin root, and what an earlier agent left there.
 pub struct Kernel {

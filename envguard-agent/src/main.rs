@@ -5,8 +5,24 @@ use envguard_agent::cmd::{check, detach, events, explain, mode, reload, run, sta
 /// envguard keeps workloads of different environments (dev, staging, prod…)
 /// on one host from talking to each other, enforced by eBPF programs on cgroup
 /// hooks; violations stream out as JSON lines.
+/// `envguard --version`: `envguard-agent 0.1.0` on the first line (what
+/// `envguard_build_info{version}` says), then the commit and the layout
+/// fingerprint of the embedded kernel programs' maps (the pin directory an
+/// agent of this build uses with default options: two builds with the same
+/// one adopt each other's pinned state).
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{}\ncommit: {}\nlayout: {}\ntarget: {}",
+        env!("CARGO_PKG_VERSION"),
+        env!("ENVGUARD_COMMIT"),
+        envguard_agent::loader::default_layout()
+            .unwrap_or_else(|| "none (built without kernel programs)".to_owned()),
+        env!("ENVGUARD_TARGET"),
+    )
+});
+
 #[derive(Parser)]
-#[command(version, propagate_version = true)]
+#[command(version, long_version = LONG_VERSION.as_str(), propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -135,13 +135,17 @@ fn num(v: &Value, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no number {field:?} in {v}"))
 }
 
-/// `envguard --version`'s version: `envguard-agent 0.1.0` → `0.1.0`.
+/// `envguard --version`'s version: its first line, `envguard-agent 0.1.0` →
+/// `0.1.0` (commit, layout and target follow on lines of their own).
 fn agent_version() -> String {
     let out = std::process::Command::new(sys::envguard_bin())
         .arg("--version")
         .output()
         .expect("run envguard --version");
     String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
         .split_whitespace()
         .last()
         .unwrap_or_default()

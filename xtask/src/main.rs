@@ -1,7 +1,8 @@
-//! Project chores: `cargo xtask setup | build | run | test | bench`.
+//! Project chores: `cargo xtask setup | build | run | test | bench | dist`.
 //!
 //! Every step is idempotent and installs what it needs itself, so the README's
 //! commands work on a fresh machine and CI never depends on a hand-made setup.
+mod dist;
 mod setup;
 
 use std::{
@@ -45,6 +46,17 @@ enum Cmd {
     Bench {
         #[arg(long)]
         quick: bool,
+    },
+    /// Set up, then build the release artifacts into target/dist/: the static
+    /// (musl) binary, the tarball, the .deb, the container image (podman) and
+    /// SHA256SUMS. `--test` then runs the artifact tests against them (needs
+    /// root): install and purge the .deb, run the image under podman.
+    Dist {
+        #[arg(long)]
+        test: bool,
+        /// Arguments for the artifact tests' harness (e.g. a name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -93,6 +105,36 @@ fn main() -> anyhow::Result<()> {
             let mut cmd = Command::new("cargo");
             cmd.args(["test", "-p", "envguard-tests", "--"]).args(&args);
             cmd.env("ENVGUARD_BIN", &bin);
+            run(cmd.current_dir(&root))
+        }
+        Cmd::Dist { test, args } => {
+            // SAFETY: geteuid cannot fail.
+            if test && unsafe { libc_geteuid() } != 0 {
+                bail!(
+                    "the artifact tests install a package and run containers: run `cargo xtask dist --test` as root"
+                );
+            }
+            let d = dist::dist(&root)?;
+            if !test {
+                return Ok(());
+            }
+            let mut cmd = Command::new("cargo");
+            cmd.args([
+                "test",
+                "-p",
+                "envguard-tests",
+                "--features",
+                "dist",
+                "--test",
+                "dist_deb",
+                "--test",
+                "dist_image",
+                "--",
+            ])
+            .args(&args);
+            cmd.env("ENVGUARD_DIST", &d.dir)
+                .env("ENVGUARD_DIST_VERSION", &d.version)
+                .env("ENVGUARD_BIN", d.dir.join("envguard"));
             run(cmd.current_dir(&root))
         }
         Cmd::Bench { quick } => {

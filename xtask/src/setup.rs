@@ -15,7 +15,54 @@ pub fn setup() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     test_tools()?;
+    python_tools()?;
     Ok(())
+}
+
+/// The manifest checkers, from PyPI, pinned, in a venv of their own under
+/// `target/venv` (never the system's Python packages): `kubernetes-validate`
+/// (it bundles the Kubernetes JSON schemas, so validation is offline) and
+/// `yamllint`. Reinstalled only when the pins change.
+pub const PY_TOOLS: [&str; 2] = ["kubernetes-validate==1.37.0", "yamllint==1.38.0"];
+
+pub fn venv_dir() -> PathBuf {
+    crate::workspace_root().join("target/venv")
+}
+
+fn python_tools() -> anyhow::Result<()> {
+    let venv = venv_dir();
+    let stamp = venv.join("envguard-tools.stamp");
+    let want = PY_TOOLS.join("\n") + "\n";
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str())
+        && venv.join("bin/kubernetes-validate").is_file()
+        && venv.join("bin/yamllint").is_file()
+    {
+        return Ok(());
+    }
+    if !Command::new("python3")
+        .args(["-c", "import venv, ensurepip"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        apt_install(&["python3-venv"])?;
+    }
+    crate::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    crate::run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(PY_TOOLS),
+    )?;
+    fs::write(&stamp, want).with_context(|| format!("writing {}", stamp.display()))
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    crate::run(Command::new("apt-get").arg("update"))?;
+    crate::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(packages),
+    )
 }
 
 fn output(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -121,7 +168,10 @@ fn bpf_linker() -> anyhow::Result<()> {
 /// `ip` (iproute2) for the integration tests' namespaces and veths,
 /// `promtool` (prometheus) to check the metrics exposition, and `rsyslogd`
 /// (rsyslog) for the syslog sink's end-to-end test (it runs its own rsyslogd
-/// with its own config; no system service is needed).
+/// with its own config; no system service is needed); for the release
+/// artifacts and their tests, `podman` with `runc` (crun refuses the hybrid
+/// cgroup layout of this machine kind), `systemd-analyze` (systemd) and
+/// `strip` (binutils); rsyslog-relp for the rsyslog relay test.
 fn test_tools() -> anyhow::Result<()> {
     let works = |cmd: &str, arg: &str| {
         Command::new(cmd)
@@ -140,14 +190,28 @@ fn test_tools() -> anyhow::Result<()> {
     if !works("rsyslogd", "-v") && !works("/usr/sbin/rsyslogd", "-v") {
         missing.push("rsyslog");
     }
+    // RELP for the rsyslog relay test (contrib/rsyslog/).
+    let relp = Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status}", "rsyslog-relp"])
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"installed"));
+    if !relp {
+        missing.push("rsyslog-relp");
+    }
+    if !works("podman", "--version") {
+        missing.push("podman");
+    }
+    if !works("runc", "--version") {
+        missing.push("runc");
+    }
+    if !works("systemd-analyze", "--version") {
+        missing.push("systemd");
+    }
+    if !works("strip", "--version") {
+        missing.push("binutils");
+    }
     if missing.is_empty() {
         return Ok(());
     }
-    crate::run(Command::new("apt-get").arg("update"))?;
-    crate::run(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
-    )
+    apt_install(&missing)
 }

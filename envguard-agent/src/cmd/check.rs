@@ -54,7 +54,7 @@ pub fn check_with(
     let warnings = lint(&policy);
     let missing = cgroup_mount.map_or_else(Vec::new, |m| super::missing_cgroups(&policy, m));
     let mut all: Vec<_> = warnings.iter().chain(&missing).collect();
-    all.sort_by_key(|d| d.line);
+    all.sort_by(|a, b| (&a.path, a.line).cmp(&(&b.path, b.line)));
     for w in all {
         writeln!(err, "warning: {w}").context("writing to stderr")?;
     }

@@ -56,7 +56,8 @@ pub fn lint(policy: &Policy) -> Vec<Diagnostic> {
     l.rules();
     l.pair_modes();
     // Stable: warnings about one line keep the order they were found in.
-    l.out.sort_by_key(|d| d.line);
+    l.out
+        .sort_by(|a, b| (&a.path, a.line).cmp(&(&b.path, b.line)));
     l.out
 }
 
@@ -69,8 +70,9 @@ struct Lint<'a> {
 
 impl Lint<'_> {
     fn warn(&mut self, line: usize, message: String) {
+        let (path, line) = self.policy.locate(line);
         self.out.push(Diagnostic {
-            path: self.policy.path.clone(),
+            path,
             line: Some(line),
             message,
         });
@@ -267,8 +269,10 @@ impl Lint<'_> {
                 ))
             } else if let Some(l) = later {
                 Some(format!(
-                    "{what} has no effect: the [[pair_mode]] {} -> {} at line {} covers the same pairs, and a later entry wins",
-                    l.from, l.to, l.line
+                    "{what} has no effect: the [[pair_mode]] {} -> {} at {} covers the same pairs, and a later entry wins",
+                    l.from,
+                    l.to,
+                    self.policy.place(l.line)
                 ))
             } else if pm.mode == self.policy.mode && !overrides_earlier {
                 Some(format!(

@@ -131,6 +131,8 @@ pub struct Rule {
     pub ports: Option<Vec<PortSpec>>,
     /// 1-based line of the rule in the file, for attribution.
     pub line: usize,
+    /// `FILE:LINE` of the rule in a policy directory (`None` for a file).
+    pub at: Option<String>,
 }
 
 impl fmt::Display for Rule {
@@ -140,16 +142,36 @@ impl fmt::Display for Rule {
             let ports: Vec<String> = ports.iter().map(ToString::to_string).collect();
             write!(f, " [{}]", ports.join(", "))?;
         }
-        write!(f, " (line {})", self.line)
+        match &self.at {
+            Some(at) => write!(f, " ({at})"),
+            None => write!(f, " (line {})", self.line),
+        }
     }
+}
+
+/// One file a policy was read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub path: PathBuf,
+    /// The policy's line numbers are lines of its files laid end to end, in
+    /// name order: this file's line 1 is the policy's line `first_line`.
+    pub first_line: usize,
 }
 
 /// A validated policy.
 #[derive(Clone, Debug)]
 pub struct Policy {
+    /// The policy file, or the policy directory (`*.toml` merged in name
+    /// order, see `Policy::load`).
     pub path: PathBuf,
-    /// `sha256:<hex>` of the file's bytes.
+    /// `sha256:<hex>` of the file's bytes; for a directory, of what
+    /// `cd DIR && LC_ALL=C sha256sum *.toml` prints (`<hex>  <name>` lines in
+    /// name order), so a rename, an added file or any byte changes it.
     pub revision: String,
+    /// The files, in merge order (one for a policy file). Every line number
+    /// in the model (rules, envs, pair modes) counts across them; `locate`
+    /// turns one into a file and its own line.
+    pub sources: Vec<Source>,
     pub mode: Mode,
     pub default_host: Default,
     pub default_world: Default,
@@ -171,13 +193,120 @@ pub struct PairMode {
 }
 
 impl Policy {
-    /// Reads and validates a policy file.
+    /// Reads and validates a policy file, or a policy directory: its `*.toml`
+    /// files (not those named `.*`, nor subdirectories: a Kubernetes
+    /// ConfigMap volume's `..data` is skipped, its files' symlinks followed),
+    /// merged in byte order of their names as if they were one file, except
+    /// that an env, `mode` or a `[defaults]` key may be set in one file only.
+    /// Errors name the file and its line.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        if path.is_dir() {
+            return Policy::load_dir(path);
+        }
         let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
             path: path.to_owned(),
             source,
         })?;
         Policy::parse(path, &text)
+    }
+
+    fn load_dir(dir: &Path) -> Result<Policy, PolicyError> {
+        let read_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| PolicyError::Read { path, source }
+        };
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(read_err(dir))? {
+            let entry = entry.map_err(read_err(dir))?;
+            let name = entry.file_name();
+            let n = name.as_encoded_bytes();
+            // metadata follows symlinks: a ConfigMap's files are links.
+            if n.ends_with(b".toml")
+                && !n.starts_with(b".")
+                && std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file())
+            {
+                names.push(name);
+            }
+        }
+        names.sort_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
+        let mut files = Vec::new();
+        for name in names {
+            let path = dir.join(name);
+            let text = std::fs::read_to_string(&path).map_err(read_err(&path))?;
+            files.push((path, text));
+        }
+        Policy::parse_dir(dir, &files)
+    }
+
+    /// Validates the files of a policy directory, given in merge order.
+    pub fn parse_dir(dir: &Path, files: &[(PathBuf, String)]) -> Result<Policy, PolicyError> {
+        if files.is_empty() {
+            return Err(PolicyError::Invalid(vec![Diagnostic {
+                path: dir.to_owned(),
+                line: None,
+                message:
+                    "policy directory holds no *.toml file (names starting with '.' are skipped)"
+                        .to_owned(),
+            }]));
+        }
+        // The files end to end, each ending with a newline, so that every
+        // span and line number of the merged policy is unique.
+        let mut text = String::new();
+        let mut bases = Vec::new();
+        for (_, t) in files {
+            bases.push(text.len());
+            text.push_str(t);
+            if !t.ends_with('\n') {
+                text.push('\n');
+            }
+        }
+        let lines = Lines::new(&text);
+        let sources = files
+            .iter()
+            .zip(&bases)
+            .map(|((path, _), &base)| Source {
+                path: path.clone(),
+                first_line: lines.line_of(base),
+            })
+            .collect();
+        let mut v = Validator {
+            path: dir,
+            text: &text,
+            lines,
+            errors: Vec::new(),
+            sources,
+            dir: true,
+        };
+        let mut merged: Option<file::PolicyFile> = None;
+        for ((_, t), &base) in files.iter().zip(&bases) {
+            match toml::from_str::<file::PolicyFile>(t) {
+                Ok(f) => {
+                    let f = f.shifted(base);
+                    match merged.as_mut() {
+                        None => merged = Some(f),
+                        Some(m) => v.merge(m, f),
+                    }
+                }
+                Err(e) => v.error(
+                    e.span().map(|r| r.start + base..r.end + base),
+                    e.message().to_owned(),
+                ),
+            }
+        }
+        let (Some(merged), true) = (merged, v.errors.is_empty()) else {
+            return Err(v.finish());
+        };
+        let mut policy = v.validate(merged);
+        if !v.errors.is_empty() {
+            return Err(v.finish());
+        }
+        let mut sums = String::new();
+        for (path, t) in files {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            sums.push_str(&format!("{:x}  {name}\n", Sha256::digest(t.as_bytes())));
+        }
+        policy.revision = format!("sha256:{:x}", Sha256::digest(sums.as_bytes()));
+        Ok(policy)
     }
 
     /// Validates policy text; `path` only names it in errors.
@@ -187,6 +316,11 @@ impl Policy {
             text,
             lines: Lines::new(text),
             errors: Vec::new(),
+            sources: vec![Source {
+                path: path.to_owned(),
+                first_line: 1,
+            }],
+            dir: false,
         };
         let file: file::PolicyFile = match toml::from_str(text) {
             Ok(f) => f,
@@ -206,6 +340,33 @@ impl Policy {
     pub fn env_names(&self) -> Vec<&str> {
         self.envs.iter().map(|e| e.name.as_str()).collect()
     }
+
+    /// The file and its own line of one of the policy's line numbers.
+    pub fn locate(&self, line: usize) -> (PathBuf, usize) {
+        locate(&self.sources, &self.path, line)
+    }
+
+    /// A line for a message: `line N` in a policy file, `NAME:N` in a
+    /// policy directory.
+    pub fn place(&self, line: usize) -> String {
+        place(&self.sources, &self.path, line, self.path.is_dir())
+    }
+}
+
+fn locate(sources: &[Source], fallback: &Path, line: usize) -> (PathBuf, usize) {
+    match sources.iter().rev().find(|s| s.first_line <= line) {
+        Some(s) => (s.path.clone(), line - s.first_line + 1),
+        None => (fallback.to_owned(), line),
+    }
+}
+
+fn place(sources: &[Source], fallback: &Path, line: usize, dir: bool) -> String {
+    if !dir {
+        return format!("line {line}");
+    }
+    let (path, line) = locate(sources, fallback, line);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    format!("{name}:{line}")
 }
 
 struct Validator<'a> {
@@ -213,16 +374,86 @@ struct Validator<'a> {
     text: &'a str,
     lines: Lines,
     errors: Vec<Diagnostic>,
+    /// The files of `text`, in order.
+    sources: Vec<Source>,
+    /// Whether `path` is a policy directory.
+    dir: bool,
 }
 
 impl Validator<'_> {
     fn error(&mut self, span: Option<Range<usize>>, message: String) {
-        let line = span.map(|s| self.lines.line_of(s.start));
+        let (path, line) = match span.map(|s| self.lines.line_of(s.start)) {
+            Some(line) => {
+                let (path, line) = locate(&self.sources, self.path, line);
+                (path, Some(line))
+            }
+            None => (self.path.to_owned(), None),
+        };
         self.errors.push(Diagnostic {
-            path: self.path.to_owned(),
+            path,
             line,
             message,
         });
+    }
+
+    /// Where a spanned item is, for a message about another one.
+    fn place_of<T>(&self, item: &Spanned<T>) -> String {
+        let line = self.lines.line_of(item.span().start);
+        let (path, line) = locate(&self.sources, self.path, line);
+        format!("{}:{line}", path.display())
+    }
+
+    /// Adds a later file of a policy directory to the files before it.
+    fn merge(&mut self, into: &mut file::PolicyFile, f: file::PolicyFile) {
+        if let Some(m) = f.mode {
+            match &into.mode {
+                Some(prev) => {
+                    let msg = format!(
+                        "mode is already set at {}; set it in one file",
+                        self.place_of(prev)
+                    );
+                    self.at(&m, msg);
+                }
+                None => into.mode = Some(m),
+            }
+        }
+        if let Some(d) = f.defaults {
+            let into = into.defaults.get_or_insert(file::DefaultsFile {
+                host: None,
+                world: None,
+            });
+            for (key, new, old) in [
+                ("host", d.host, &mut into.host),
+                ("world", d.world, &mut into.world),
+            ] {
+                match (new, old.as_ref()) {
+                    (Some(new), Some(prev)) => {
+                        let msg = format!(
+                            "[defaults] {key} is already set at {}; set it in one file",
+                            self.place_of(prev)
+                        );
+                        self.at(&new, msg);
+                    }
+                    (Some(new), None) => *old = Some(new),
+                    (None, _) => {}
+                }
+            }
+        }
+        for (name, env) in f.envs {
+            if let Some((prev, _)) = into.envs.get_key_value(&name) {
+                let msg = format!(
+                    "env {} is already defined at {}; an env is defined in one file",
+                    name.get_ref(),
+                    self.place_of(prev)
+                );
+                self.at(&name, msg);
+            } else {
+                into.envs.insert(name, env);
+            }
+        }
+        into.allow.extend(f.allow);
+        into.deny.extend(f.deny);
+        into.pair_mode.extend(f.pair_mode);
     }
 
     fn at<T>(&mut self, item: &Spanned<T>, message: String) {
@@ -409,12 +640,16 @@ impl Validator<'_> {
                 specs
             });
             if let (Some(from), Some(to)) = (from, to) {
+                let at = self
+                    .dir
+                    .then(|| place(&self.sources, self.path, line, true));
                 rules.push(Rule {
                     action,
                     from,
                     to,
                     ports,
                     line,
+                    at,
                 });
             }
         }
@@ -438,6 +673,7 @@ impl Validator<'_> {
         Policy {
             path: self.path.to_owned(),
             revision: format!("sha256:{:x}", Sha256::digest(self.text.as_bytes())),
+            sources: self.sources.clone(),
             mode,
             default_host,
             default_world,
@@ -581,3 +817,6 @@ impl Lines {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod dir_tests;
