@@ -11,7 +11,6 @@
 //! (exec a setuid or file-capability binary and pass it the connection).
 use std::{
     collections::HashMap,
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -459,6 +458,51 @@ pub struct Call {
     pub reply: oneshot::Sender<Response>,
 }
 
+/// Binds a listening unix socket whose file is born with `mode` (less the
+/// umask): the mode set on the socket's inode before `bind(2)` is the one
+/// the kernel gives the file, so there is no moment at which another user
+/// could connect to a socket chmod(2) has not narrowed yet.
+fn bind_with_mode(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    use std::os::unix::ffi::OsStrExt as _;
+    // SAFETY: plain syscall; the fd is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: valid fd.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: all-zero is a valid sockaddr_un.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: valid fd and address of `len` bytes.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: valid, bound fd.
+    if unsafe { libc::listen(fd.as_raw_fd(), 1024) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))
+}
+
 /// Binds the socket with its permissions and serves it until the agent exits,
 /// admitting connections through `gate`.
 pub fn serve(
@@ -481,10 +525,8 @@ pub fn serve(
         // Left by an agent that did not exit cleanly.
         std::fs::remove_file(path).map_err(io(format!("removing stale {}", path.display())))?;
     }
-    let listener = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
     let mode = if group.is_some() { 0o660 } else { 0o600 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(io(format!("setting the mode of {}", path.display())))?;
+    let listener = bind_with_mode(path, mode).map_err(io(format!("binding {}", path.display())))?;
     if let Some(gid) = group {
         std::os::unix::fs::chown(path, Some(0), Some(gid))
             .map_err(io(format!("giving {} to group {gid}", path.display())))?;

@@ -529,7 +529,8 @@ impl Kernel {
             }
             if pin.exists() {
                 // Attached to another cgroup: replace it once the new one is in.
-                let old = pin.with_extension("old");
+                // bpffs refuses names with a dot.
+                let old = pin.with_file_name(format!("{name}_old"));
                 fs::rename(&pin, &old).map_err(io_err(format!("moving {}", pin.display())))?;
                 stale_links.push(old);
             }
