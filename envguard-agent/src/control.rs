@@ -527,6 +527,10 @@ pub fn serve(
     }
     let mode = if group.is_some() { 0o660 } else { 0o600 };
     let listener = bind_with_mode(path, mode).map_err(io(format!("binding {}", path.display())))?;
+    // The umask may have taken bits the mode needs (group write): give them
+    // back. The file was never wider than `mode`.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(io(format!("setting the mode of {}", path.display())))?;
     if let Some(gid) = group {
         std::os::unix::fs::chown(path, Some(0), Some(gid))
             .map_err(io(format!("giving {} to group {gid}", path.display())))?;

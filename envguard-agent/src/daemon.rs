@@ -202,6 +202,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         holders,
         gate,
     };
+    // Before `policy_loaded`: whoever waits for it may signal the agent at
+    // once, and a signal without a handler would kill it mid-way.
+    let signals = Signals::install()?;
     daemon.emit_policy_loaded(None)?;
     daemon.report_shared(first_pass.shared)?;
     if let Some(prev) = previous.filter(|p| p.heartbeat_ns != 0) {
@@ -210,7 +213,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         daemon.stream.emit("agent_gap", None, &body)?;
     }
 
-    let result = daemon.serve(ring, calls_rx).await;
+    let result = daemon.serve(ring, calls_rx, signals).await;
     server.abort();
     if let Some(m) = metrics_server {
         m.abort();
@@ -259,6 +262,23 @@ struct Override {
     expires: Option<(Instant, SystemTime)>,
     /// The untimed override it replaced, restored on expiry; `None`: back to the policy file.
     revert_to: Option<Mode>,
+}
+
+/// The signals the agent handles, installed before it says it is ready.
+struct Signals {
+    sigterm: tokio::signal::unix::Signal,
+    sigint: tokio::signal::unix::Signal,
+    sighup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            sigterm: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            sigint: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            sighup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        })
+    }
 }
 
 struct Daemon {
@@ -315,10 +335,13 @@ impl Daemon {
         &mut self,
         mut ring: AsyncFd<RingBuf<MapData>>,
         mut calls: mpsc::Receiver<Call>,
+        signals: Signals,
     ) -> anyhow::Result<()> {
-        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        let Signals {
+            mut sigterm,
+            mut sigint,
+            mut sighup,
+        } = signals;
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         let mut holders_tick = tokio::time::interval(HOLDERS_PASS);
         loop {
