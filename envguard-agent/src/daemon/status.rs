@@ -1,0 +1,163 @@
+//! Answers to `status` and `explain`.
+use std::collections::HashMap;
+
+use envguard_common::{
+    event::{VERDICT_ALLOWED, VERDICT_AUDITED, VERDICT_DENIED},
+    policy::RULE_PREFIX_PAIR,
+};
+use serde::Serialize;
+
+use super::Daemon;
+use crate::{
+    events,
+    explain::{Endpoint, ModeState, PortProto},
+    loader,
+    policy::{Mode, compile::Compiled},
+};
+
+impl Daemon {
+    pub(super) fn status(&mut self) -> anyhow::Result<serde_json::Value> {
+        #[derive(Serialize, Default)]
+        struct Pair {
+            from: String,
+            to: String,
+            decision: &'static str,
+            mode: String,
+            mode_source: &'static str,
+            allowed: u64,
+            denied: u64,
+            audited: u64,
+        }
+        let mut counts: HashMap<(u32, u32), [u64; 3]> = HashMap::new();
+        for (k, v) in self.kernel.decisions()? {
+            let since = v.saturating_sub(self.decisions_baseline.get(&k).copied().unwrap_or(0));
+            let slot = match k.verdict {
+                VERDICT_ALLOWED => 0,
+                VERDICT_DENIED => 1,
+                VERDICT_AUDITED => 2,
+                _ => continue,
+            };
+            counts.entry((k.src_env, k.dst_env)).or_default()[slot] += since;
+        }
+        let ids: Vec<u32> = self.compiled.env_ids().collect();
+        let mut pairs = Vec::new();
+        for &s in &ids {
+            for &d in &ids {
+                let (from, to) = (
+                    self.compiled.env_name(s).to_owned(),
+                    self.compiled.env_name(d).to_owned(),
+                );
+                let (mode, mode_source) = self.pair_mode(&from, &to);
+                let c = counts.get(&(s, d)).copied().unwrap_or_default();
+                pairs.push(Pair {
+                    decision: pair_decision(&self.compiled, s, d, mode),
+                    mode: mode.to_string(),
+                    mode_source,
+                    from,
+                    to,
+                    allowed: c[0],
+                    denied: c[1],
+                    audited: c[2],
+                });
+            }
+        }
+        let pending: Vec<serde_json::Value> = self
+            .global
+            .iter()
+            .map(|o| ("global".to_owned(), o))
+            .chain(self.pairs.iter().map(|((f, t), o)| (format!("{f}->{t}"), o)))
+            .filter_map(|(scope, o)| {
+                let (_, at) = o.expires?;
+                Some(serde_json::json!({
+                    "scope": scope,
+                    "mode": o.mode.to_string(),
+                    "reverts_to": o.revert_to.map_or_else(|| "policy".to_owned(), |m| m.to_string()),
+                    "expires_at": events::rfc3339(at),
+                }))
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "since": events::rfc3339(self.since),
+            "uptime_s": self.since.elapsed().map_or(0, |d| d.as_secs()),
+            "pid": std::process::id(),
+            "policy": self.settings.policy.display().to_string(),
+            "revision": self.policy.revision,
+            "mode": self.global_mode(&self.policy).to_string(),
+            "mode_source": if self.global.is_some() { "runtime" } else { "policy" },
+            "cgroup_root": self.root_rel,
+            "hooks": loader::PROGRAMS,
+            "pin_root": self.kernel.pin_root().display().to_string(),
+            "adopted": self.kernel.adopted(),
+            "envs": ids.iter().map(|&i| self.compiled.env_name(i)).collect::<Vec<_>>(),
+            "pending_reverts": pending,
+            "pairs": pairs,
+            "control": self.gate.status(),
+        }))
+    }
+
+    /// What-if against the live policy and modes, runtime switches included.
+    pub(super) fn explain(
+        &self,
+        from: &str,
+        to: &str,
+        port: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let from: Endpoint = from.parse().map_err(anyhow::Error::msg)?;
+        let to: Endpoint = to.parse().map_err(anyhow::Error::msg)?;
+        let port: PortProto = port.parse().map_err(anyhow::Error::msg)?;
+        let mut modes = ModeState::from_policy(&self.policy);
+        if let Some(o) = &self.global {
+            modes.global = o.mode;
+        }
+        for ((f, t), o) in &self.pairs {
+            let origin = match o.expires {
+                Some((_, at)) => format!("envguard mode, until {}", events::rfc3339(at)),
+                None => "envguard mode".to_owned(),
+            };
+            modes.push_pair(f, t, o.mode, origin);
+        }
+        let e = crate::explain::explain(
+            &self.policy,
+            &self.compiled,
+            &from,
+            &to,
+            port.proto,
+            port.port,
+            &modes,
+        )?;
+        Ok(serde_json::to_value(e)?)
+    }
+}
+
+/// The policy's decision for a pair in general: `allow` (every flow), `ports`
+/// (some ports or protocols allowed, or some denied), `deny`, or `audit` (a
+/// violation, let through in audit mode).
+fn pair_decision(c: &Compiled, s: u32, d: u32, mode: Mode) -> &'static str {
+    let pair = |k: &envguard_common::policy::RuleKey| {
+        k.src_env == s.to_be_bytes() && k.dst_env == d.to_be_bytes()
+    };
+    let deny_all = c
+        .deny_rules
+        .iter()
+        .any(|(p, k, _)| *p == RULE_PREFIX_PAIR && pair(k));
+    let deny_some = c.deny_rules.iter().any(|(_, k, _)| pair(k));
+    let allow_all = s == d
+        || c.rules
+            .iter()
+            .any(|(p, k, _)| *p == RULE_PREFIX_PAIR && pair(k));
+    let allow_some = c.rules.iter().any(|(_, k, _)| pair(k));
+    let violation = if mode == Mode::Enforce {
+        "deny"
+    } else {
+        "audit"
+    };
+    if deny_all {
+        violation
+    } else if allow_all && !deny_some {
+        "allow"
+    } else if allow_all || allow_some {
+        "ports"
+    } else {
+        violation
+    }
+}
