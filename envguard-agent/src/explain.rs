@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cgroups,
     events::{rule_label, verdict_name},
+    modes::Modes,
     policy::{
-        ANY, Mode, OnLoss, Policy, PortSpec, Selector, compile::Compiled, normalize_cgroup,
-        ports::proto_name,
+        ANY, OnLoss, Policy, PortSpec, compile::Compiled, normalize_cgroup, ports::proto_name,
     },
 };
 
@@ -137,75 +137,6 @@ impl fmt::Display for PortProto {
     }
 }
 
-/// The modes in force: the global one and the per-pair overrides. Offline it
-/// comes from the policy ([`ModeState::from_policy`]); the agent fills it with
-/// its live state (the policy's entries, then its runtime overrides pushed
-/// after them, so that they win).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModeState {
-    pub global: Mode,
-    /// In order of precedence: a later entry for the same pair wins.
-    pub pairs: Vec<PairOverride>,
-}
-
-/// A pair handled in its own mode.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PairOverride {
-    pub from: Selector,
-    pub to: Selector,
-    pub mode: Mode,
-    /// Where it comes from, for people: `[[pair_mode]] * -> prod, line 40`,
-    /// `envguard mode, until 2026-11-23T11:00:00Z`.
-    pub origin: String,
-}
-
-impl ModeState {
-    /// The modes a policy file sets.
-    pub fn from_policy(policy: &Policy) -> ModeState {
-        ModeState {
-            global: policy.mode,
-            pairs: policy
-                .pair_modes
-                .iter()
-                .map(|pm| PairOverride {
-                    from: pm.from.clone(),
-                    to: pm.to.clone(),
-                    mode: pm.mode,
-                    origin: format!("[[pair_mode]] {} -> {}, line {}", pm.from, pm.to, pm.line),
-                })
-                .collect(),
-        }
-    }
-
-    /// Adds an override for one pair of envs, winning over every earlier entry.
-    pub fn push_pair(&mut self, from: &str, to: &str, mode: Mode, origin: impl Into<String>) {
-        self.pairs.push(PairOverride {
-            from: Selector::Env(from.to_owned()),
-            to: Selector::Env(to.to_owned()),
-            mode,
-            origin: origin.into(),
-        });
-    }
-
-    /// The mode a violation from env `from` to env `to` is handled in, and
-    /// the override that set it (`None`: the global mode).
-    pub fn mode_of(&self, from: &str, to: &str) -> (Mode, Option<&PairOverride>) {
-        let matches = |s: &Selector, env: &str| match s {
-            Selector::Any => true,
-            Selector::Env(n) => n == env,
-        };
-        match self
-            .pairs
-            .iter()
-            .rev()
-            .find(|p| matches(&p.from, from) && matches(&p.to, to))
-        {
-            Some(p) => (p.mode, Some(p)),
-            None => (self.global, None),
-        }
-    }
-}
-
 /// The policy's decision for a flow between two env ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
@@ -255,19 +186,17 @@ impl RuleLookup for Compiled {
 
 /// The modes in force, by env id, with the kernel's encoding.
 struct ModesById<'a> {
-    modes: &'a ModeState,
+    modes: &'a Modes,
     compiled: &'a Compiled,
 }
 
 impl ModeLookup for ModesById<'_> {
     fn global_mode(&self) -> u32 {
-        self.modes.global.kernel()
+        self.modes.global().0.kernel()
     }
 
     fn pair_mode(&self, src: u32, dst: u32) -> Option<u32> {
-        let (from, to) = (self.compiled.env_name(src), self.compiled.env_name(dst));
-        let (mode, pair) = self.modes.mode_of(from, to);
-        pair.map(|_| mode.kernel())
+        self.modes.kernel_pair(self.compiled, src, dst)
     }
 }
 
@@ -373,7 +302,7 @@ pub fn explain(
     to: &Endpoint,
     proto: u8,
     port: u16,
-    modes: &ModeState,
+    modes: &Modes,
 ) -> Result<Explanation, ExplainError> {
     let mut notes = Vec::new();
     // The kernel looks up same-host peers for TCP and UDP only.
@@ -398,16 +327,17 @@ pub fn explain(
     };
     let line = policy.rules.get(decision.rule as usize).map(|r| r.line);
 
-    let (mode, pair) = modes.mode_of(&from_side.env, &to_side.env);
+    let (mode, source) = modes.of(&from_side.env, &to_side.env);
     let verdict = verdict_name(outcome.verdict);
     let effect = match outcome.verdict {
         VERDICT_ALLOWED => "allowed",
         VERDICT_DENIED => "refused",
         _ => "allowed and reported",
     };
-    let scope = match pair {
-        Some(_) => format!("pair {}->{}", from_side.env, to_side.env),
-        None => "global".to_owned(),
+    let scope = if source.is_pair() {
+        format!("pair {}->{}", from_side.env, to_side.env)
+    } else {
+        "global".to_owned()
     };
 
     let same_env = from_side.env == to_side.env;
@@ -446,7 +376,7 @@ pub fn explain(
         mode: ModeEffect {
             mode: mode.to_string(),
             scope,
-            origin: pair.map(|p| p.origin.clone()),
+            origin: source.pair_origin(),
             verdict: verdict.to_owned(),
             effect: effect.to_owned(),
         },
@@ -640,7 +570,10 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::policy::{compile::compile, ports::PROTO_TCP};
+    use crate::{
+        control::Scope,
+        policy::{Mode, Selector, compile::compile, ports::PROTO_TCP},
+    };
 
     const POLICY: &str = r#"mode = "enforce"
 
@@ -684,13 +617,13 @@ mode = "audit"
     struct Fixture {
         policy: Policy,
         compiled: Compiled,
-        modes: ModeState,
+        modes: Modes,
     }
 
     fn fixture(text: &str) -> Fixture {
         let policy = Policy::parse(Path::new("p.toml"), text).expect("valid");
         let compiled = compile(&policy).expect("compiles");
-        let modes = ModeState::from_policy(&policy);
+        let modes = Modes::from_policy(&policy);
         Fixture {
             policy,
             compiled,
@@ -890,8 +823,12 @@ mode = "audit"
 
         // The live state: a runtime override wins over the policy's.
         let mut modes = f.modes.clone();
-        modes.push_pair("dev", "staging", Mode::Enforce, "envguard mode");
-        modes.global = Mode::Audit;
+        let pair = Scope::Pair {
+            from: "dev".into(),
+            to: "staging".into(),
+        };
+        modes.set(pair, Mode::Enforce, None);
+        modes.set(Scope::Global, Mode::Audit, None);
         let e = explain(
             &f.policy,
             &f.compiled,

@@ -33,6 +33,7 @@ use crate::{
     events::{self, Stream},
     loader::{self, Kernel, Options},
     metrics,
+    modes::Modes,
     policy::{
         Policy,
         compile::{Compiled, compile_with_ids},
@@ -47,8 +48,6 @@ mod housekeeping;
 mod modes;
 mod reload;
 mod status;
-
-use modes::Override;
 
 /// How often the agent beats, looks for listed-but-missing cgroups and reads
 /// the kernel's loss counters.
@@ -99,14 +98,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // on sockets stay right.
     let compiled = compile_with_ids(&policy, &kernel.env_names()?)?;
     let mut tracker = CgroupTracker::new(&mount, &compiled);
+    let modes = Modes::from_policy(&policy);
     // The policy goes into the maps before any new program is attached, so no
     // program ever runs without it.
     kernel
         .apply_policy(
             &compiled,
             || tracker.rescan(),
-            compiled.mode,
-            &compiled.pair_modes,
+            modes.global().0.kernel(),
+            &modes.kernel_pairs(&compiled),
         )
         .context("writing the policy into the kernel")?;
     kernel.attach(&root_dir)?;
@@ -199,8 +199,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         root_rel,
         settings: settings.clone(),
         since: SystemTime::now(),
-        global: None,
-        pairs: BTreeMap::new(),
+        modes,
         dedup_reported,
         next_rollup: Instant::now() + settings.kernel.dedup_interval,
         snapshot,
@@ -272,10 +271,8 @@ struct Daemon {
     root_rel: String,
     settings: Settings,
     since: SystemTime,
-    /// Runtime overrides; they outlive reloads (operator intent), and timed
-    /// ones revert on time.
-    global: Option<Override>,
-    pairs: BTreeMap<(String, String), Override>,
+    /// The policy's modes and the operator's runtime switches over them.
+    modes: Modes,
     /// Per violating flow: repeats already reported in rollups.
     dedup_reported: HashMap<DedupKey, u64>,
     next_rollup: Instant,
@@ -301,7 +298,7 @@ impl Daemon {
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         let mut holders_tick = tokio::time::interval(HOLDERS_PASS);
         loop {
-            let next_expiry = self.next_expiry();
+            let next_expiry = self.modes.next_expiry().map(Instant::from_std);
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("waiting for events")?;

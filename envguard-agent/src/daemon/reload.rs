@@ -8,10 +8,7 @@ use crate::{
     control::{Actor, ReloadReply},
     events::PolicyLoaded,
     loader,
-    policy::{
-        Policy,
-        compile::{compile_with_ids, mode_value},
-    },
+    policy::{Policy, compile::compile_with_ids},
 };
 
 #[derive(Serialize)]
@@ -52,18 +49,23 @@ impl Daemon {
         };
         warn_about(&policy, &self.mount, &self.root_rel);
         let mut tracker = CgroupTracker::new(&self.mount, &compiled);
-        let mode = mode_value(self.global_mode(&policy));
-        let pairs = self.pair_modes(&compiled);
+        // The runtime switches stay, over the new policy's modes.
+        let modes = self
+            .modes
+            .reloaded(&policy, |env| compiled.env_id(env).is_some());
         self.kernel
-            .apply_policy(&compiled, || tracker.rescan(), mode, &pairs)
+            .apply_policy(
+                &compiled,
+                || tracker.rescan(),
+                modes.global().0.kernel(),
+                &modes.kernel_pairs(&compiled),
+            )
             .context("writing the new policy into the kernel")?;
-        // Overrides of pairs whose envs are gone have nothing left to act on.
-        self.pairs
-            .retain(|(f, t), _| compiled.env_id(f).is_some() && compiled.env_id(t).is_some());
         for (path, id) in tracker.known() {
             self.names.insert(id, path);
         }
         self.policy = policy;
+        self.modes = modes;
         self.compiled = compiled;
         self.tracker = tracker;
         // Cgroups may have changed env: every socket is looked at again.
@@ -91,7 +93,7 @@ impl Daemon {
                     .to_string(),
                 revision: &self.policy.revision,
                 envs: self.policy.env_names(),
-                mode: self.global_mode(&self.policy).to_string(),
+                mode: self.modes.global().0.to_string(),
                 cgroup_root: self.root_rel.clone(),
                 hooks: loader::PROGRAMS,
                 pin_root: self.kernel.pin_root().display().to_string(),

@@ -10,8 +10,9 @@ use serde::Serialize;
 use super::Daemon;
 use crate::{
     events,
-    explain::{Endpoint, ModeState, PortProto},
+    explain::{Endpoint, PortProto},
     loader,
+    modes::Source,
     policy::{Mode, compile::Compiled},
 };
 
@@ -47,7 +48,12 @@ impl Daemon {
                     self.compiled.env_name(s).to_owned(),
                     self.compiled.env_name(d).to_owned(),
                 );
-                let (mode, mode_source) = self.pair_mode(&from, &to);
+                let (mode, source) = self.modes.of(&from, &to);
+                let mode_source = match source {
+                    Source::RuntimePair(_) => "runtime",
+                    Source::PolicyPair(_) => "policy",
+                    Source::PolicyGlobal | Source::RuntimeGlobal(_) => "global",
+                };
                 let c = counts.get(&(s, d)).copied().unwrap_or_default();
                 pairs.push(Pair {
                     decision: pair_decision(&self.compiled, s, d, mode),
@@ -62,28 +68,27 @@ impl Daemon {
             }
         }
         let pending: Vec<serde_json::Value> = self
-            .global
-            .iter()
-            .map(|o| ("global".to_owned(), o))
-            .chain(self.pairs.iter().map(|((f, t), o)| (format!("{f}->{t}"), o)))
+            .modes
+            .pending()
             .filter_map(|(scope, o)| {
-                let (_, at) = o.expires?;
+                let at = o.expires?.wall;
                 Some(serde_json::json!({
-                    "scope": scope,
+                    "scope": scope.to_string(),
                     "mode": o.mode.to_string(),
                     "reverts_to": o.revert_to.map_or_else(|| "policy".to_owned(), |m| m.to_string()),
                     "expires_at": events::rfc3339(at),
                 }))
             })
             .collect();
+        let (mode, source) = self.modes.global();
         Ok(serde_json::json!({
             "since": events::rfc3339(self.since),
             "uptime_s": self.since.elapsed().map_or(0, |d| d.as_secs()),
             "pid": std::process::id(),
             "policy": self.settings.policy.display().to_string(),
             "revision": self.policy.revision,
-            "mode": self.global_mode(&self.policy).to_string(),
-            "mode_source": if self.global.is_some() { "runtime" } else { "policy" },
+            "mode": mode.to_string(),
+            "mode_source": if source.is_runtime() { "runtime" } else { "policy" },
             "cgroup_root": self.root_rel,
             "hooks": loader::PROGRAMS,
             "pin_root": self.kernel.pin_root().display().to_string(),
@@ -105,17 +110,6 @@ impl Daemon {
         let from: Endpoint = from.parse().map_err(anyhow::Error::msg)?;
         let to: Endpoint = to.parse().map_err(anyhow::Error::msg)?;
         let port: PortProto = port.parse().map_err(anyhow::Error::msg)?;
-        let mut modes = ModeState::from_policy(&self.policy);
-        if let Some(o) = &self.global {
-            modes.global = o.mode;
-        }
-        for ((f, t), o) in &self.pairs {
-            let origin = match o.expires {
-                Some((_, at)) => format!("envguard mode, until {}", events::rfc3339(at)),
-                None => "envguard mode".to_owned(),
-            };
-            modes.push_pair(f, t, o.mode, origin);
-        }
         let e = crate::explain::explain(
             &self.policy,
             &self.compiled,
@@ -123,7 +117,7 @@ impl Daemon {
             &to,
             port.proto,
             port.port,
-            &modes,
+            &self.modes,
         )?;
         Ok(serde_json::to_value(e)?)
     }

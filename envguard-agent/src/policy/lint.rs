@@ -761,7 +761,8 @@ cidrs = ["10.1.2.128/25", "2001:db8::/32"]
     /// empty ones): allowed, or a violation in some mode.
     fn outcome(p: &Policy) -> Vec<String> {
         use crate::{
-            explain::{ModeState, decide},
+            explain::decide,
+            modes::Modes,
             policy::{
                 compile::compile,
                 ports::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
@@ -775,7 +776,7 @@ cidrs = ["10.1.2.128/25", "2001:db8::/32"]
         .chain([(PROTO_ICMP, 0)])
         .collect();
         let c = compile(p).unwrap();
-        let modes = ModeState::from_policy(p);
+        let modes = Modes::from_policy(p);
         let empty: Vec<&str> = p
             .envs
             .iter()
@@ -794,7 +795,7 @@ cidrs = ["10.1.2.128/25", "2001:db8::/32"]
                     let what = if decide(&c, s, d, proto, port).allowed {
                         "allowed".to_owned()
                     } else {
-                        format!("violation, {}", modes.mode_of(sn, dn).0)
+                        format!("violation, {}", modes.of(sn, dn).0)
                     };
                     out.push(format!("{sn} -> {dn} {port}/{proto}: {what}"));
                 }
