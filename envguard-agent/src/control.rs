@@ -53,7 +53,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// and each has a smaller one of their own. A connection over a bound gets
 /// one JSON error line saying which, and is closed; every refusal is counted
 /// (`status`, metrics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     /// Connections from uid 0.
     pub root: usize,
@@ -243,24 +243,56 @@ impl Gate {
     }
 
     /// For `status`: what is open, what was refused, the limits.
-    pub fn status(&self) -> serde_json::Value {
-        let refused = self.refused();
+    pub fn status(&self) -> ControlStatus {
         let c = self.counts();
-        let mut by_reason = serde_json::Map::new();
-        for (r, n) in &refused {
-            by_reason.insert(r.name().to_owned(), (*n).into());
-        }
-        serde_json::json!({
-            "open": {
-                "root": c.root,
-                "others": c.others,
-                "subscribers": c.subscribers,
+        let n = |r: Refusal| c.refused[r as usize];
+        let refused = RefusedCounts {
+            root: n(Refusal::Root),
+            others: n(Refusal::Others),
+            per_uid: n(Refusal::PerUid),
+            subscribers: n(Refusal::Subscribers),
+            subscribers_per_uid: n(Refusal::SubscribersPerUid),
+        };
+        ControlStatus {
+            open: OpenConnections {
+                root: c.root,
+                others: c.others,
+                subscribers: c.subscribers,
             },
-            "refused_total": refused.iter().map(|(_, n)| n).sum::<u64>(),
-            "refused": by_reason,
-            "limits": self.limits,
-        })
+            refused_total: c.refused.iter().sum(),
+            refused,
+            limits: self.limits,
+        }
     }
+}
+
+/// The control socket's admission in `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlStatus {
+    pub open: OpenConnections,
+    pub refused_total: u64,
+    /// By reason, named as the [`Limits`] field that refused.
+    pub refused: RefusedCounts,
+    pub limits: Limits,
+}
+
+/// Connections open now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenConnections {
+    pub root: usize,
+    pub others: usize,
+    /// `events` subscriptions of users other than root.
+    pub subscribers: usize,
+}
+
+/// Refusals since start, by reason ([`Refusal::name`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedCounts {
+    pub root: u64,
+    pub others: u64,
+    pub per_uid: u64,
+    pub subscribers: u64,
+    pub subscribers_per_uid: u64,
 }
 
 impl Drop for Slot {
@@ -396,6 +428,103 @@ pub struct ModeReply {
 pub struct ReloadReply {
     /// `sha256:…` of the policy file now in force.
     pub revision: String,
+}
+
+/// The answer to `status`. Field order is the wire order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// When the agent started (RFC 3339).
+    pub since: String,
+    pub uptime_s: u64,
+    pub pid: u32,
+    /// The policy file.
+    pub policy: String,
+    /// `sha256:…` of the policy file in force.
+    pub revision: String,
+    /// The global mode.
+    pub mode: Mode,
+    /// Where the global mode comes from: `runtime` or `policy`.
+    pub mode_source: ModeSource,
+    pub cgroup_root: String,
+    /// The programs attached.
+    pub hooks: Vec<String>,
+    pub pin_root: String,
+    /// Whether the agent adopted pinned state.
+    pub adopted: bool,
+    /// Every env, `host` and `world` included, in id order.
+    pub envs: Vec<String>,
+    /// Break-glass switches waiting to revert.
+    pub pending_reverts: Vec<PendingRevert>,
+    /// Every pair of envs, `from` major.
+    pub pairs: Vec<PairStatus>,
+    /// The control socket's admission (absent in answers of agents older than
+    /// its limits).
+    #[serde(default)]
+    pub control: ControlStatus,
+}
+
+/// Where a mode comes from, as `status` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModeSource {
+    /// An operator's switch (`envguard mode`).
+    Runtime,
+    /// The policy file (its `mode`; for a pair, a `[[pair_mode]]`).
+    Policy,
+    /// A pair without a mode of its own: the global mode applies.
+    Global,
+}
+
+/// One env pair in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairStatus {
+    pub from: String,
+    pub to: String,
+    pub decision: PairDecision,
+    pub mode: Mode,
+    /// `runtime`, `policy` or `global`.
+    pub mode_source: ModeSource,
+    /// Decisions since the agent started.
+    pub allowed: u64,
+    pub denied: u64,
+    pub audited: u64,
+}
+
+/// The policy's decision for a pair in general.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairDecision {
+    /// Every flow allowed.
+    Allow,
+    /// Some ports or protocols allowed, or some denied.
+    Ports,
+    /// A violation, refused (enforce mode).
+    Deny,
+    /// A violation, let through and reported (audit mode).
+    Audit,
+}
+
+impl PairDecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            PairDecision::Allow => "allow",
+            PairDecision::Ports => "ports",
+            PairDecision::Deny => "deny",
+            PairDecision::Audit => "audit",
+        }
+    }
+}
+
+/// A break-glass switch waiting to revert.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRevert {
+    /// `global` or `from->to`.
+    pub scope: String,
+    pub mode: Mode,
+    /// `audit`, `enforce`, or `policy` (back to the policy file's mode).
+    pub reverts_to: String,
+    /// RFC 3339.
+    pub expires_at: String,
 }
 
 impl Request {
@@ -764,6 +893,57 @@ mod tests {
         assert!(!Request::Events {}.mutates());
     }
 
+    /// `status --json`'s fields, nesting and order are a contract.
+    #[test]
+    fn status_reply_keeps_its_wire_shape() {
+        let reply = StatusReply {
+            since: "2026-11-23T10:00:00Z".into(),
+            uptime_s: 5,
+            pid: 1,
+            policy: "/etc/envguard/policy.toml".into(),
+            revision: "sha256:00".into(),
+            mode: Mode::Enforce,
+            mode_source: ModeSource::Runtime,
+            cgroup_root: "/".into(),
+            hooks: vec!["connect4".into()],
+            pin_root: "/sys/fs/bpf/envguard".into(),
+            adopted: false,
+            envs: vec!["host".into()],
+            pending_reverts: vec![PendingRevert {
+                scope: "global".into(),
+                mode: Mode::Audit,
+                reverts_to: "policy".into(),
+                expires_at: "2026-11-23T11:00:00Z".into(),
+            }],
+            pairs: vec![PairStatus {
+                from: "host".into(),
+                to: "host".into(),
+                decision: PairDecision::Allow,
+                mode: Mode::Enforce,
+                mode_source: ModeSource::Global,
+                allowed: 1,
+                denied: 2,
+                audited: 3,
+            }],
+            control: Gate::new(Limits::default()).status(),
+        };
+        let json = serde_json::to_string(&reply).unwrap();
+        assert_eq!(
+            json,
+            concat!(
+                r#"{"since":"2026-11-23T10:00:00Z","uptime_s":5,"pid":1,"policy":"/etc/envguard/policy.toml","#,
+                r#""revision":"sha256:00","mode":"enforce","mode_source":"runtime","cgroup_root":"/","#,
+                r#""hooks":["connect4"],"pin_root":"/sys/fs/bpf/envguard","adopted":false,"envs":["host"],"#,
+                r#""pending_reverts":[{"scope":"global","mode":"audit","reverts_to":"policy","expires_at":"2026-11-23T11:00:00Z"}],"#,
+                r#""pairs":[{"from":"host","to":"host","decision":"allow","mode":"enforce","mode_source":"global","allowed":1,"denied":2,"audited":3}],"#,
+                r#""control":{"open":{"root":0,"others":0,"subscribers":0},"refused_total":0,"#,
+                r#""refused":{"root":0,"others":0,"per_uid":0,"subscribers":0,"subscribers_per_uid":0},"#,
+                r#""limits":{"root":1024,"others":1024,"per_uid":64,"subscribers":256,"subscribers_per_uid":16}}}"#
+            )
+        );
+        assert_eq!(serde_json::from_str::<StatusReply>(&json).unwrap(), reply);
+    }
+
     #[test]
     fn root_keeps_its_own_room_and_users_their_share() {
         let gate = Arc::new(Gate::new(Limits {
@@ -801,7 +981,7 @@ mod tests {
             gate.admit(0).err().as_deref(),
             Some("too many connections from root (limit 3)")
         );
-        let st = gate.status();
+        let st = serde_json::to_value(gate.status()).unwrap();
         assert_eq!(
             st["open"],
             serde_json::json!({"root": 3, "others": 4, "subscribers": 3})
@@ -828,7 +1008,7 @@ mod tests {
             "too many event subscriptions from users other than root (limit 3)"
         );
         drop((a, c, d));
-        let st = gate.status();
+        let st = serde_json::to_value(gate.status()).unwrap();
         assert_eq!(
             st["open"],
             serde_json::json!({"root": 0, "others": 0, "subscribers": 0})

@@ -333,7 +333,7 @@ impl Daemon {
 
     fn handle(&mut self, request: Request, actor: Actor) -> Response {
         let result = match request {
-            Request::Status {} => self.status(),
+            Request::Status {} => self.status().and_then(|r| Ok(serde_json::to_value(r)?)),
             Request::Mode(m) => self
                 .set_mode(m, actor)
                 .and_then(|r| Ok(serde_json::to_value(r)?)),

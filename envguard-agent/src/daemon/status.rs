@@ -5,10 +5,10 @@ use envguard_common::{
     event::{VERDICT_ALLOWED, VERDICT_AUDITED, VERDICT_DENIED},
     policy::RULE_PREFIX_PAIR,
 };
-use serde::Serialize;
 
 use super::Daemon;
 use crate::{
+    control::{ModeSource, PairDecision, PairStatus, PendingRevert, StatusReply},
     events,
     explain::{Endpoint, PortProto},
     loader,
@@ -17,18 +17,7 @@ use crate::{
 };
 
 impl Daemon {
-    pub(super) fn status(&mut self) -> anyhow::Result<serde_json::Value> {
-        #[derive(Serialize, Default)]
-        struct Pair {
-            from: String,
-            to: String,
-            decision: &'static str,
-            mode: String,
-            mode_source: &'static str,
-            allowed: u64,
-            denied: u64,
-            audited: u64,
-        }
+    pub(super) fn status(&mut self) -> anyhow::Result<StatusReply> {
         let mut counts: HashMap<(u32, u32), [u64; 3]> = HashMap::new();
         for (k, v) in self.kernel.decisions()? {
             let since = v.saturating_sub(self.decisions_baseline.get(&k).copied().unwrap_or(0));
@@ -50,14 +39,14 @@ impl Daemon {
                 );
                 let (mode, source) = self.modes.of(&from, &to);
                 let mode_source = match source {
-                    Source::RuntimePair(_) => "runtime",
-                    Source::PolicyPair(_) => "policy",
-                    Source::PolicyGlobal | Source::RuntimeGlobal(_) => "global",
+                    Source::RuntimePair(_) => ModeSource::Runtime,
+                    Source::PolicyPair(_) => ModeSource::Policy,
+                    Source::PolicyGlobal | Source::RuntimeGlobal(_) => ModeSource::Global,
                 };
                 let c = counts.get(&(s, d)).copied().unwrap_or_default();
-                pairs.push(Pair {
+                pairs.push(PairStatus {
                     decision: pair_decision(&self.compiled, s, d, mode),
-                    mode: mode.to_string(),
+                    mode,
                     mode_source,
                     from,
                     to,
@@ -67,37 +56,45 @@ impl Daemon {
                 });
             }
         }
-        let pending: Vec<serde_json::Value> = self
+        let pending_reverts = self
             .modes
             .pending()
             .filter_map(|(scope, o)| {
-                let at = o.expires?.wall;
-                Some(serde_json::json!({
-                    "scope": scope.to_string(),
-                    "mode": o.mode.to_string(),
-                    "reverts_to": o.revert_to.map_or_else(|| "policy".to_owned(), |m| m.to_string()),
-                    "expires_at": events::rfc3339(at),
-                }))
+                Some(PendingRevert {
+                    scope: scope.to_string(),
+                    mode: o.mode,
+                    reverts_to: o
+                        .revert_to
+                        .map_or_else(|| "policy".to_owned(), |m| m.to_string()),
+                    expires_at: events::rfc3339(o.expires?.wall),
+                })
             })
             .collect();
         let (mode, source) = self.modes.global();
-        Ok(serde_json::json!({
-            "since": events::rfc3339(self.since),
-            "uptime_s": self.since.elapsed().map_or(0, |d| d.as_secs()),
-            "pid": std::process::id(),
-            "policy": self.settings.policy.display().to_string(),
-            "revision": self.policy.revision,
-            "mode": mode.to_string(),
-            "mode_source": if source.is_runtime() { "runtime" } else { "policy" },
-            "cgroup_root": self.root_rel,
-            "hooks": loader::PROGRAMS,
-            "pin_root": self.kernel.pin_root().display().to_string(),
-            "adopted": self.kernel.adopted(),
-            "envs": ids.iter().map(|&i| self.compiled.env_name(i)).collect::<Vec<_>>(),
-            "pending_reverts": pending,
-            "pairs": pairs,
-            "control": self.gate.status(),
-        }))
+        Ok(StatusReply {
+            since: events::rfc3339(self.since),
+            uptime_s: self.since.elapsed().map_or(0, |d| d.as_secs()),
+            pid: std::process::id(),
+            policy: self.settings.policy.display().to_string(),
+            revision: self.policy.revision.clone(),
+            mode,
+            mode_source: if source.is_runtime() {
+                ModeSource::Runtime
+            } else {
+                ModeSource::Policy
+            },
+            cgroup_root: self.root_rel.clone(),
+            hooks: loader::PROGRAMS.iter().map(|&h| h.to_owned()).collect(),
+            pin_root: self.kernel.pin_root().display().to_string(),
+            adopted: self.kernel.adopted(),
+            envs: ids
+                .iter()
+                .map(|&i| self.compiled.env_name(i).to_owned())
+                .collect(),
+            pending_reverts,
+            pairs,
+            control: self.gate.status(),
+        })
     }
 
     /// What-if against the live policy and modes, runtime switches included.
@@ -126,7 +123,7 @@ impl Daemon {
 /// The policy's decision for a pair in general: `allow` (every flow), `ports`
 /// (some ports or protocols allowed, or some denied), `deny`, or `audit` (a
 /// violation, let through in audit mode).
-fn pair_decision(c: &Compiled, s: u32, d: u32, mode: Mode) -> &'static str {
+fn pair_decision(c: &Compiled, s: u32, d: u32, mode: Mode) -> PairDecision {
     let pair = |k: &envguard_common::policy::RuleKey| {
         k.src_env == s.to_be_bytes() && k.dst_env == d.to_be_bytes()
     };
@@ -141,16 +138,16 @@ fn pair_decision(c: &Compiled, s: u32, d: u32, mode: Mode) -> &'static str {
             .any(|(p, k, _)| *p == RULE_PREFIX_PAIR && pair(k));
     let allow_some = c.rules.iter().any(|(_, k, _)| pair(k));
     let violation = if mode == Mode::Enforce {
-        "deny"
+        PairDecision::Deny
     } else {
-        "audit"
+        PairDecision::Audit
     };
     if deny_all {
         violation
     } else if allow_all && !deny_some {
-        "allow"
+        PairDecision::Allow
     } else if allow_all || allow_some {
-        "ports"
+        PairDecision::Ports
     } else {
         violation
     }
