@@ -11,6 +11,7 @@ pub mod events;
 pub mod explain;
 pub mod loader;
 pub mod metrics;
+pub mod modes;
 pub mod pinroot;
 pub mod policy;
 pub mod ratelimit;

@@ -3,7 +3,8 @@ use std::path::PathBuf;
 
 use crate::{
     control::{Request, SocketArg, call_blocking},
-    explain::{self as ex, Endpoint, Explanation, ModeState, PortProto},
+    explain::{self as ex, Endpoint, Explanation, PortProto},
+    modes::Modes,
     policy::{Policy, compile::compile},
 };
 
@@ -61,7 +62,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
 pub fn offline(path: &std::path::Path, args: &ExplainArgs) -> anyhow::Result<Explanation> {
     let policy = Policy::load(path)?;
     let compiled = compile(&policy)?;
-    let modes = ModeState::from_policy(&policy);
+    let modes = Modes::from_policy(&policy);
     Ok(ex::explain(
         &policy,
         &compiled,

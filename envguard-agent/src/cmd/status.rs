@@ -1,9 +1,7 @@
 //! `envguard status`: the state of the host at a glance.
 use std::io::IsTerminal as _;
 
-use serde_json::Value;
-
-use crate::control::{Request, SocketArg, call_blocking};
+use crate::control::{ModeSource, Request, SocketArg, StatusReply, call_blocking};
 
 /// Show the running agent's state: uptime, mode (global and per pair), policy
 /// revision, hooks, pinned state, pending break-glass reverts, and an env × env
@@ -18,11 +16,14 @@ pub struct StatusArgs {
 }
 
 pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
-    let s = call_blocking(&args.socket.path(), &Request::Status {})?;
+    let answer = call_blocking(&args.socket.path(), &Request::Status {})?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        // The agent's answer as it is, fields this client does not know included.
+        println!("{}", serde_json::to_string_pretty(&answer)?);
         return Ok(());
     }
+    let s: StatusReply = serde_json::from_value(answer)
+        .map_err(|e| anyhow::anyhow!("unreadable status answer from the agent: {e}"))?;
     print!("{}", render(&s, std::io::stdout().is_terminal()));
     Ok(())
 }
@@ -73,80 +74,60 @@ fn clock(rfc3339: &str) -> String {
 }
 
 /// Renders the status for a terminal of 80 columns.
-pub fn render(s: &Value, colour: bool) -> String {
-    let str_of = |v: &Value| v.as_str().unwrap_or("?").to_owned();
+pub fn render(s: &StatusReply, colour: bool) -> String {
     let mut out = String::new();
-    let uptime = s["uptime_s"].as_u64().unwrap_or(0);
     let mut head = vec![
         format!(
             "envguard  pid {}, up {} (since {})",
-            s["pid"],
-            humantime::format_duration(std::time::Duration::from_secs(uptime)),
-            str_of(&s["since"])
+            s.pid,
+            humantime::format_duration(std::time::Duration::from_secs(s.uptime_s)),
+            s.since
         ),
-        format!("policy    {}", str_of(&s["policy"])),
+        format!("policy    {}", s.policy),
         // One space: a sha256 revision then fits 80 columns whole.
-        format!("revision {}", str_of(&s["revision"])),
-        format!(
-            "hooks     {} attached at {}",
-            s["hooks"].as_array().map_or(0, Vec::len),
-            str_of(&s["cgroup_root"])
-        ),
+        format!("revision {}", s.revision),
+        format!("hooks     {} attached at {}", s.hooks.len(), s.cgroup_root),
         format!(
             "pinned    {}{}",
-            str_of(&s["pin_root"]),
-            if s["adopted"].as_bool() == Some(true) {
-                " (adopted)"
-            } else {
-                ""
-            }
+            s.pin_root,
+            if s.adopted { " (adopted)" } else { "" }
         ),
     ];
-    for p in s["pending_reverts"].as_array().into_iter().flatten() {
+    for p in &s.pending_reverts {
         head.push(format!(
             "pending   {}: {} until {}, then {}",
-            str_of(&p["scope"]),
-            str_of(&p["mode"]),
-            clock(&str_of(&p["expires_at"])),
-            str_of(&p["reverts_to"])
+            p.scope,
+            p.mode,
+            clock(&p.expires_at),
+            p.reverts_to
         ));
     }
     for line in head {
         out.push_str(&fit(line));
         out.push('\n');
     }
-    out.push_str(&format!(
-        "mode      {} ({})\n",
-        paint(&str_of(&s["mode"]), colour),
-        str_of(&s["mode_source"])
-    ));
-    let envs: Vec<String> = s["envs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(str_of)
-        .collect();
-    let pairs = s["pairs"].as_array().cloned().unwrap_or_default();
-    let find = |f: &str, t: &str| {
-        pairs
-            .iter()
-            .find(|p| p["from"] == f && p["to"] == t)
-            .cloned()
-            .unwrap_or(Value::Null)
+    let source = match s.mode_source {
+        ModeSource::Runtime => "runtime",
+        ModeSource::Policy => "policy",
+        ModeSource::Global => "global",
     };
+    out.push_str(&format!(
+        "mode      {} ({source})\n",
+        paint(s.mode.name(), colour),
+    ));
+    let find = |f: &str, t: &str| s.pairs.iter().find(|p| p.from == f && p.to == t);
     // At most 7 columns of envs fit 80 columns beside the row labels.
-    for chunk in envs.chunks(7) {
+    for chunk in s.envs.chunks(7) {
         out.push_str(&format!("\n{}", cut("from \\ to", 12)));
         for t in chunk {
             out.push_str(&cut(t, CELL));
         }
         out.push('\n');
-        for f in &envs {
+        for f in &s.envs {
             out.push_str(&cut(f, 12));
             for t in chunk {
-                let p = find(f, t);
-                let mut cell = str_of(&p["decision"]);
-                if p["mode_source"] == "runtime" || p["mode_source"] == "policy" {
+                let mut cell = find(f, t).map_or("?", |p| p.decision.name()).to_owned();
+                if find(f, t).is_some_and(|p| p.mode_source != ModeSource::Global) {
                     cell.push('*');
                 }
                 let padded = cut(&cell, CELL);
@@ -159,19 +140,18 @@ pub fn render(s: &Value, colour: bool) -> String {
         "(* the pair has its own mode)\n\ncounters since start  allowed    denied   audited\n",
     );
     let mut any = false;
-    for p in &pairs {
-        let n = |k: &str| p[k].as_u64().unwrap_or(0);
-        if n("allowed") + n("denied") + n("audited") == 0 {
+    for p in &s.pairs {
+        if p.allowed + p.denied + p.audited == 0 {
             continue;
         }
         any = true;
-        let label = format!("{} -> {}", str_of(&p["from"]), str_of(&p["to"]));
+        let label = format!("{} -> {}", p.from, p.to);
         out.push_str(&format!(
             "{} {:>9} {:>9} {:>9}\n",
             cut(&label, 21),
-            n("allowed"),
-            n("denied"),
-            n("audited")
+            p.allowed,
+            p.denied,
+            p.audited
         ));
     }
     if !any {
@@ -203,7 +183,7 @@ mod tests {
             "pending_reverts": [{"scope": "environment-10->environment-11", "mode": "audit",
                 "expires_at": "2026-11-23T11:09:23.476182128Z", "reverts_to": "enforce"}],
             "envs": envs, "pairs": pairs});
-        let text = render(&s, false);
+        let text = render(&serde_json::from_value(s).unwrap(), false);
         for line in text.lines() {
             assert!(
                 line.chars().count() <= 80,

@@ -1,6 +1,14 @@
 //! The syslog sink: RFC 5424 messages, one datagram per record, to a unix
 //! datagram socket (`/dev/log` by default) or UDP.
 //!
+//! Kept hand-written (issue 13, item 5): the header is a few lines of
+//! formatting; what takes the room — field limits, the measured 8096-byte
+//! cap with the `oversized_record` stand-in, severity by kind, the bounded
+//! queue with loss counts — is envguard's contract either way. The `syslog`
+//! crate's RFC 5424 formatter takes a numeric MSGID (ours is the record's
+//! kind) and writes its own timestamp, where the sink tests check the
+//! record's `time` and every header field byte for byte.
+//!
 //! ```text
 //! <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID - MSG
 //! <28>1 2026-11-23T10:45:47.852301Z vm envguard 4242 violation - {"kind":"violation",…}
