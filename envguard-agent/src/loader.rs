@@ -6,6 +6,10 @@
 //! `…/links/<program>`. The fingerprint changes with the maps' layout, so an
 //! agent never adopts maps it would misread.
 //!
+//! (About 600 lines, kept whole on purpose: opening and adopting the pinned
+//! state, writing a policy into both slots and the runtime map accessors all
+//! work on the same `Ebpf` and slot bookkeeping; attaching lives in `attach`.)
+//!
 //! Here: opening or adopting the object, the policy into the maps, the
 //! runtime reads and writes; attaching, pinning and detaching in `attach`.
 use std::{
