@@ -1,7 +1,10 @@
 //! Env resolution and the decision, shared by all programs.
 use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple},
-    helpers::{bpf_ktime_get_boot_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    bindings::{__sk_buff, BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple},
+    helpers::{
+        bpf_ktime_get_boot_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_skb_ancestor_cgroup_id,
+    },
     maps::lpm_trie::Key,
 };
 use envguard_common::{
@@ -120,6 +123,54 @@ pub fn local_env(p: &Policy, ancestor: impl Fn(i32) -> u64) -> Side {
         level += 1;
     }
     side
+}
+
+/// The env of the socket of a packet: its cgroup's deepest listed ancestor.
+#[inline(always)]
+pub fn skb_local_env(p: &Policy, skb: *mut __sk_buff) -> Side {
+    let id =
+        envguard_skb_listed_ancestor(skb, p.slot_b() as u32, p.meta.min_level, p.meta.max_level);
+    let hit = if id == 0 {
+        None
+    } else if p.slot_b() {
+        unsafe { CGROUP_ENVS_B.get(&id) }
+    } else {
+        unsafe { CGROUP_ENVS_A.get(&id) }
+    };
+    match hit {
+        Some(v) => Side {
+            env: v.env,
+            from: ENV_FROM_CGROUP,
+            cgroup_id: id,
+        },
+        None => Side {
+            env: ENV_HOST,
+            from: ENV_FROM_DEFAULT,
+            cgroup_id: 0,
+        },
+    }
+}
+
+/// The cgroup walk of the packet hooks as a global BPF function, verified
+/// once on its own: inlined, its bounded loop was re-verified on every path
+/// of the program, most of the verifier's work. The deepest listed ancestor
+/// of the packet's socket's cgroup, or 0.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn envguard_skb_listed_ancestor(
+    skb: *mut __sk_buff,
+    slot_b: u32,
+    min_level: u32,
+    max_level: u32,
+) -> u64 {
+    let p = Policy {
+        cfg: Config::new(slot_b, MODE_AUDIT),
+        meta: PolicyMeta::new(min_level, max_level),
+    };
+    local_env(&p, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb.cast(), level)
+    })
+    .cgroup_id
 }
 
 /// The env of a remote address by longest-prefix match.

@@ -3,10 +3,7 @@
 //! older than the agent). A flow is classified once and its decision cached.
 use aya_ebpf::{
     bindings::{BPF_TCP_LISTEN, bpf_sock},
-    helpers::{
-        bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
-        generated,
-    },
+    helpers::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_cgroup_id, generated},
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
@@ -22,8 +19,8 @@ use envguard_common::{
 
 use crate::{
     classify::{
-        Side, cidr_env, config, count, count_decision, decide, fresh, local_env, local_peer_env,
-        mode_of, policy, remember, verdict_of,
+        Side, cidr_env, config, count, count_decision, decide, fresh, local_peer_env, mode_of,
+        policy, remember, skb_local_env, verdict_of,
     },
     event::{emit, set_sides},
     ipv6::upper_layer,
@@ -282,9 +279,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         (inbound, cidr_env(&p, remote_addr), sk, listener, syn_only)
     };
     let _ = listener;
-    let mut local = local_env(&p, |level| unsafe {
-        bpf_skb_ancestor_cgroup_id(raw, level)
-    });
+    let mut local = skb_local_env(&p, raw);
     // The agent found who holds the socket: their env is the socket's, even
     // when it was created elsewhere.
     if !sk.is_null()
