@@ -464,6 +464,49 @@ fn listener_held_by_two_envs_is_reported() {
     lab.stop_agent();
 }
 
+/// A dev process (uid 65534) holding a TCP connection to a prod server on
+/// 127.0.0.1:`port`, its first exchange done; `what` says why it may connect.
+fn established_dev_to_prod(
+    lab: &mut Lab,
+    attacker: &Attacker,
+    port: u16,
+    what: &str,
+) -> envguard_tests::attack::Interactive {
+    lab.serve(
+        &lab.client_place(Client::Prod),
+        Proto::Tcp,
+        &[LOCALHOST],
+        port,
+    );
+    let hold = attacker.interactive(
+        &lab.client_place(Client::Dev),
+        Some(NOBODY),
+        &["tcp-hold", "127.0.0.1", &port.to_string()],
+    );
+    assert_eq!(hold.next(), json!({"connected": "echo"}), "{what}");
+    hold
+}
+
+/// The record of an established dev -> prod flow cut at a packet hook.
+fn assert_cut_and_reported(lab: &Lab, mark: usize, port: u16, what: &str) {
+    let (_, v) = violation_after(lab, mark, what, |v| v["destination"]["port"] == port);
+    assert_fields(
+        &v,
+        what,
+        &[
+            ("verdict", json!("denied")),
+            ("mode", json!("enforce")),
+            ("source.env", json!("dev")),
+            ("destination.env", json!("prod")),
+            ("destination.env_from", json!("socket")),
+        ],
+    );
+    assert!(
+        matches!(v["hook"].as_str(), Some("skb_egress" | "skb_ingress")),
+        "{what}: judged again at a packet hook: {v}"
+    );
+}
+
 // 6. Audit -> enforce reaches an established same-host TCP flow at its
 // next packet.
 #[test]
@@ -471,22 +514,7 @@ fn mode_switch_reaches_established_loopback_flow() {
     let mut lab = lab(Mode::Audit);
     let attacker = Attacker::new(EGATTACK);
     lab.start_agent();
-    lab.serve(
-        &lab.client_place(Client::Prod),
-        Proto::Tcp,
-        &[LOCALHOST],
-        7406,
-    );
-    let mut hold = attacker.interactive(
-        &lab.client_place(Client::Dev),
-        Some(NOBODY),
-        &["tcp-hold", "127.0.0.1", "7406"],
-    );
-    assert_eq!(
-        hold.next(),
-        json!({"connected": "echo"}),
-        "audit lets it connect"
-    );
+    let mut hold = established_dev_to_prod(&mut lab, &attacker, 7406, "audit lets it connect");
     hold.send("x");
     assert_eq!(hold.next(), json!({"exchange": "echo"}), "and exchange");
     lab.cli(&["mode", "enforce", "--from", "dev", "--to", "prod"])
@@ -499,24 +527,7 @@ fn mode_switch_reaches_established_loopback_flow() {
         "after the pair switched to enforce, the established dev -> prod flow must stop"
     );
     // Refused, and reported as refused: the flow is judged again in its new mode.
-    let (_, v) = violation_after(&lab, mark, "the established flow, now denied", |v| {
-        v["destination"]["port"] == 7406
-    });
-    assert_fields(
-        &v,
-        "the established flow, now denied",
-        &[
-            ("verdict", json!("denied")),
-            ("mode", json!("enforce")),
-            ("source.env", json!("dev")),
-            ("destination.env", json!("prod")),
-            ("destination.env_from", json!("socket")),
-        ],
-    );
-    assert!(
-        matches!(v["hook"].as_str(), Some("skb_egress" | "skb_ingress")),
-        "judged again at a packet hook: {v}"
-    );
+    assert_cut_and_reported(&lab, mark, 7406, "the established flow, now denied");
     lab.cli(&["mode", "audit", "--from", "dev", "--to", "prod"])
         .assert_ok("mode audit dev -> prod");
     lab.stop_agent();
@@ -575,22 +586,7 @@ fn reload_reaches_established_loopback_flow() {
     );
     let attacker = Attacker::new(EGATTACK);
     lab.start_agent();
-    lab.serve(
-        &lab.client_place(Client::Prod),
-        Proto::Tcp,
-        &[LOCALHOST],
-        7407,
-    );
-    let mut hold = attacker.interactive(
-        &lab.client_place(Client::Dev),
-        Some(NOBODY),
-        &["tcp-hold", "127.0.0.1", "7407"],
-    );
-    assert_eq!(
-        hold.next(),
-        json!({"connected": "echo"}),
-        "allowed by the rule"
-    );
+    let mut hold = established_dev_to_prod(&mut lab, &attacker, 7407, "allowed by the rule");
     lab.set_policy(&PolicyExtras::default());
     lab.cli(&["reload"]).assert_ok("reload without the rule");
     let mark = lab.agent().len();
@@ -600,21 +596,11 @@ fn reload_reaches_established_loopback_flow() {
         json!({"exchange": "timeout"}),
         "the rule is gone: the established dev -> prod flow must stop"
     );
-    let (_, v) = violation_after(
+    assert_cut_and_reported(
         &lab,
         mark,
+        7407,
         "the established flow under the new policy",
-        |v| v["destination"]["port"] == 7407,
-    );
-    assert_fields(
-        &v,
-        "the established flow under the new policy",
-        &[
-            ("verdict", json!("denied")),
-            ("source.env", json!("dev")),
-            ("destination.env", json!("prod")),
-            ("destination.env_from", json!("socket")),
-        ],
     );
     lab.stop_agent();
 }

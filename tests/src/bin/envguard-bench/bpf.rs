@@ -26,15 +26,12 @@ pub const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
 const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-/// Cgroup attach types (`enum bpf_attach_type`).
-pub const BPF_CGROUP_INET_INGRESS: u32 = 0;
-pub const BPF_CGROUP_INET_EGRESS: u32 = 1;
-pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
-pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
-pub const BPF_CGROUP_INET4_POST_BIND: u32 = 12;
-pub const BPF_CGROUP_INET6_POST_BIND: u32 = 13;
-pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
-pub const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
+/// Cgroup attach types (`enum bpf_attach_type`), as the hook table has them.
+pub use envguard_common::programs::{
+    BPF_CGROUP_INET_EGRESS, BPF_CGROUP_INET_INGRESS, BPF_CGROUP_INET4_CONNECT,
+    BPF_CGROUP_INET4_POST_BIND, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_POST_BIND,
+    BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_SENDMSG,
+};
 
 /// Every cgroup attach type envguard uses, for BPF_PROG_QUERY.
 pub const ENVGUARD_ATTACH_TYPES: [u32; 8] = [
