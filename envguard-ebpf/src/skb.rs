@@ -201,7 +201,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     // that never sent to its source: its sender's decision is taken over,
     // quietly, so that this socket's answers follow it.
     let mut quiet = false;
-    let (inbound, remote, sk, listener, syn_only) = if loopback {
+    let (inbound, remote, sk, syn_only) = if loopback {
         let inbound = match unsafe { FLOW_VERDICTS.get(&flow) } {
             Some(old) => old.inbound != 0,
             None if ingress && pkt.proto == IPPROTO_UDP => {
@@ -222,7 +222,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
             from: ENV_FROM_DEFAULT,
             cgroup_id: 0,
         });
-        (Some(inbound), peer, sk, 0, false)
+        (Some(inbound), peer, sk, false)
     } else {
         let syn_only = is_tcp && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
         // What the socket's storage says, read into plain scalars: the
@@ -276,9 +276,8 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
             // Established before envguard saw it open.
             None
         };
-        (inbound, cidr_env(&p, remote_addr), sk, listener, syn_only)
+        (inbound, cidr_env(&p, remote_addr), sk, syn_only)
     };
-    let _ = listener;
     let mut local = skb_local_env(&p, raw);
     // The agent found who holds the socket: their env is the socket's, even
     // when it was created elsewhere.
