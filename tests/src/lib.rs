@@ -18,6 +18,7 @@ pub mod pin;
 pub mod policy;
 pub mod process;
 pub mod sinks;
+pub mod sockaddr;
 pub mod sys;
 
 /// Checks records against `docs/schemas` (shared with the agent's own tests;

@@ -95,7 +95,7 @@ impl PinRoot {
         );
         let layout = &layouts[0];
         let mut links = BTreeMap::new();
-        for (name, attach_type) in HOOKS {
+        let link_at = |name: &str| {
             let pin = layout.join("links").join(name);
             let fd = bpf::obj_get(&pin).unwrap_or_else(|e| {
                 panic!(
@@ -106,6 +106,10 @@ impl PinRoot {
             });
             let info = bpf::link_info(&fd)
                 .unwrap_or_else(|e| panic!("link info of {}: {e}", pin.display()));
+            (pin, info)
+        };
+        for (name, attach_type) in HOOKS {
+            let (pin, info) = link_at(name);
             assert!(
                 info.link_type == bpf::LINK_TYPE_CGROUP
                     && info.cgroup_id == cgroup_id
@@ -117,16 +121,7 @@ impl PinRoot {
             links.insert(name.to_owned(), info);
         }
         for (name, link_type) in WATCHES {
-            let pin = layout.join("links").join(name);
-            let fd = bpf::obj_get(&pin).unwrap_or_else(|e| {
-                panic!(
-                    "cannot open link pin {} ({e}); contents of the pin root:\n{}",
-                    pin.display(),
-                    listing()
-                )
-            });
-            let info = bpf::link_info(&fd)
-                .unwrap_or_else(|e| panic!("link info of {}: {e}", pin.display()));
+            let (pin, info) = link_at(name);
             assert_eq!(
                 info.link_type,
                 link_type,

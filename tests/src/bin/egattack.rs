@@ -171,47 +171,12 @@ fn reuse_socket(addr: SocketAddr, ty: libc::c_int) -> io::Result<OwnedFd> {
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    let (storage, len) = sockaddr(addr);
+    let (storage, len) = envguard_tests::sockaddr::to_sockaddr(addr);
     // SAFETY: storage holds a valid address of `len` bytes.
     if unsafe { libc::bind(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*a.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than sockaddr_in.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: sockaddr_storage is larger than sockaddr_in6.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
 }
 
 /// One datagram from a fresh unbound socket, and its echo.
@@ -270,7 +235,7 @@ fn udp_from(src: SocketAddr, dst: SocketAddr) -> String {
 }
 
 fn connect_fd(fd: &OwnedFd, dst: SocketAddr) -> io::Result<()> {
-    let (storage, len) = sockaddr(dst);
+    let (storage, len) = envguard_tests::sockaddr::to_sockaddr(dst);
     // SAFETY: storage holds a valid address of `len` bytes.
     if unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
         return Err(io::Error::last_os_error());
@@ -433,7 +398,7 @@ fn raw_udp(dst: SocketAddr) -> String {
     dgram.extend(((8 + 5) as u16).to_be_bytes());
     dgram.extend([0, 0]);
     dgram.extend(b"ping\n");
-    let (storage, len) = sockaddr(SocketAddr::new(dst.ip(), 0));
+    let (storage, len) = envguard_tests::sockaddr::to_sockaddr(SocketAddr::new(dst.ip(), 0));
     // SAFETY: valid fd, buffer and address.
     let n = unsafe {
         libc::sendto(

@@ -369,51 +369,6 @@ fn raw_socket(dst: &SocketAddr, ty: libc::c_int) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe {
-                std::ptr::write(
-                    std::ptr::addr_of_mut!(storage).cast::<libc::sockaddr_in>(),
-                    sin,
-                )
-            };
-            mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe {
-                std::ptr::write(
-                    std::ptr::addr_of_mut!(storage).cast::<libc::sockaddr_in6>(),
-                    sin6,
-                )
-            };
-            mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
 fn from_sockaddr(storage: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
     match libc::c_int::from(storage.ss_family) {
         libc::AF_INET => {
@@ -463,7 +418,7 @@ fn set_ipv6_ext_hdrs(fd: &OwnedFd) -> io::Result<()> {
 }
 
 fn sys_bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
-    let (sa, len) = to_sockaddr(addr);
+    let (sa, len) = envguard_tests::sockaddr::to_sockaddr(addr);
     // SAFETY: sa/len describe a valid socket address.
     let rc = unsafe { libc::bind(fd.as_raw_fd(), std::ptr::addr_of!(sa).cast(), len) };
     if rc != 0 {
@@ -487,7 +442,7 @@ fn sock_name(fd: &OwnedFd) -> io::Result<SocketAddr> {
 }
 
 fn nonblocking_connect(fd: &OwnedFd, dst: SocketAddr, timeout: Duration) -> io::Result<()> {
-    let (sa, len) = to_sockaddr(dst);
+    let (sa, len) = envguard_tests::sockaddr::to_sockaddr(dst);
     // SAFETY: sa/len describe a valid socket address.
     let rc = unsafe { libc::connect(fd.as_raw_fd(), std::ptr::addr_of!(sa).cast(), len) };
     if rc == 0 {
