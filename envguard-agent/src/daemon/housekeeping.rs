@@ -84,6 +84,15 @@ impl Daemon {
     }
 
     pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        // One hand-off to the sinks per drain (or per batch of records),
+        // also when a record fails: nothing may stay held back.
+        self.stream.begin_batch();
+        let result = self.drain_records(ring);
+        self.stream.end_batch();
+        result
+    }
+
+    fn drain_records(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         while let Some(item) = ring.next() {
             if item.len() < size_of::<ViolationEvent>() {
                 log::error!(
@@ -240,7 +249,12 @@ impl Daemon {
         }
         let mut s = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
         s.decisions = decisions;
-        s.events_emitted = self.stream.emitted.clone();
+        s.events_emitted = self
+            .stream
+            .emitted
+            .iter()
+            .map(|(&kind, &n)| (kind.to_owned(), n))
+            .collect();
         s.events_lost = self.lost_totals.clone();
         s.events_suppressed = self.stream.suppressed();
         s.policy_revision = self.kernel.policy_loads();
