@@ -367,6 +367,23 @@ pub fn bpf_stats(env: &BenchEnv) -> Value {
         &[],
     );
     let progs = bpf::programs_at(&env.cg.abs("s")).expect("listing the agent's programs");
+    // Every program the agent loaded: size as loaded, JITed, and how many
+    // instructions the verifier went through (global functions included).
+    let sizes: Vec<Value> = agent
+        .pin_root()
+        .map(|root| bpf::pinned_programs(root).expect("reading the agent's pinned links"))
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let i = bpf::prog_info(&p.fd).expect("program info");
+            json!({
+                "program": p.name,
+                "xlated_insns": i.xlated_prog_len / 8,
+                "jited_bytes": i.jited_prog_len,
+                "verified_insns": i.verified_insns,
+            })
+        })
+        .collect();
     // The floor: empty programs on the client's own cgroup, run for the same packets.
     let dev_dir = std::fs::File::open(env.cg.abs("s/dev")).expect("cgroup dir");
     let empty_in = bpf::load_empty_skb(bpf::BPF_CGROUP_INET_INGRESS).expect("empty program");
@@ -450,5 +467,6 @@ pub fn bpf_stats(env: &BenchEnv) -> Value {
         "bpf_stats_enabled": {"before": before_sysctl, "during": during_sysctl, "after": after_sysctl},
         "programs": per_prog,
         "established": {"traffic": established, "programs": established_prog},
+        "program_sizes": sizes,
     })
 }

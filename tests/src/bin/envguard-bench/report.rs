@@ -473,6 +473,20 @@ pub fn tables(r: &Value) -> String {
             );
         }
         s.push('\n');
+        if let Some(sizes) = b["program_sizes"].as_array().filter(|a| !a.is_empty()) {
+            s.push_str("Every program the agent loads (from its pinned links): instructions as loaded (after the verifier's rewrites), JITed bytes, and instructions the verifier processed to accept it (`verified_insns`; global functions are verified once, on their own).\n\n| program | BPF instructions | JITed bytes | verifier-processed instructions |\n|---|--:|--:|--:|\n");
+            for p in sizes {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} |",
+                    p["program"].as_str().unwrap_or("?"),
+                    p["xlated_insns"],
+                    p["jited_bytes"],
+                    p["verified_insns"]
+                );
+            }
+            s.push('\n');
+        }
         let est = &b["established"];
         if est["programs"].is_array() {
             let ops: Vec<String> = est["traffic"]
