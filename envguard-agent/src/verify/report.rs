@@ -205,8 +205,11 @@ impl Report {
             } else {
                 p.outcome.clone()
             };
-            let addr = match (&pl.addr, pl.kind.as_str()) {
-                (Some(a), "listener") => format!(" {a}/{}", pl.proto),
+            // A listener bound to a wildcard is probed over loopback: say so.
+            let addr = match &pl.addr {
+                Some(a) if pl.kind == "listener" && !pl.target.contains(a.as_str()) => {
+                    format!(" via {a}")
+                }
                 _ => String::new(),
             };
             let _ = write!(
