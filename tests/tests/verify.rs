@@ -58,8 +58,48 @@ fn verify(lab: &Lab) -> (envguard_tests::CliRun, Value, String) {
     let netns = lab.topo.client.name().to_owned();
     let run = lab.cli(&["verify", "--netns", &netns, "--json", "--junit", &path]);
     let report = run.json();
+    check_schema(&report);
     let xml = std::fs::read_to_string(junit.path()).unwrap_or_default();
     (run, report, xml)
+}
+
+/// The report matches docs/schemas/verify_report.schema.json, and the
+/// schema describes every field it has.
+fn check_schema(report: &Value) {
+    let schema: Value =
+        serde_json::from_str(include_str!("../../docs/schemas/verify_report.schema.json"))
+            .expect("docs/schemas/verify_report.schema.json is JSON");
+    jsonschema::draft202012::meta::validate(&schema).expect("a draft 2020-12 schema");
+    let validator = jsonschema::draft202012::options().build(&schema).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(report)
+        .map(|e| format!("at {:?}: {e}", e.instance_path().as_str()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "verify --json does not match its schema: {errors:#?}\n{report:#}"
+    );
+    fn documented(schema: &Value, v: &Value, at: &str) {
+        match v {
+            Value::Object(o) => {
+                for (k, val) in o {
+                    let sub = &schema["properties"][k];
+                    assert!(
+                        !sub.is_null(),
+                        "verify --json field {at}.{k} is not in its schema"
+                    );
+                    documented(sub, val, &format!("{at}.{k}"));
+                }
+            }
+            Value::Array(a) if schema["items"].is_object() => {
+                for x in a {
+                    documented(&schema["items"], x, &format!("{at}[]"));
+                }
+            }
+            _ => {}
+        }
+    }
+    documented(&schema, report, "");
 }
 
 /// The probes of a report by (from, target).
@@ -397,6 +437,24 @@ fn policy_file_edited_without_reload_is_drift() {
     assert_eq!(j["failures"], 1, "{j}");
     assert_eq!(j["suites"][1]["cases"][0]["failure"], msg);
 
+    let text = lab.cli(&["verify", "--netns", lab.topo.client.name()]);
+    text.assert_failed("verify (text) after an edit without reload");
+    eprintln!(
+        "envguard verify after an edit without reload:\n{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout.contains(&format!("drift:\n  {msg}\n")),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout
+            .contains("12 probes: 12 matched, 0 failed; drift: 1; FAILED"),
+        "{}",
+        text.stdout
+    );
+
     let r = lab.cli(&["reload"]);
     r.assert_ok("reload");
     let (run, report, _) = verify(&lab);
@@ -623,6 +681,7 @@ fn dry_run_needs_no_agent() {
     );
     r.assert_ok("verify --dry-run");
     let report = r.json();
+    check_schema(&report);
     assert_eq!(report["dry_run"], true);
     assert_eq!(report["ok"], true);
     assert_eq!(report["policy"], path);
