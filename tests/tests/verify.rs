@@ -20,7 +20,8 @@ use std::process::Command;
 use envguard_tests::control::run_cli;
 use envguard_tests::lab::EVENT_TIMEOUT;
 use envguard_tests::process::Proto;
-use envguard_tests::{Client, Lab, Mode, PolicyExtras, TempFile};
+use envguard_tests::sinks::{http_get, parse_metrics, samples};
+use envguard_tests::{AgentOptions, Client, Lab, Mode, PolicyExtras, TempFile};
 use serde_json::Value;
 
 const EGPROBE: &str = env!("CARGO_BIN_EXE_egprobe");
@@ -41,7 +42,8 @@ fn extras() -> PolicyExtras {
 /// same-host listeners.
 fn lab(mode: Mode) -> Lab {
     let mut lab = Lab::with_policy(EGPROBE, mode, &extras());
-    lab.start_agent();
+    lab.spawn_agent(&AgentOptions::ephemeral().metrics_listen("127.0.0.1:0"));
+    lab.mkdir_late();
     lab.serve_remote_sites();
     let prod = lab.client_place(Client::Prod);
     let lo: IpAddr = Ipv4Addr::LOCALHOST.into();
@@ -276,14 +278,46 @@ fn assert_probes(lab: &Lab, mode: Mode, report: &Value) {
             "{what}: {rec}"
         );
     }
-    // Records of other traffic are not marked.
-    let unmarked = lab
-        .agent()
-        .lines(0..lab.agent().len())
-        .into_iter()
-        .filter(|l| l["kind"] == "violation" && l.get("probe").is_some())
-        .all(|l| l["probe"] == run);
-    assert!(unmarked, "a record carries another run's probe mark");
+    // One record per violating probe, each marked; other records are not.
+    let lines = lab.agent().lines(0..lab.agent().len());
+    let marked = lines.iter().filter(|l| l.get("probe").is_some()).count();
+    let violating = probes.values().filter(|p| p["expect"] != "allowed").count();
+    assert_eq!(marked, violating, "marked records:\n{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l.get("probe").is_some())
+            .all(|l| l["probe"] == run && l["kind"] == "violation"),
+        "a record carries another run's probe mark"
+    );
+}
+
+/// `envguard_probe_events_total{kind="violation"}` reaches `want` (the agent
+/// refreshes its metrics once a second).
+fn assert_probe_metric(lab: &Lab, want: f64) {
+    let addr = lab.agent().metrics_addr();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = http_get(addr, "/metrics");
+        let all = parse_metrics(&r.body);
+        let got: f64 = samples(
+            &all,
+            "envguard_probe_events_total",
+            &[("kind", "violation")],
+        )
+        .iter()
+        .map(|s| s.value)
+        .sum();
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "envguard_probe_events_total{{kind=\"violation\"}} is {got}, want {want}:\n{}",
+            r.body
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 fn assert_matrix(report: &Value, cells: &[[&str; 3]]) {
@@ -344,6 +378,8 @@ fn correct_setup(mode: Mode) {
     assert!(report["run"].as_str().unwrap().starts_with("verify-"));
     assert_probes(&lab, mode, &report);
     assert_matrix(&report, &[["✓", "✓", "✓"], ["✓", "✓", "✓"]]);
+    // Five cross-env probes: dev -> prod (TCP, UDP, both listeners), prod -> dev.
+    assert_probe_metric(&lab, 5.0);
 
     let j = junit(&xml);
     assert_eq!(j["root"], "testsuites");
@@ -657,6 +693,45 @@ fn map_entries_changed_with_bpftool_are_drift() {
             .contains("12 probes: 11 matched, 1 failed; drift: 2; FAILED"),
         "{}",
         text.stdout
+    );
+}
+
+/// A stopped agent (SIGSTOP: it accepts connections but never answers) is
+/// drift; the probes still run, judged by the policy file, against the
+/// pinned programs that keep enforcing.
+#[test]
+fn stale_agent_is_drift() {
+    let lab = lab(Mode::Enforce);
+    lab.agent().pause();
+    let netns = lab.topo.client.name().to_owned();
+    // Without an answering agent verify needs the policy file to judge by.
+    let policy = lab.policy_path().display().to_string();
+    let run = lab.cli(&["verify", "--policy", &policy, "--netns", &netns, "--json"]);
+    lab.agent().resume();
+    run.assert_failed("verify with a stopped agent");
+    let report = run.json();
+    check_schema(&report);
+    let drift = report["drift"].as_array().unwrap();
+    assert_eq!(drift.len(), 1, "{drift:#?}");
+    assert_eq!(drift[0]["kind"], "agent");
+    let msg = drift[0]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("agent is stale or not running: no answer on ")
+            && msg.contains(" within 5s; its last heartbeat is ")
+            && msg.ends_with(" old"),
+        "{msg}"
+    );
+    let probes = by_target(&report);
+    assert_eq!(probes.len(), 12);
+    for p in probes.values() {
+        assert_eq!(p["matched"], true, "{p}");
+        assert_eq!(p["record"], Value::Null, "{p}");
+    }
+    let p = &probes[&("dev".to_owned(), "198.18.10.1:9000/tcp".to_owned())];
+    assert_eq!(
+        (p["expect"].as_str(), p["observed"].as_str()),
+        (Some("denied"), Some("eperm")),
+        "{p}"
     );
 }
 

@@ -106,6 +106,31 @@ pub fn probe_child(args: &ProbeChildArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long verify waits for the agent's answer to `status`: a stopped or
+/// hung agent accepts connections (the kernel's backlog) but never answers.
+const AGENT_ANSWER: Duration = Duration::from_secs(5);
+
+/// One request, answered within [`AGENT_ANSWER`].
+fn call_quick<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    request: &Request,
+) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (response, _) = rt
+        .block_on(async {
+            tokio::time::timeout(AGENT_ANSWER, crate::control::call(socket, request)).await
+        })
+        .map_err(|_| {
+            anyhow::anyhow!("no answer on {} within {AGENT_ANSWER:?}", socket.display())
+        })??;
+    if !response.ok {
+        anyhow::bail!("{}", response.error.unwrap_or_default());
+    }
+    Ok(serde_json::from_value(response.result.unwrap_or_default())?)
+}
+
 /// Exit status: 0 when the report is OK, 1 otherwise (errors too).
 pub fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
     let report = if args.dry_run {
@@ -190,13 +215,25 @@ fn live(args: &VerifyArgs) -> anyhow::Result<Report> {
     let socket = args.socket.path();
     let run = run_id();
     let mut drift = Vec::new();
-    let status = call_typed::<StatusReply>(&socket, &Request::Status {});
-    let status = match status {
+    let status = match call_quick::<StatusReply>(&socket, &Request::Status {}) {
         Ok(s) => Some(s),
         Err(e) => {
+            // How long ago an agent last beat, from the pinned state.
+            let beat = drift::maps_dir(&args.socket.pin_root)
+                .and_then(|d| drift::heartbeat_age(&d))
+                .map_or_else(
+                    |_| String::new(),
+                    |age| match age {
+                        Some(a) => format!(
+                            "; its last heartbeat is {} old",
+                            humantime::format_duration(std::time::Duration::from_secs(a.as_secs()))
+                        ),
+                        None => "; no agent ever beat on this pin root".to_owned(),
+                    },
+                );
             drift.push(Drift::new(
                 "agent",
-                format!("agent is stale or not running: {e:#}"),
+                format!("agent is stale or not running: {e:#}{beat}"),
             ));
             None
         }

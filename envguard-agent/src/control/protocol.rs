@@ -331,6 +331,29 @@ mod tests {
         }
         assert!(!Request::Status {}.mutates());
         assert!(!Request::Events {}.mutates());
+        // verify's requests: reading the loaded policy is for anyone the
+        // socket admits; marking probe cgroups changes records, root only.
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"policy"}"#).unwrap(),
+            Request::Policy {}
+        );
+        assert!(!Request::Policy {}.mutates());
+        let mark: Request =
+            serde_json::from_str(r#"{"cmd":"probe_mark","cgroup_id":42,"run":"verify-1-2"}"#)
+                .unwrap();
+        assert_eq!(
+            mark,
+            Request::ProbeMark {
+                cgroup_id: 42,
+                run: "verify-1-2".into(),
+                ttl_secs: None
+            }
+        );
+        assert!(mark.mutates());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"cmd":"probe_mark","run":"r"}"#).is_err(),
+            "a mark without a cgroup id"
+        );
     }
 
     /// `status --json`'s fields, nesting and order are a contract.

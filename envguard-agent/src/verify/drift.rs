@@ -245,6 +245,18 @@ fn ctx(name: &str) -> impl Fn(aya::maps::MapError) -> anyhow::Error + '_ {
     move |e| anyhow::anyhow!("reading map {name}: {e}")
 }
 
+/// Age of the agent's last heartbeat in the pinned `AGENT_STATE`; `None`
+/// when it never beat.
+pub fn heartbeat_age(dir: &Path) -> anyhow::Result<Option<std::time::Duration>> {
+    let state: Array<MapData, envguard_common::config::AgentState> = open(dir, maps::AGENT_STATE)?
+        .try_into()
+        .map_err(ctx(maps::AGENT_STATE))?;
+    let s = state.get(&0, 0).map_err(ctx(maps::AGENT_STATE))?;
+    Ok((s.heartbeat_ns != 0).then(|| {
+        std::time::Duration::from_nanos(crate::sys::boot_ns().saturating_sub(s.heartbeat_ns))
+    }))
+}
+
 /// The slot in force and the env names by id, from the pinned maps.
 pub fn read_ids(dir: &Path) -> anyhow::Result<(usize, Vec<String>)> {
     let config: Array<MapData, Config> = open(dir, maps::CONFIG)?
