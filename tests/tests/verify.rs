@@ -696,6 +696,32 @@ fn map_entries_changed_with_bpftool_are_drift() {
     );
 }
 
+/// A pair switched at runtime (`envguard mode audit --from dev --to prod`)
+/// is part of the policy in force: verify expects dev -> prod audited, and
+/// the runtime entry in PAIR_MODES is no drift.
+#[test]
+fn runtime_pair_mode_is_the_policy_in_force() {
+    let lab = lab(Mode::Enforce);
+    lab.cli(&["mode", "audit", "--from", "dev", "--to", "prod"])
+        .assert_ok("mode audit --from dev --to prod");
+    let (run, report, _) = verify(&lab);
+    assert!(run.success(), "{}", run.describe());
+    assert_eq!(report["drift"], serde_json::json!([]));
+    for p in report["probes"].as_array().unwrap() {
+        let want = match (p["from"].as_str().unwrap(), p["to"].as_str().unwrap()) {
+            ("dev", "prod") => ("audited", Some("audited")),
+            ("prod", "dev") => ("denied", None),
+            _ => ("allowed", None),
+        };
+        assert_eq!(
+            (p["expect"].as_str(), p["record"].as_str()),
+            (Some(want.0), want.1),
+            "{p}"
+        );
+        assert_eq!(p["matched"], true, "{p}");
+    }
+}
+
 /// A stopped agent (SIGSTOP: it accepts connections but never answers) is
 /// drift; the probes still run, judged by the policy file, against the
 /// pinned programs that keep enforcing.
