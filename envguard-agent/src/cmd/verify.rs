@@ -499,3 +499,57 @@ fn kernel_drift(
     let got = drift::read_kernel(&dir, slot, &names)?;
     Ok(drift::compare(&want, &got))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: VerifyArgs,
+    }
+
+    #[test]
+    fn dry_run_plans_from_the_file_alone() {
+        let path =
+            std::env::temp_dir().join(format!("envguard-verify-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "mode = \"enforce\"\n[envs.prod]\ncgroups = [\"/prod.slice\"]\ncidrs = [\"198.18.10.0/24\"]\nprobes = [\"198.18.10.5:5432/tcp\"]\n[envs.dev]\ncgroups = [\"/dev.slice\"]\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from(["verify", "--policy", path.to_str().unwrap(), "--dry-run"])
+            .unwrap();
+        let r = dry_run(&cli.args).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(r.ok && r.dry_run);
+        assert_eq!(r.mode, "enforce");
+        let got: Vec<(&str, &str, &str)> = r
+            .probes
+            .iter()
+            .map(|p| {
+                (
+                    p.planned.from.as_str(),
+                    p.planned.to.as_str(),
+                    p.planned.expect.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [("dev", "prod", "denied"), ("prod", "prod", "allowed")]
+        );
+        assert!(
+            r.probes
+                .iter()
+                .all(|p| p.matched.is_none() && p.observed.is_none())
+        );
+        assert!(
+            Cli::try_parse_from(["verify", "--dry-run"]).is_err(),
+            "--dry-run needs --policy"
+        );
+    }
+}
