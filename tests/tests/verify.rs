@@ -597,6 +597,32 @@ fn map_entries_changed_with_bpftool_are_drift() {
     // 9000/tcp), and an existing entry with another rule id.
     update(rule_key(dev, prod, 6, 9000), 0);
     update(rule_key(dev, shared, 6, 53), 7);
+    // And a CIDR entry gone (dev's IPv6 /48: no probe goes there).
+    let cidrs = maps
+        .join(format!("CIDR_ENVS_V6_{slot}"))
+        .display()
+        .to_string();
+    let mut key = 48u32.to_le_bytes().to_vec();
+    key.extend(
+        "2001:db8:20::"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    let mut args = vec![
+        "map".to_owned(),
+        "delete".into(),
+        "pinned".into(),
+        cidrs,
+        "key".into(),
+        "hex".into(),
+    ];
+    args.extend(
+        hex(&key)
+            .iter()
+            .map(|h| h.trim_start_matches("0x").to_owned()),
+    );
+    bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>());
 
     let (run, report, xml) = verify(&lab);
     run.assert_failed("verify after bpftool map update");
@@ -615,9 +641,18 @@ fn map_entries_changed_with_bpftool_are_drift() {
         })
         .collect();
     let prefix = format!("kernel map {map} differs from the loaded policy: ");
+    let v6 = format!("CIDR_ENVS_V6_{slot}");
     assert_eq!(
         drift,
         [
+            (
+                "kernel_map".to_owned(),
+                v6.clone(),
+                "missing".to_owned(),
+                format!(
+                    "kernel map {v6} differs from the loaded policy: entry 2001:db8:20::/48 (env dev) is missing"
+                ),
+            ),
             (
                 "kernel_map".to_owned(),
                 map.clone(),
@@ -661,6 +696,12 @@ fn map_entries_changed_with_bpftool_are_drift() {
 
     let j = junit(&xml);
     assert_eq!(j["failures"], 2, "{j}");
+    assert_eq!(
+        j["suites"][1]["cases"][0]["failure"],
+        format!(
+            "kernel map {v6} differs from the loaded policy: entry 2001:db8:20::/48 (env dev) is missing"
+        )
+    );
     let failing: Vec<&Value> = j["suites"][0]["cases"]
         .as_array()
         .unwrap()
@@ -684,13 +725,13 @@ fn map_entries_changed_with_bpftool_are_drift() {
     );
     assert!(
         text.stdout
-            .contains(&format!("drift:\n  {prefix}entry dev -> shared")),
+            .contains(&format!("\n  {prefix}entry dev -> shared")),
         "{}",
         text.stdout
     );
     assert!(
         text.stdout
-            .contains("12 probes: 11 matched, 1 failed; drift: 2; FAILED"),
+            .contains("12 probes: 11 matched, 1 failed; drift: 3; FAILED"),
         "{}",
         text.stdout
     );

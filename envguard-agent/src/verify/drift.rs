@@ -121,6 +121,33 @@ fn env_value(names: &[String], id: u32) -> String {
     format!("env {}", env(names, id))
 }
 
+fn loss_value(l: &envguard_common::config::EnvLoss) -> String {
+    let mode = match l.mode {
+        envguard_common::config::ON_LOSS_KEEP => "keep".to_owned(),
+        envguard_common::config::ON_LOSS_OPEN => "open".to_owned(),
+        envguard_common::config::ON_LOSS_CLOSED => "closed".to_owned(),
+        envguard_common::config::ON_LOSS_FOLLOW => "follow".to_owned(),
+        m => format!("mode {m}"),
+    };
+    format!("{mode} after {} ms", l.timeout_ns / 1_000_000)
+}
+
+/// ENV_LOSS by env id; all-zero entries (ids not in use, `keep` with no
+/// timeout) are left out on both sides.
+fn loss_entries(
+    names: &[String],
+    losses: impl Iterator<Item = (u32, envguard_common::config::EnvLoss)>,
+) -> Entries {
+    losses
+        .filter(|(_, l)| l.mode != 0 || l.timeout_ns != 0)
+        .map(|(id, l)| (format!("env {}", env(names, id)), loss_value(&l)))
+        .collect()
+}
+
+fn meta_value(min: u32, max: u32) -> String {
+    format!("cgroup levels {min}..={max}")
+}
+
 fn mode_name(m: u32) -> String {
     if m == MODE_ENFORCE {
         "enforce".to_owned()
@@ -168,6 +195,35 @@ pub fn expected(
     m.insert(maps::CIDR_HOSTS_V4[slot].to_owned(), h4);
     m.insert(maps::CIDR_ENVS_V6[slot].to_owned(), v6);
     m.insert(maps::CIDR_HOSTS_V6[slot].to_owned(), h6);
+    m.insert(
+        maps::LISTED_CGROUPS[slot].to_owned(),
+        compiled
+            .cgroups
+            .iter()
+            // Paths too long for the kernel's key are left to the agent's poll.
+            .filter(|(p, _)| envguard_common::policy::CgroupPath::new(p).is_some())
+            .map(|(p, e)| (p.clone(), env_value(names, *e)))
+            .collect(),
+    );
+    m.insert(
+        maps::ENV_LOSS[slot].to_owned(),
+        loss_entries(
+            names,
+            compiled
+                .env_loss
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i as u32, *l)),
+        ),
+    );
+    m.insert(
+        maps::POLICY_META[slot].to_owned(),
+        [(
+            "0".to_owned(),
+            meta_value(compiled.min_level, compiled.max_level),
+        )]
+        .into(),
+    );
     m.insert(
         maps::PAIR_MODES[slot].to_owned(),
         pair_modes
@@ -360,6 +416,45 @@ pub fn read_kernel(dir: &Path, slot: usize, names: &[String]) -> anyhow::Result<
         }
         m.insert(name.to_owned(), e);
     }
+    {
+        let name = maps::LISTED_CGROUPS[slot];
+        let h: HashMap<MapData, envguard_common::policy::CgroupPath, EnvValue> =
+            open(dir, name)?.try_into().map_err(ctx(name))?;
+        let mut e = Entries::new();
+        for item in h.iter() {
+            let (k, v) = item.map_err(ctx(name))?;
+            let len = k
+                .bytes
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(k.bytes.len());
+            e.insert(
+                String::from_utf8_lossy(&k.bytes[..len]).into_owned(),
+                env_value(names, v.env),
+            );
+        }
+        m.insert(name.to_owned(), e);
+    }
+    {
+        let name = maps::ENV_LOSS[slot];
+        let a: Array<MapData, envguard_common::config::EnvLoss> =
+            open(dir, name)?.try_into().map_err(ctx(name))?;
+        let mut all = Vec::new();
+        for (i, l) in a.iter().enumerate() {
+            all.push((i as u32, l.map_err(ctx(name))?));
+        }
+        m.insert(name.to_owned(), loss_entries(names, all.into_iter()));
+    }
+    {
+        let name = maps::POLICY_META[slot];
+        let a: Array<MapData, envguard_common::config::PolicyMeta> =
+            open(dir, name)?.try_into().map_err(ctx(name))?;
+        let meta = a.get(&0, 0).map_err(ctx(name))?;
+        m.insert(
+            name.to_owned(),
+            [("0".to_owned(), meta_value(meta.min_level, meta.max_level))].into(),
+        );
+    }
     let config: Array<MapData, Config> = open(dir, maps::CONFIG)?
         .try_into()
         .map_err(ctx(maps::CONFIG))?;
@@ -428,6 +523,10 @@ mod tests {
         assert_eq!(v.maps["CIDR_ENVS_V4_B"]["198.18.20.0/24"], "env dev");
         assert_eq!(v.maps["CIDR_ENVS_V6_B"]["2001:db8:10::/48"], "env prod");
         assert_eq!(v.maps["PAIR_MODES_B"]["dev -> prod"], "audit");
+        assert_eq!(v.maps["ENV_LOSS_B"]["env prod"], "keep after 30000 ms");
+        assert_eq!(v.maps["ENV_LOSS_B"]["env host"], "follow after 0 ms");
+        assert_eq!(v.maps["POLICY_META_B"]["0"], "cgroup levels 1..=0");
+        assert!(v.maps["LISTED_CGROUPS_B"].is_empty());
         assert!(compare(&v, &v).is_empty());
         let mut changed = v.clone();
         changed
