@@ -380,6 +380,20 @@ fn correct_setup(mode: Mode) {
     assert_matrix(&report, &[["✓", "✓", "✓"], ["✓", "✓", "✓"]]);
     // Five cross-env probes: dev -> prod (TCP, UDP, both listeners), prod -> dev.
     assert_probe_metric(&lab, 5.0);
+    // Figures for the report (no assertion on speed): the whole run, and
+    // each probe's attempt as the child measured it.
+    let ms: Vec<u64> = report["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["ms"].as_u64().unwrap())
+        .collect();
+    eprintln!(
+        "verify ({}): {} probes in {:.0} ms; per probe attempt (ms): {ms:?}",
+        mode.name(),
+        ms.len(),
+        run.elapsed_ms()
+    );
 
     let j = junit(&xml);
     assert_eq!(j["root"], "testsuites");
