@@ -9,3 +9,4 @@ pub mod marks;
 pub mod plan;
 pub mod probe;
 pub mod report;
+pub mod run;
