@@ -733,7 +733,8 @@ fn map_entries_changed_with_bpftool_are_drift() {
     text.assert_failed("verify (text) after bpftool map update");
     eprintln!("envguard verify after bpftool map update:\n{}", text.stdout);
     assert!(
-        text.stdout.contains("dev        ✓    ✗     ✓\n"),
+        text.stdout.contains("dev        ✓    ✗     ✓\n")
+            && text.stdout.contains("\nfailed:\n  dev -> prod  198.18.10.1:9000/tcp: not refused (connected), but the policy refuses it (expected denied)\n\ndrift:\n"),
         "{}",
         text.stdout
     );

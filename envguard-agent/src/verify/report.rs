@@ -225,6 +225,22 @@ impl Report {
             }
             s.push('\n');
         }
+        let failed: Vec<&ProbeOutcome> = self
+            .probes
+            .iter()
+            .filter(|p| p.matched == Some(false))
+            .collect();
+        if !failed.is_empty() {
+            s.push_str("\nfailed:\n");
+            for p in failed {
+                let pl = &p.planned;
+                let _ = writeln!(
+                    s,
+                    "  {} -> {}  {}: {} (expected {})",
+                    pl.from, pl.to, pl.target, p.outcome, pl.expect
+                );
+            }
+        }
         if !self.drift.is_empty() {
             s.push_str("\ndrift:\n");
             for d in &self.drift {
