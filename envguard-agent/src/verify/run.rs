@@ -7,6 +7,8 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
+
 use super::{
     drift::{self, Drift},
     listeners,
@@ -169,13 +171,17 @@ pub fn live(args: &Options) -> anyhow::Result<Report> {
     // The policy in force: what the agent loaded (as its files read then).
     let loaded = match &status {
         Some(_) => {
-            let reply: PolicyReply = call_typed(&socket, &Request::Policy {})?;
+            let reply: PolicyReply = call_typed(&socket, &Request::Policy {})
+                .context("asking the agent for the policy it loaded")?;
             let files: Vec<(PathBuf, String)> = reply
                 .files
                 .into_iter()
                 .map(|f| (PathBuf::from(f.path), f.text))
                 .collect();
-            Some(Policy::reparse(Path::new(&reply.path), &files)?)
+            Some(
+                Policy::reparse(Path::new(&reply.path), &files)
+                    .context("reading the policy the agent reports as loaded")?,
+            )
         }
         None => None,
     };
@@ -267,7 +273,10 @@ pub fn live(args: &Options) -> anyhow::Result<Report> {
         plan::plan(&locals, &targets, offline_decider(in_force)?)
     };
     let seen = match status {
-        Some(_) => Some(probe::watch_events(&socket)?),
+        Some(_) => Some(
+            probe::watch_events(&socket)
+                .context("subscribing to the agent's events (audited probes need their records)")?,
+        ),
         None => None,
     };
     let mut outcomes = Vec::new();
