@@ -65,6 +65,9 @@ pub struct Violation<'a> {
     pub destination: Endpoint<'a>,
     pub process: Process,
     pub rule: String,
+    /// The `envguard verify` run whose probe caused the record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -454,6 +457,9 @@ pub struct Rollup<'a> {
     pub source: Endpoint<'a>,
     pub destination: Endpoint<'a>,
     pub process: Process,
+    /// The `envguard verify` run whose probes caused the repeats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
 }
 
 pub fn rollup<'a>(
@@ -503,6 +509,7 @@ pub fn rollup<'a>(
             cgroup_id: k.cgroup_id,
             cgroup: names.path(k.cgroup_id),
         },
+        probe: None,
     }
 }
 
@@ -548,6 +555,7 @@ pub fn violation<'a>(
             cgroup: names.path(e.cgroup_id),
         },
         rule: rule_label(policy, compiled, e),
+        probe: None,
     }
 }
 

@@ -18,3 +18,4 @@ pub mod ratelimit;
 pub mod scan;
 pub mod sinks;
 pub mod sys;
+pub mod verify;

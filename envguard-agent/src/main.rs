@@ -1,6 +1,6 @@
 //! `envguard`: the command line. Everything else lives in the library.
 use clap::{Parser, Subcommand};
-use envguard_agent::cmd::{check, detach, events, explain, mode, reload, run, status};
+use envguard_agent::cmd::{check, detach, events, explain, mode, reload, run, status, verify};
 
 /// envguard keeps workloads of different environments (dev, staging, prod…)
 /// on one host from talking to each other, enforced by eBPF programs on cgroup
@@ -38,6 +38,10 @@ enum Command {
     Reload(reload::ReloadArgs),
     Events(events::EventsArgs),
     Explain(explain::ExplainArgs),
+    Verify(verify::VerifyArgs),
+    /// The probe process `verify` starts inside an env (internal).
+    #[command(hide = true, name = "verify-probe")]
+    VerifyProbe(verify::ProbeChildArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,6 +65,12 @@ fn main() -> std::process::ExitCode {
         Command::Reload(args) => reload::reload(args),
         Command::Events(args) => events::events(args),
         Command::Explain(args) => explain::explain(args),
+        Command::VerifyProbe(args) => verify::probe_child(args),
+        Command::Verify(args) => match verify::verify(args) {
+            // Not an error: the report says what failed.
+            Ok(false) => return std::process::ExitCode::FAILURE,
+            r => r.map(|_| ()),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

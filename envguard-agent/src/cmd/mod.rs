@@ -7,6 +7,7 @@ pub mod mode;
 pub mod reload;
 pub mod run;
 pub mod status;
+pub mod verify;
 
 // Shared with the daemon, which warns at every load; they live with the
 // cgroup-path logic so that the daemon never imports a subcommand.

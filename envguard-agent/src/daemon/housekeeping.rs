@@ -66,13 +66,19 @@ impl Daemon {
         for (k, total, first, last) in entries {
             let seen = self.dedup_reported.entry(k).or_insert(0);
             if total > *seen {
-                let body = events::rollup(
+                let mut body = events::rollup(
                     &self.compiled,
                     &mut self.names,
                     &k,
                     total - *seen,
                     first,
                     last,
+                );
+                body.probe = super::probe_mark(
+                    &self.probe_marks,
+                    &mut self.probe_events,
+                    k.cgroup_id,
+                    "violation_rollup",
                 );
                 *seen = total;
                 self.stream.emit("violation_rollup", Some(last), &body)?;
@@ -105,7 +111,13 @@ impl Daemon {
             // because ring buffer records are only 8-byte aligned by contract.
             let e: ViolationEvent =
                 unsafe { item.as_ptr().cast::<ViolationEvent>().read_unaligned() };
-            let body = events::violation(&self.policy, &self.compiled, &mut self.names, &e);
+            let mut body = events::violation(&self.policy, &self.compiled, &mut self.names, &e);
+            body.probe = super::probe_mark(
+                &self.probe_marks,
+                &mut self.probe_events,
+                e.cgroup_id,
+                "violation",
+            );
             self.stream.emit("violation", Some(e.boot_ns), &body)?;
         }
         Ok(())
@@ -257,6 +269,7 @@ impl Daemon {
             .collect();
         s.events_lost = self.lost_totals.clone();
         s.events_suppressed = self.stream.suppressed();
+        s.probe_events = self.probe_events.clone();
         s.policy_revision = self.kernel.policy_loads();
         s.control_refused = self
             .gate
