@@ -35,6 +35,8 @@ const DROP: i32 = 0;
 const LOOPBACK_IFINDEX: u32 = 1;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
+/// Not a `FlowVerdict::inbound` value (0 or 1).
+const NO_DECISION: u8 = 2;
 
 // On an unreadable header: drop in enforce mode, pass in audit mode. Enforce
 // promises that nothing unjudged crosses envs; audit promises never to break
@@ -161,6 +163,9 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     // An established TCP flow: its socket holds its decision. Nothing else
     // (no header, no cache key) is needed while that decision holds.
     let sk = unsafe { (*raw).__bindgen_anon_2.sk };
+    // Which way a stale decision kept on the socket said the flow goes:
+    // `NO_DECISION` when the socket keeps none.
+    let mut kept_inbound = NO_DECISION;
     if !sk.is_null()
         && let Some(s) = sockenv::get(sk.cast())
         && s.flags & SOCK_F_VERDICT != 0
@@ -169,6 +174,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         if fresh(&s.verdict, &cfg) {
             return Ok(verdict(&cfg, &s.verdict));
         }
+        kept_inbound = s.verdict.inbound;
     }
     let loopback = unsafe { (*raw).ifindex } == LOOPBACK_IFINDEX;
     let mut pkt = Packet {
@@ -209,13 +215,19 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     // quietly, so that this socket's answers follow it.
     let mut quiet = false;
     let (inbound, remote, sk, syn_only) = if loopback {
-        let inbound = match unsafe { FLOW_VERDICTS.get(&flow) } {
-            Some(old) => old.inbound != 0,
-            None if ingress && pkt.proto == IPPROTO_UDP => {
-                quiet = true;
-                true
+        // A connecting TCP socket keeps its decision on itself, others in
+        // the cache.
+        let inbound = if kept_inbound != NO_DECISION {
+            kept_inbound != 0
+        } else {
+            match unsafe { FLOW_VERDICTS.get(&flow) } {
+                Some(old) => old.inbound != 0,
+                None if ingress && pkt.proto == IPPROTO_UDP => {
+                    quiet = true;
+                    true
+                }
+                None => return Ok(PASS),
             }
-            None => return Ok(PASS),
         };
         let peer = local_peer_env(
             raw.cast(),

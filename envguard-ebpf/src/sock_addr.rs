@@ -47,7 +47,10 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let cfg = config();
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let flow = FlowKey::new(cookie, remote_addr, remote_port, proto);
-    if let Some(v) = cached(&flow, &cfg)
+    // A TCP socket connects once: there is no earlier verdict of its own to
+    // find, and its decision is kept on the socket (`label`), not in the cache.
+    if proto != IPPROTO_TCP
+        && let Some(v) = cached(&flow, &cfg)
         && v.allows()
     {
         return ALLOW;
@@ -71,8 +74,9 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         local.env,
         remote.env,
     );
-    label(ctx, hook, proto, &local, &verdict);
-    remember(&flow, &verdict);
+    if !label(ctx, hook, proto, &local, &verdict) {
+        remember(&flow, &verdict);
+    }
     count_decision(
         local.env,
         remote.env,
@@ -108,12 +112,19 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
 /// Gives the calling socket its env if it has none yet, so that an unbound
 /// socket (a UDP client's) is judged by it when it is the destination; marks a
 /// connecting TCP socket as the side that opened its connection, and gives it
-/// its decision, which its packets then find on the socket.
+/// its decision, which its packets then find on the socket. Returns whether
+/// the decision is kept on the socket (else it goes to the verdict cache).
 #[inline(always)]
-fn label(ctx: &SockAddrContext, hook: u8, proto: u8, local: &Side, verdict: &FlowVerdict) {
+fn label(
+    ctx: &SockAddrContext,
+    hook: u8,
+    proto: u8,
+    local: &Side,
+    verdict: &FlowVerdict,
+) -> bool {
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     if sk.is_null() {
-        return;
+        return false;
     }
     let connecting = proto == IPPROTO_TCP && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6);
     let flags = if connecting { SOCK_F_ACTIVE } else { 0 };
@@ -125,8 +136,12 @@ fn label(ctx: &SockAddrContext, hook: u8, proto: u8, local: &Side, verdict: &Flo
                 s.verdict = *verdict;
                 s.flags |= SOCK_F_VERDICT;
             }
+            connecting
         }
-        None => count(Counter::SockStorageFull),
+        None => {
+            count(Counter::SockStorageFull);
+            false
+        }
     }
 }
 
