@@ -297,6 +297,7 @@ fn command_name(r: &Request) -> &'static str {
         Request::Reload {} => "reload",
         Request::Explain { .. } => "explain",
         Request::Events {} => "events",
+        Request::Register(_) => "register",
     }
 }
 

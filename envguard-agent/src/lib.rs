@@ -4,6 +4,7 @@ pub mod bpf_sys;
 pub mod btf;
 pub mod cgroups;
 pub mod cmd;
+pub mod containers;
 pub mod control;
 pub mod daemon;
 pub mod error;

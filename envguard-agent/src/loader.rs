@@ -26,6 +26,7 @@ use aya::{
 };
 use envguard_common::{
     config::{AgentState, Config, Counter, EnvLoss, PolicyMeta},
+    container::Registration,
     event::{DecisionKey, DedupKey, DedupValue},
     flow::SockEnv,
     maps,
@@ -500,6 +501,46 @@ impl Kernel {
         .map_err(|e| bpf_err(format!("updating {name}"), e))
     }
 
+    /// Widens the active slot's cgroup walk to take in `level`: a cgroup
+    /// registered at run time may sit deeper (or shallower) than every
+    /// listed one.
+    pub fn widen_levels(&mut self, level: u32) -> Result<()> {
+        let name = maps::POLICY_META[self.config.slot() as usize];
+        let mut m: Array<_, PolicyMeta> = map(&mut self.ebpf, name)?;
+        let now = m
+            .get(&0, 0)
+            .map_err(|e| bpf_err(format!("reading {name}"), e))?;
+        let wide = widened(now, level);
+        if wide != now {
+            m.set(0, wide, 0)
+                .map_err(|e| bpf_err(format!("writing {name}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// The registered containers the pinned map holds.
+    pub fn registrations(&mut self) -> Result<Vec<(u64, Registration)>> {
+        let name = maps::REGISTERED_CGROUPS;
+        let m: HashMap<_, u64, Registration> = map(&mut self.ebpf, name)?;
+        m.iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bpf_err(format!("reading {name}"), e))
+    }
+
+    /// Records (or, with `None`, forgets) a registered container.
+    pub fn set_registration(&mut self, id: u64, r: Option<&Registration>) -> Result<()> {
+        let name = maps::REGISTERED_CGROUPS;
+        let mut m: HashMap<_, u64, Registration> = map(&mut self.ebpf, name)?;
+        match r {
+            Some(r) => m.insert(id, r, 0),
+            None => match m.remove(&id) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                other => other,
+            },
+        }
+        .map_err(|e| bpf_err(format!("updating {name}"), e))
+    }
+
     /// Tells the kernel the agent is alive (the watchdog's input), and records
     /// how many lost events have been reported.
     pub fn heartbeat(&mut self) -> Result<()> {
@@ -547,6 +588,16 @@ impl Kernel {
         let mut m: SkStorage<_, SockEnv> = map(&mut self.ebpf, maps::SOCK_ENVS)?;
         m.insert(socket, value, 0)
             .map_err(|e| bpf_err(format!("writing {}", maps::SOCK_ENVS), e))
+    }
+}
+
+/// `meta` with `level` inside its walk; an empty walk (min above max)
+/// becomes that one level.
+pub fn widened(meta: PolicyMeta, level: u32) -> PolicyMeta {
+    if meta.min_level > meta.max_level {
+        PolicyMeta::new(level, level)
+    } else {
+        PolicyMeta::new(meta.min_level.min(level), meta.max_level.max(level))
     }
 }
 

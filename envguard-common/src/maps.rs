@@ -51,13 +51,19 @@ pub const INBOUND_TUPLES: &str = "INBOUND_TUPLES";
 pub const SOCK_ENVS: &str = "SOCK_ENVS";
 /// `Array<CgroupOffsets>` with one entry: what the `cgroup_mkdir` watch reads where.
 pub const MKDIR_OFFSETS: &str = "MKDIR_OFFSETS";
+/// `HashMap<u64 cgroup id, container::Registration>`: containers registered
+/// by the runtime's hook (`envguard oci-hook`) or found at start. Only the
+/// agent reads and writes it; it is pinned so registrations survive a
+/// restart, and (like every pin under the root-only pin root) only a process
+/// with CAP_BPF/CAP_SYS_ADMIN that may open the pin can change it.
+pub const REGISTERED_CGROUPS: &str = "REGISTERED_CGROUPS";
 /// `RingBuf` of `ViolationEvent`.
 pub const EVENTS: &str = "EVENTS";
 /// `PerCpuArray<u64>` of counters, indexed by `config::Counter`.
 pub const COUNTERS: &str = "COUNTERS";
 
 /// Every map, for pinning and removal.
-pub const ALL: [&str; 33] = [
+pub const ALL: [&str; 34] = [
     DEDUP,
     DENY_RULES[0],
     DENY_RULES[1],
@@ -91,11 +97,12 @@ pub const ALL: [&str; 33] = [
     LISTED_CGROUPS[0],
     LISTED_CGROUPS[1],
     MKDIR_OFFSETS,
+    REGISTERED_CGROUPS,
 ];
 
 /// Bump when a map's type, key, value or meaning changes: pinned maps of
 /// another layout are never adopted, only replaced.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Number of env ids (`host`, `world` and the declared envs).
 pub const MAX_ENVS: u32 = 1024;
@@ -107,6 +114,8 @@ pub const MAX_PAIR_MODES: u32 = 65_536;
 pub const MAX_DECISION_KEYS: u32 = 65_536;
 /// Capacity of `CGROUP_ENVS`.
 pub const MAX_CGROUPS: u32 = 16_384;
+/// Capacity of `REGISTERED_CGROUPS`.
+pub const MAX_REGISTERED: u32 = 4096;
 /// Capacity of `LISTED_CGROUPS` (paths beyond it are left to the agent's poll).
 pub const MAX_LISTED_PATHS: u32 = 4096;
 /// Capacity of each CIDR trie.

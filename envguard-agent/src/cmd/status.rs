@@ -157,6 +157,19 @@ pub fn render(s: &StatusReply, colour: bool) -> String {
     if !any {
         out.push_str("(no decisions yet)\n");
     }
+    if !s.containers.is_empty() {
+        out.push_str("\ncontainers  env          name                 id\n");
+        for c in &s.containers {
+            out.push_str(&fit(format!(
+                "{}{}{} {}",
+                cut("", 12),
+                cut(&c.env, 13),
+                cut(&c.container.name, 20),
+                c.container.id
+            )));
+            out.push('\n');
+        }
+    }
     out
 }
 

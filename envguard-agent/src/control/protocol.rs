@@ -21,6 +21,8 @@ pub enum Request {
     },
     /// Subscribe to the event stream.
     Events {},
+    /// Put a container's cgroup into an env (`envguard oci-hook`).
+    Register(crate::containers::RegisterRequest),
 }
 
 /// Which mode a `mode` request switches.
@@ -146,6 +148,9 @@ pub struct StatusReply {
     /// its limits).
     #[serde(default)]
     pub control: ControlStatus,
+    /// Registered containers, by cgroup id (absent when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<crate::containers::Registered>,
 }
 
 /// Where a mode comes from, as `status` names it.
@@ -215,7 +220,12 @@ pub struct PendingRevert {
 impl Request {
     /// Whether the request changes the agent's state.
     pub fn mutates(&self) -> bool {
-        matches!(self, Request::Mode(_) | Request::Reload {})
+        // Registering is a change of who is in which env: a user who could
+        // register could put a prod cgroup into dev (or their own into prod).
+        matches!(
+            self,
+            Request::Mode(_) | Request::Reload {} | Request::Register(_)
+        )
     }
 }
 
@@ -334,6 +344,7 @@ mod tests {
                 audited: 3,
             }],
             control: Gate::new(Limits::default()).status(),
+            containers: vec![],
         };
         let json = serde_json::to_string(&reply).unwrap();
         assert_eq!(

@@ -22,11 +22,12 @@ use crate::{
 impl Daemon {
     /// Gives sockets their holders' env; reports sockets shared between envs.
     pub(super) fn holders_pass(&mut self) -> anyhow::Result<()> {
+        let listed = self.listed_cgroups();
         let pass = self.holders.pass(
             &mut self.kernel,
             &self.mount,
             &self.root_rel,
-            &self.compiled.cgroups,
+            &listed,
             &mut self.names,
         );
         if pass.relabeled > 0 {
@@ -96,7 +97,13 @@ impl Daemon {
             // because ring buffer records are only 8-byte aligned by contract.
             let e: ViolationEvent =
                 unsafe { item.as_ptr().cast::<ViolationEvent>().read_unaligned() };
-            let body = events::violation(&self.policy, &self.compiled, &mut self.names, &e);
+            let body = events::violation(
+                &self.policy,
+                &self.compiled,
+                &mut self.names,
+                &self.containers,
+                &e,
+            );
             self.stream.emit("violation", Some(e.boot_ns), &body)?;
         }
         Ok(())
@@ -126,7 +133,11 @@ impl Daemon {
                 log::info!("cgroup {path} appeared (id {id}); recorded by the poll");
             }
         }
-        let want: HashMap<u64, u32> = self.tracker.present().into_iter().collect();
+        self.forget_removed_containers()?;
+        let mut want: HashMap<u64, u32> = self.tracker.present().into_iter().collect();
+        // A registered container's cgroup is in its env whatever the policy
+        // lists.
+        want.extend(self.container_envs(&self.compiled));
         let mut changed = 0;
         for (&id, &env) in &want {
             if recorded.get(&id) != Some(&env) {

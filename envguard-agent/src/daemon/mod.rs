@@ -44,6 +44,7 @@ use crate::{
     sys::{self, CgroupNames},
 };
 
+mod containers;
 mod housekeeping;
 mod modes;
 mod reload;
@@ -96,15 +97,24 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut kernel = Kernel::open(&settings.kernel)?;
     // Env ids as the adopted state has them, so its counters and the envs kept
     // on sockets stay right.
-    let compiled = compile_with_ids(&policy, &kernel.env_names()?)?;
+    let mut compiled = compile_with_ids(&policy, &kernel.env_names()?)?;
     let mut tracker = CgroupTracker::new(&mount, &compiled);
+    // Containers an earlier agent registered go into the first load, so a
+    // restart never leaves them out of their env.
+    let registry = containers::restore(&mut kernel, &mount)?;
+    containers::widen(&mut compiled, &registry);
+    let registered = containers::env_ids(&registry, &compiled);
     let modes = Modes::from_policy(&policy);
     // The policy goes into the maps before any new program is attached, so no
     // program ever runs without it.
     kernel
         .apply_policy(
             &compiled,
-            || tracker.rescan(),
+            || {
+                let mut ids = tracker.rescan();
+                ids.extend(registered);
+                ids
+            },
             modes.global().0.kernel(),
             &modes.kernel_pairs(&compiled),
         )
@@ -117,13 +127,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // After attaching: a socket bound from now on is labelled by the kernel,
     // one bound before is labelled here; none falls in between.
     let mut holders = scan::Holders::default();
-    let first_pass = holders.pass(
-        &mut kernel,
-        &mount,
-        &root_rel,
-        &compiled.cgroups,
-        &mut names,
-    );
+    let mut listed = compiled.cgroups.clone();
+    for r in registry.iter() {
+        names.insert(r.cgroup_id, r.cgroup.clone());
+        if let Some(env) = compiled.env_id(&r.env) {
+            listed.push((r.cgroup.clone(), env));
+        }
+    }
+    let first_pass = holders.pass(&mut kernel, &mount, &root_rel, &listed, &mut names);
     log::info!(
         "{} {} ({}) in {} mode at {} in {} ms; {} sockets labelled with their holders' env",
         if kernel.adopted() {
@@ -206,7 +217,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         lost_totals: BTreeMap::new(),
         holders,
         gate,
+        containers: registry,
     };
+    daemon.drop_orphaned_containers()?;
+    daemon.discover_containers();
     // Before `policy_loaded`: whoever waits for it may signal the agent at
     // once, and a signal without a handler would kill it mid-way.
     let signals = Signals::install()?;
@@ -304,6 +318,8 @@ struct Daemon {
     holders: scan::Holders,
     /// The control socket's admission: open connections, refusals.
     gate: Arc<control::Gate>,
+    /// Containers registered into envs (`envguard oci-hook`).
+    containers: crate::containers::Registry,
 }
 
 impl Daemon {
@@ -362,6 +378,9 @@ impl Daemon {
                 .and_then(|r| Ok(serde_json::to_value(r)?)),
             Request::Reload {} => self.reload(actor),
             Request::Explain { from, to, port } => self.explain(&from, &to, &port),
+            Request::Register(r) => self
+                .register(r, &actor)
+                .and_then(|r| Ok(serde_json::to_value(r)?)),
             // Served by the control task itself.
             Request::Events {} => Err(anyhow::anyhow!("events are streamed by the socket task")),
         };

@@ -28,7 +28,7 @@ impl Daemon {
                 let c = compile_with_ids(&p, &self.compiled.env_names)?;
                 Ok((p, c))
             });
-        let (policy, compiled) = match loaded {
+        let (policy, mut compiled) = match loaded {
             Ok(x) => x,
             Err(e) => {
                 let error = format!("{e:#}");
@@ -49,6 +49,9 @@ impl Daemon {
         };
         warn_about(&policy, &self.mount, &self.root_rel);
         let mut tracker = CgroupTracker::new(&self.mount, &compiled);
+        // Registered containers follow their env by name into the new policy.
+        super::containers::widen(&mut compiled, &self.containers);
+        let registered = self.container_envs(&compiled);
         // The runtime switches stay, over the new policy's modes.
         let modes = self
             .modes
@@ -56,7 +59,11 @@ impl Daemon {
         self.kernel
             .apply_policy(
                 &compiled,
-                || tracker.rescan(),
+                || {
+                    let mut ids = tracker.rescan();
+                    ids.extend(registered);
+                    ids
+                },
                 modes.global().0.kernel(),
                 &modes.kernel_pairs(&compiled),
             )
@@ -68,6 +75,7 @@ impl Daemon {
         self.modes = modes;
         self.compiled = compiled;
         self.tracker = tracker;
+        self.drop_orphaned_containers()?;
         // Cgroups may have changed env: every socket is looked at again.
         self.holders.forget();
         self.holders_pass()?;

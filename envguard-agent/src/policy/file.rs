@@ -46,6 +46,10 @@ pub struct EnvFile {
     pub cidrs: Vec<Spanned<String>>,
     pub on_agent_loss: Option<Spanned<String>>,
     pub agent_loss_timeout: Option<Spanned<String>>,
+    /// Kubernetes namespaces (names, or prefixes ending in `*`) whose
+    /// containers the OCI hook registers in this env.
+    #[serde(default)]
+    pub k8s_namespaces: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +108,7 @@ impl PolicyFile {
                             cidrs: shift_all(e.cidrs, by),
                             on_agent_loss: shift_opt(e.on_agent_loss, by),
                             agent_loss_timeout: shift_opt(e.agent_loss_timeout, by),
+                            k8s_namespaces: shift_all(e.k8s_namespaces, by),
                         },
                     )
                 })

@@ -46,7 +46,7 @@ pub fn lint(policy: &Policy) -> Vec<Diagnostic> {
         empty: policy
             .envs
             .iter()
-            .filter(|e| e.cgroups.is_empty() && e.cidrs.is_empty())
+            .filter(|e| e.cgroups.is_empty() && e.cidrs.is_empty() && e.k8s_namespaces.is_empty())
             .map(|e| e.name.as_str())
             .collect(),
         out: Vec::new(),
@@ -92,7 +92,7 @@ impl Lint<'_> {
                 self.warn(
                     env.lines.name,
                     format!(
-                        "env {} lists no cgroups and no CIDRs: it matches nothing",
+                        "env {} lists no cgroups and no CIDRs: it matches nothing but containers registered into it (envguard oci-hook)",
                         env.name
                     ),
                 );

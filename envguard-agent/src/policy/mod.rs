@@ -79,6 +79,9 @@ pub struct Env {
     pub cidrs: Vec<IpNetwork>,
     pub on_agent_loss: OnLoss,
     pub agent_loss_timeout: Duration,
+    /// Kubernetes namespace patterns (`prod`, `prod-*`) mapped to this env
+    /// for containers registered by namespace (`envguard oci-hook`).
+    pub k8s_namespaces: Vec<String>,
     /// Where the env is written, for diagnostics.
     pub lines: EnvLines,
 }

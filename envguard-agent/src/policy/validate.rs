@@ -113,6 +113,7 @@ impl Validator<'_> {
         let mut envs = Vec::new();
         let mut cidr_owner: HashMap<IpNetwork, String> = HashMap::new();
         let mut cgroup_owner: HashMap<String, String> = HashMap::new();
+        let mut ns_owner: HashMap<String, String> = HashMap::new();
         for (name, env) in &file.envs {
             let n = name.get_ref();
             if n.is_empty() {
@@ -229,12 +230,33 @@ impl Validator<'_> {
                     }
                 },
             };
+            let mut k8s_namespaces = Vec::new();
+            for ns in &env.k8s_namespaces {
+                let pattern = ns.get_ref();
+                if let Err(why) = crate::containers::check_namespace_pattern(pattern) {
+                    self.at(ns, why);
+                    continue;
+                }
+                match ns_owner.get(pattern) {
+                    Some(owner) => self.at(
+                        ns,
+                        format!(
+                            "k8s namespace {pattern:?} is already mapped to env {owner}; a namespace belongs to one env"
+                        ),
+                    ),
+                    None => {
+                        ns_owner.insert(pattern.clone(), n.clone());
+                        k8s_namespaces.push(pattern.clone());
+                    }
+                }
+            }
             envs.push(Env {
                 name: n.clone(),
                 cgroups,
                 cidrs,
                 on_agent_loss,
                 agent_loss_timeout,
+                k8s_namespaces,
                 lines,
             });
         }

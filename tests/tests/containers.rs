@@ -1,0 +1,518 @@
+//! Containers in envs through the OCI hook, with real podman (runc) and
+//! busybox containers: `envguard oci-hook` registers an annotated
+//! container's cgroup with the agent before its process starts, so its very
+//! first connect is judged in its env; no agent means no start (fail
+//! closed) unless `--fail-open`; registrations survive an agent restart and
+//! go with the container; Kubernetes namespaces map to envs through the
+//! policy; and Scenario A: a dev app cannot reach a prod database on another
+//! container network, with nothing configured but labels and env names.
+
+use std::time::Duration;
+
+use envguard_tests::podman::{Pod, now_unix_ns, output, unix_ns};
+use envguard_tests::{Agent, AgentOptions, CgroupTree, Mode, PinRoot, TempFile};
+use serde_json::Value;
+
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn start_agent(policy: &TempFile, tree: &CgroupTree, pin: &PinRoot, opts: AgentOptions) -> Agent {
+    Agent::start(
+        policy.path(),
+        &tree.rel(""),
+        Mode::Enforce,
+        pin.path(),
+        &AgentOptions {
+            envs: Some(vec!["dev".into(), "prod".into()]),
+            ..opts
+        },
+    )
+}
+
+/// The agent's hook arguments: its pin root names its control socket.
+fn hook_args(pin: &PinRoot) -> Vec<String> {
+    vec!["--pin-root".into(), pin.path().display().to_string()]
+}
+
+fn install_hook(pod: &Pod, pin: &PinRoot, extra: &[&str]) {
+    let mut args = hook_args(pin);
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    pod.install_hook(&refs);
+}
+
+fn violation_to(agent: &Agent, ip: &str) -> Value {
+    agent
+        .wait_for(&format!("a violation to {ip}"), EVENT_TIMEOUT, |v| {
+            v["kind"] == "violation" && v["destination"]["ip"] == ip
+        })
+        .1
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_eperm(o: &std::process::Output, what: &str) {
+    assert!(
+        !o.status.success() && stderr(o).contains("Operation not permitted"),
+        "{what}: expected EPERM at connect, got {} stdout {:?} stderr {:?}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        stderr(o)
+    );
+}
+
+fn registered(agent: &Agent) -> Vec<Value> {
+    agent.status()["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The hook's own figure for one registration (it logs `... in N us`).
+fn hook_micros(pod: &Pod) -> Vec<u64> {
+    std::fs::read_to_string(pod.hook_log())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(" in ").last()?.strip_suffix(" us")?.parse().ok())
+        .collect()
+}
+
+/// (a) A container annotated `envguard.env=dev` is dev from its first
+/// packet: its first connect, to a prod address, is refused, and the
+/// violation names it.
+#[test]
+fn annotated_container_is_in_its_env_from_its_first_packet() {
+    let tree = CgroupTree::create();
+    let pin = PinRoot::new();
+    let pod = Pod::new(&tree);
+    let prod_ip = pod.block.net(3, 10).to_string();
+    let policy = TempFile::new(
+        "envguard-oci",
+        ".toml",
+        &format!("mode = \"enforce\"\n[envs.dev]\n[envs.prod]\ncidrs = [\"{prod_ip}/32\"]\n"),
+    );
+    let agent = start_agent(&policy, &tree, &pin, AgentOptions::ephemeral());
+    install_hook(&pod, &pin, &[]);
+    let net = pod.network("dev", 0);
+    let app = pod.container("app");
+    let started = now_unix_ns();
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &app.name,
+                "--network",
+                &net.name,
+                "--annotation",
+                "envguard.env=dev",
+            ],
+            &["/bin/busybox", "nc", "-w", "2", &prod_ip, "5432"],
+        ),
+        "podman run",
+    );
+    assert_eperm(&out, "the dev container's first connect to prod");
+    let v = violation_to(&agent, &prod_ip);
+    let id = app.id();
+    assert_eq!(v["verdict"], "denied", "{v}");
+    assert_eq!(v["hook"], "connect4", "{v}");
+    assert_eq!(v["source"]["env"], "dev", "{v}");
+    assert_eq!(v["source"]["env_from"], "cgroup", "{v}");
+    assert_eq!(v["source"]["container"]["id"], id.as_str(), "{v}");
+    assert_eq!(v["source"]["container"]["name"], app.name.as_str(), "{v}");
+    assert_eq!(v["destination"]["env"], "prod", "{v}");
+    assert_eq!(v["destination"]["env_from"], "cidr", "{v}");
+    assert_eq!(v["destination"]["port"], 5432, "{v}");
+    assert!(v["destination"].get("container").is_none(), "{v}");
+    assert_eq!(v["process"]["comm"], "busybox", "{v}");
+    let cgroup = v["process"]["cgroup"].as_str().unwrap_or_default();
+    assert!(
+        cgroup.starts_with(&tree.rel("")) && cgroup.contains(&id),
+        "the process's cgroup {cgroup} is the container's, below {}",
+        tree.rel("")
+    );
+    let judged_ms = (unix_ns(v["time"].as_str().unwrap()) - started) as f64 / 1e6;
+    let hook_us = hook_micros(&pod);
+    assert_eq!(hook_us.len(), 1, "one registration logged by the hook");
+    eprintln!(
+        "podman run -> first packet judged (dev, denied): {judged_ms:.0} ms; hook: {} us",
+        hook_us[0]
+    );
+    // It exited: runc removed its cgroup, and the agent forgets it (its
+    // poll runs every second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !registered(&agent).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an exited container's registration is forgotten: {:?}",
+            registered(&agent)
+        );
+    }
+    // An unannotated container is left alone: host, allowed to prod by the
+    // defaults, and not registered.
+    let plain = pod.container("plain");
+    let out = output(
+        &mut pod.run_cmd(
+            &["--name", &plain.name, "--network", &net.name],
+            &["/bin/busybox", "nc", "-w", "1", &prod_ip, "5432"],
+        ),
+        "podman run",
+    );
+    assert!(
+        !stderr(&out).contains("Operation not permitted"),
+        "an unannotated container is host: {}",
+        stderr(&out)
+    );
+    assert_eq!(
+        hook_micros(&pod).len(),
+        1,
+        "the hook registered nothing more"
+    );
+    agent.stop();
+}
+
+/// (b) No agent: the hook fails the container's start; with --fail-open
+/// it starts. The agent, when it starts, finds the running annotated
+/// container from runc's state and registers it.
+#[test]
+fn no_agent_fails_closed_unless_fail_open_and_the_agent_finds_it_later() {
+    let tree = CgroupTree::create();
+    let pin = PinRoot::new();
+    let pod = Pod::new(&tree);
+    let prod_ip = pod.block.net(3, 10).to_string();
+    install_hook(&pod, &pin, &[]);
+    let refused = pod.container("refused");
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &refused.name,
+                "--network",
+                "none",
+                "--annotation",
+                "envguard.env=dev",
+            ],
+            &["/bin/busybox", "true"],
+        ),
+        "podman run",
+    );
+    assert!(
+        !out.status.success(),
+        "without an agent the container must not start: {}",
+        stderr(&out)
+    );
+    let log = std::fs::read_to_string(pod.hook_log()).unwrap_or_default();
+    assert!(
+        log.contains("not registered with envguard; refusing its start"),
+        "the hook says why: {log}"
+    );
+    // Unannotated containers start whatever the agent does.
+    let plain = pod.container("plain");
+    let out = output(
+        &mut pod.run_cmd(
+            &["--name", &plain.name, "--network", "none"],
+            &["/bin/busybox", "true"],
+        ),
+        "podman run",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    install_hook(&pod, &pin, &["--fail-open"]);
+    let net = pod.network("dev", 0);
+    let early = pod.container("early");
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &early.name,
+                "--network",
+                &net.name,
+                "--annotation",
+                "envguard.env=dev",
+                "-d",
+            ],
+            &["/bin/busybox", "sleep", "600"],
+        ),
+        "podman run",
+    );
+    assert!(
+        out.status.success(),
+        "--fail-open lets it start: {}",
+        stderr(&out)
+    );
+    let policy = TempFile::new(
+        "envguard-oci",
+        ".toml",
+        &format!("mode = \"enforce\"\n[envs.dev]\n[envs.prod]\ncidrs = [\"{prod_ip}/32\"]\n"),
+    );
+    let agent = start_agent(&policy, &tree, &pin, AgentOptions::ephemeral());
+    let id = early.id();
+    let listed = registered(&agent);
+    assert!(
+        listed
+            .iter()
+            .any(|c| c["container"]["id"] == id.as_str() && c["env"] == "dev"),
+        "the agent found the running container at start: {listed:?}"
+    );
+    assert_eperm(
+        &early.exec(&["/bin/busybox", "nc", "-w", "2", &prod_ip, "5432"]),
+        "the found container connecting to prod",
+    );
+    let v = violation_to(&agent, &prod_ip);
+    assert_eq!(v["source"]["env"], "dev", "{v}");
+    assert_eq!(v["source"]["container"]["id"], id.as_str(), "{v}");
+    agent.stop();
+}
+
+/// (c) A registration survives an agent restart (pinned), and is forgotten
+/// when the container is removed.
+#[test]
+fn registration_survives_restart_and_goes_with_the_container() {
+    let tree = CgroupTree::create();
+    let pin = PinRoot::new();
+    let pod = Pod::new(&tree);
+    let prod_ip = pod.block.net(3, 10).to_string();
+    let policy = TempFile::new(
+        "envguard-oci",
+        ".toml",
+        &format!("mode = \"enforce\"\n[envs.dev]\n[envs.prod]\ncidrs = [\"{prod_ip}/32\"]\n"),
+    );
+    let agent = start_agent(&policy, &tree, &pin, AgentOptions::pinned());
+    install_hook(&pod, &pin, &[]);
+    let net = pod.network("dev", 0);
+    let app = pod.container("app");
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &app.name,
+                "--network",
+                &net.name,
+                "--annotation",
+                "envguard.env=dev",
+                "-d",
+            ],
+            &["/bin/busybox", "sleep", "600"],
+        ),
+        "podman run",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = app.id();
+    assert_eq!(registered(&agent).len(), 1);
+    agent.stop();
+
+    let agent = start_agent(&policy, &tree, &pin, AgentOptions::pinned().adopting());
+    let listed = registered(&agent);
+    assert!(
+        listed.len() == 1
+            && listed[0]["container"]["id"] == id.as_str()
+            && listed[0]["env"] == "dev",
+        "the restarted agent keeps the registration: {listed:?}"
+    );
+    assert_eperm(
+        &app.exec(&["/bin/busybox", "nc", "-w", "2", &prod_ip, "5432"]),
+        "the registered container after the restart",
+    );
+    let v = violation_to(&agent, &prod_ip);
+    assert_eq!(v["source"]["env"], "dev", "{v}");
+    assert_eq!(v["source"]["container"]["name"], app.name.as_str(), "{v}");
+
+    app.remove();
+    // The agent's cgroup poll runs every second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let listed = registered(&agent);
+        if listed.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "removing the container forgets its registration: {listed:?}"
+        );
+    }
+    agent.stop();
+}
+
+/// (d) Kubernetes namespaces map to envs through the policy: a container of
+/// namespace `prod-x` is prod by `k8s_namespaces = ["prod-*"]`; one whose
+/// namespace maps to no env is refused its start.
+#[test]
+fn k8s_namespace_maps_through_the_policy() {
+    let tree = CgroupTree::create();
+    let pin = PinRoot::new();
+    let pod = Pod::new(&tree);
+    let dev_ip = pod.block.net(3, 20).to_string();
+    let policy = TempFile::new(
+        "envguard-oci",
+        ".toml",
+        &format!(
+            "mode = \"enforce\"\n[envs.dev]\ncidrs = [\"{dev_ip}/32\"]\n[envs.prod]\nk8s_namespaces = [\"prod\", \"prod-*\"]\n"
+        ),
+    );
+    let agent = start_agent(&policy, &tree, &pin, AgentOptions::ephemeral());
+    install_hook(&pod, &pin, &[]);
+    let net = pod.network("k8s", 0);
+    let app = pod.container("api");
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &app.name,
+                "--network",
+                &net.name,
+                "--annotation",
+                "io.kubernetes.pod.namespace=prod-x",
+            ],
+            &["/bin/busybox", "nc", "-w", "2", &dev_ip, "8080"],
+        ),
+        "podman run",
+    );
+    assert_eperm(&out, "the prod-x container's connect to dev");
+    let v = violation_to(&agent, &dev_ip);
+    assert_eq!(v["source"]["env"], "prod", "{v}");
+    assert_eq!(v["source"]["env_from"], "cgroup", "{v}");
+    assert_eq!(v["destination"]["env"], "dev", "{v}");
+    assert_eq!(v["source"]["container"]["id"], app.id().as_str(), "{v}");
+
+    let stray = pod.container("stray");
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &stray.name,
+                "--network",
+                "none",
+                "--annotation",
+                "io.kubernetes.pod.namespace=kube-system",
+            ],
+            &["/bin/busybox", "true"],
+        ),
+        "podman run",
+    );
+    assert!(
+        !out.status.success(),
+        "a namespace that maps to no env is refused (fail closed)"
+    );
+    let log = std::fs::read_to_string(pod.hook_log()).unwrap_or_default();
+    assert!(
+        log.contains("k8s namespace \"kube-system\" maps to no env"),
+        "the agent says why: {log}"
+    );
+    agent.stop();
+}
+
+/// Scenario A: `dev-network` and `production-network`; a database listener
+/// on production-network labelled prod; an app on dev-network labelled dev
+/// is refused at connect, and the violation names both sides' envs, the
+/// app container and its process; an app on production-network labelled
+/// prod reaches the database. The policy has env names and allow rules
+/// only: no CIDRs, no cgroups. (The database's env comes from its
+/// address: the endpoints feature.)
+#[test]
+fn scenario_a_dev_app_cannot_reach_the_prod_database() {
+    let tree = CgroupTree::create();
+    let pin = PinRoot::new();
+    let pod = Pod::new(&tree);
+    let policy = TempFile::new(
+        "envguard-oci",
+        ".toml",
+        "mode = \"enforce\"\n[envs.dev]\n[envs.prod]\n\n[[allow]]\nfrom = \"dev\"\nto = \"dev\"\n",
+    );
+    let agent = start_agent(&policy, &tree, &pin, AgentOptions::ephemeral());
+    install_hook(&pod, &pin, &[]);
+    let dev_net = pod.network("dev-network", 0);
+    let prod_net = pod.network("production-network", 1);
+    let db = pod.container("database");
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &db.name,
+                "--network",
+                &prod_net.name,
+                "--annotation",
+                "envguard.env=prod",
+                "-d",
+            ],
+            &[
+                "/bin/busybox",
+                "sh",
+                "-c",
+                "/bin/busybox nc -lk -p 5432 -e /bin/busybox echo db-ok",
+            ],
+        ),
+        "podman run (database)",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let db_ip = db.ip();
+    assert!(!db_ip.is_empty(), "the database has an address");
+    // The listener is up before anyone connects (no sleep: poll its socket).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = db.exec(&["/bin/busybox", "netstat", "-ltn"]);
+        if String::from_utf8_lossy(&o.stdout).contains(":5432") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database never listened"
+        );
+    }
+
+    let prod_app = pod.container("prod-app");
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &prod_app.name,
+                "--network",
+                &prod_net.name,
+                "--annotation",
+                "envguard.env=prod",
+            ],
+            &["/bin/busybox", "nc", "-w", "3", &db_ip, "5432"],
+        ),
+        "podman run (prod app)",
+    );
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("db-ok"),
+        "the prod app reaches the database: {} {:?} {:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+
+    let dev_app = pod.container("dev-app");
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &dev_app.name,
+                "--network",
+                &dev_net.name,
+                "--annotation",
+                "envguard.env=dev",
+            ],
+            &["/bin/busybox", "nc", "-w", "3", &db_ip, "5432"],
+        ),
+        "podman run (dev app)",
+    );
+    assert_eperm(&out, "the dev app connecting to the prod database");
+    let v = violation_to(&agent, &db_ip);
+    assert_eq!(v["verdict"], "denied", "{v}");
+    assert_eq!(v["direction"], "egress", "{v}");
+    assert_eq!(v["source"]["env"], "dev", "{v}");
+    assert_eq!(v["source"]["env_from"], "cgroup", "{v}");
+    assert_eq!(v["source"]["container"]["id"], dev_app.id().as_str(), "{v}");
+    assert_eq!(
+        v["source"]["container"]["name"],
+        dev_app.name.as_str(),
+        "{v}"
+    );
+    assert_eq!(v["destination"]["env"], "prod", "{v}");
+    assert_eq!(v["destination"]["env_from"], "endpoint", "{v}");
+    assert_eq!(v["destination"]["port"], 5432, "{v}");
+    assert_eq!(v["process"]["comm"], "busybox", "{v}");
+    assert!(v["process"]["pid"].as_u64().is_some_and(|p| p > 0), "{v}");
+    agent.stop();
+}
