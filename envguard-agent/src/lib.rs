@@ -6,6 +6,7 @@ pub mod cgroups;
 pub mod cmd;
 pub mod control;
 pub mod daemon;
+pub mod endpoints;
 pub mod error;
 pub mod events;
 pub mod explain;

@@ -144,3 +144,19 @@ pub static LISTED_CGROUPS_B: HashMap<CgroupPath, EnvValue> =
 
 #[map]
 pub static MKDIR_OFFSETS: Array<CgroupOffsets> = Array::with_max_entries(1, 0);
+
+// Container endpoints (see `envguard_common::maps::ENDPOINTS_V4`). Not
+// preallocated: most hosts have a few.
+
+#[map]
+pub static ENDPOINTS_V4_A: HashMap<[u8; 4], EnvValue> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+#[map]
+pub static ENDPOINTS_V4_B: HashMap<[u8; 4], EnvValue> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+#[map]
+pub static ENDPOINTS_V6_A: HashMap<[u8; 16], EnvValue> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+#[map]
+pub static ENDPOINTS_V6_B: HashMap<[u8; 16], EnvValue> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);

@@ -44,6 +44,7 @@ use crate::{
     sys::{self, CgroupNames},
 };
 
+mod endpoints;
 mod housekeeping;
 mod modes;
 mod reload;
@@ -99,6 +100,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let compiled = compile_with_ids(&policy, &kernel.env_names()?)?;
     let mut tracker = CgroupTracker::new(&mount, &compiled);
     let modes = Modes::from_policy(&policy);
+    // Container endpoints go in with the policy, as its cgroups make them.
+    let mut endpoints = crate::endpoints::Endpoints::default();
+    let mut first_conflicts = Vec::new();
     // The policy goes into the maps before any new program is attached, so no
     // program ever runs without it.
     kernel
@@ -107,6 +111,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             || tracker.rescan(),
             modes.global().0.kernel(),
             &modes.kernel_pairs(&compiled),
+            |cgroups| {
+                let mut collector = crate::endpoints::Collector::new();
+                collector.walk();
+                let namespaces = collector.finish(&mount, cgroups);
+                let r = crate::endpoints::resolve(&namespaces, cgroups);
+                let table = r.table.iter().map(|(a, o)| (*a, o.env)).collect();
+                first_conflicts = endpoints
+                    .update(namespaces, r, SystemTime::now())
+                    .new_conflicts;
+                table
+            },
         )
         .context("writing the policy into the kernel")?;
     kernel.attach(&root_dir)?;
@@ -123,6 +138,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         &root_rel,
         &compiled.cgroups,
         &mut names,
+        &mut |_, _| {},
     );
     log::info!(
         "{} {} ({}) in {} mode at {} in {} ms; {} sockets labelled with their holders' env",
@@ -206,12 +222,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         lost_totals: BTreeMap::new(),
         holders,
         gate,
+        endpoints,
     };
     // Before `policy_loaded`: whoever waits for it may signal the agent at
     // once, and a signal without a handler would kill it mid-way.
     let signals = Signals::install()?;
     daemon.emit_policy_loaded(None)?;
     daemon.report_shared(first_pass.shared)?;
+    daemon.report_conflicts(first_conflicts)?;
     if let Some(prev) = previous.filter(|p| p.heartbeat_ns != 0) {
         let gap = Duration::from_nanos(sys::boot_ns().saturating_sub(prev.heartbeat_ns));
         let body = events::agent_gap(&daemon.policy, gap);
@@ -304,6 +322,8 @@ struct Daemon {
     holders: scan::Holders,
     /// The control socket's admission: open connections, refusals.
     gate: Arc<control::Gate>,
+    /// Container endpoints: what the kernel's active slot holds.
+    endpoints: crate::endpoints::Endpoints,
 }
 
 impl Daemon {

@@ -94,6 +94,7 @@ impl Daemon {
             pending_reverts,
             pairs,
             control: self.gate.status(),
+            endpoints: self.endpoint_status(),
         })
     }
 
