@@ -316,6 +316,7 @@ fn env_from(from: u8) -> &'static str {
         ev::ENV_FROM_CGROUP => "cgroup",
         ev::ENV_FROM_CIDR => "cidr",
         ev::ENV_FROM_SOCKET => "socket",
+        ev::ENV_FROM_ENDPOINT => "endpoint",
         _ => "default",
     }
 }

@@ -7,6 +7,7 @@ pub mod cmd;
 pub mod containers;
 pub mod control;
 pub mod daemon;
+pub mod endpoints;
 pub mod error;
 pub mod events;
 pub mod explain;

@@ -21,6 +21,13 @@ pub const CIDR_ENVS_V6: [&str; 2] = ["CIDR_ENVS_V6_A", "CIDR_ENVS_V6_B"];
 pub const CIDR_HOSTS_V4: [&str; 2] = ["CIDR_HOSTS_V4_A", "CIDR_HOSTS_V4_B"];
 /// `HashMap<[u8; 16], EnvValue>`: the IPv6 /128s, likewise.
 pub const CIDR_HOSTS_V6: [&str; 2] = ["CIDR_HOSTS_V6_A", "CIDR_HOSTS_V6_B"];
+/// `HashMap<[u8; 4], EnvValue>`: IPv4 addresses of network namespaces other
+/// than the agent's whose processes are all of one env (container endpoints),
+/// written by the agent as it finds them; looked up for the remote side
+/// before the CIDR maps. Per slot because env ids are the slot's policy's.
+pub const ENDPOINTS_V4: [&str; 2] = ["ENDPOINTS_V4_A", "ENDPOINTS_V4_B"];
+/// `HashMap<[u8; 16], EnvValue>`: the IPv6 endpoints, likewise.
+pub const ENDPOINTS_V6: [&str; 2] = ["ENDPOINTS_V6_A", "ENDPOINTS_V6_B"];
 /// `LpmTrie<RuleKey, RuleValue>`: allowed (source env, destination env, proto, port) flows.
 pub const RULES: [&str; 2] = ["RULES_A", "RULES_B"];
 /// `LpmTrie<RuleKey, RuleValue>`: denied flows; deny beats allow.
@@ -63,7 +70,7 @@ pub const EVENTS: &str = "EVENTS";
 pub const COUNTERS: &str = "COUNTERS";
 
 /// Every map, for pinning and removal.
-pub const ALL: [&str; 34] = [
+pub const ALL: [&str; 38] = [
     DEDUP,
     DENY_RULES[0],
     DENY_RULES[1],
@@ -98,6 +105,10 @@ pub const ALL: [&str; 34] = [
     LISTED_CGROUPS[1],
     MKDIR_OFFSETS,
     REGISTERED_CGROUPS,
+    ENDPOINTS_V4[0],
+    ENDPOINTS_V4[1],
+    ENDPOINTS_V6[0],
+    ENDPOINTS_V6[1],
 ];
 
 /// Bump when a map's type, key, value or meaning changes: pinned maps of
@@ -122,6 +133,8 @@ pub const MAX_LISTED_PATHS: u32 = 4096;
 pub const MAX_CIDRS: u32 = 262_144;
 /// Capacity of `RULES` (after expanding wildcards and port ranges).
 pub const MAX_RULE_ENTRIES: u32 = 262_144;
+/// Capacity of each `ENDPOINTS` map.
+pub const MAX_ENDPOINTS: u32 = 16_384;
 /// Capacity of `FLOW_VERDICTS`.
 pub const MAX_FLOWS: u32 = 65_536;
 /// Capacity of `INBOUND_TUPLES`.

@@ -438,7 +438,7 @@ fn scenario_a_dev_app_cannot_reach_the_prod_database() {
                 "/bin/busybox",
                 "sh",
                 "-c",
-                "/bin/busybox nc -lk -p 5432 -e /bin/busybox echo db-ok",
+                "/bin/busybox nc -ll -p 5432 -e /bin/busybox echo db-ok",
             ],
         ),
         "podman run (database)",
@@ -450,12 +450,15 @@ fn scenario_a_dev_app_cannot_reach_the_prod_database() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let o = db.exec(&["/bin/busybox", "netstat", "-ltn"]);
-        if String::from_utf8_lossy(&o.stdout).contains(":5432") {
+        let listening = String::from_utf8_lossy(&o.stdout).into_owned();
+        if listening.contains(":5432") {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the database never listened"
+            "the database never listened: netstat {listening:?} {:?}; logs {:?}",
+            stderr(&o),
+            output(pod.podman().args(["logs", &db.name]), "podman logs")
         );
     }
 

@@ -170,6 +170,19 @@ pub fn render(s: &StatusReply, colour: bool) -> String {
             out.push('\n');
         }
     }
+    if !s.endpoints.is_empty() {
+        out.push_str("\nendpoints (container addresses)\n");
+        for e in &s.endpoints {
+            out.push_str(&fit(format!(
+                "{:<40} {:<12} netns {} since {}",
+                e.address,
+                cut(&e.env, 12).trim_end(),
+                e.netns,
+                clock(&e.since)
+            )));
+            out.push('\n');
+        }
+    }
     out
 }
 

@@ -151,6 +151,23 @@ pub struct StatusReply {
     /// Registered containers, by cgroup id (absent when there are none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<crate::containers::Registered>,
+    /// Container endpoints in force: addresses of other network namespaces
+    /// and the env they belong to (absent in answers of older agents).
+    #[serde(default)]
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// One container endpoint (see the README, "Container endpoints").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    pub address: String,
+    /// An env of the policy, or `endpoint-conflict`.
+    pub env: String,
+    /// The inode of the network namespace that has it (the lowest one when
+    /// several of the same env do).
+    pub netns: u64,
+    /// Since when it has had this env (RFC 3339).
+    pub since: String,
 }
 
 /// Where a mode comes from, as `status` names it.
@@ -345,6 +362,12 @@ mod tests {
             }],
             control: Gate::new(Limits::default()).status(),
             containers: vec![],
+            endpoints: vec![EndpointStatus {
+                address: "198.18.1.1".into(),
+                env: "prod".into(),
+                netns: 4026532000,
+                since: "2026-11-23T10:00:01Z".into(),
+            }],
         };
         let json = serde_json::to_string(&reply).unwrap();
         assert_eq!(
@@ -357,7 +380,8 @@ mod tests {
                 r#""pairs":[{"from":"host","to":"host","decision":"allow","mode":"enforce","mode_source":"global","allowed":1,"denied":2,"audited":3}],"#,
                 r#""control":{"open":{"root":0,"others":0,"subscribers":0},"refused_total":0,"#,
                 r#""refused":{"root":0,"others":0,"per_uid":0,"subscribers":0,"subscribers_per_uid":0},"#,
-                r#""limits":{"root":1024,"others":1024,"per_uid":64,"subscribers":256,"subscribers_per_uid":16}}}"#
+                r#""limits":{"root":1024,"others":1024,"per_uid":64,"subscribers":256,"subscribers_per_uid":16}},"#,
+                r#""endpoints":[{"address":"198.18.1.1","env":"prod","netns":4026532000,"since":"2026-11-23T10:00:01Z"}]}"#
             )
         );
         assert_eq!(serde_json::from_str::<StatusReply>(&json).unwrap(), reply);

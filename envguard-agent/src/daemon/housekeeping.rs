@@ -23,13 +23,17 @@ impl Daemon {
     /// Gives sockets their holders' env; reports sockets shared between envs.
     pub(super) fn holders_pass(&mut self) -> anyhow::Result<()> {
         let listed = self.listed_cgroups();
+        // The same walk collects the container endpoints' namespaces.
+        let mut collector = crate::endpoints::Collector::new();
         let pass = self.holders.pass(
             &mut self.kernel,
             &self.mount,
             &self.root_rel,
             &listed,
             &mut self.names,
+            &mut |pid, cgroup| collector.visit(pid, cgroup),
         );
+        self.endpoints_pass(collector)?;
         if pass.relabeled > 0 {
             // Decisions taken with a socket's old env (a peer's cached allow
             // to it, its own flows) must not outlive the change.

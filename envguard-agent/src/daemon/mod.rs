@@ -45,6 +45,7 @@ use crate::{
 };
 
 mod containers;
+mod endpoints;
 mod housekeeping;
 mod modes;
 mod reload;
@@ -105,6 +106,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     containers::widen(&mut compiled, &registry);
     let registered = containers::env_ids(&registry, &compiled);
     let modes = Modes::from_policy(&policy);
+    // Container endpoints go in with the policy, as its cgroups make them.
+    let mut endpoints = crate::endpoints::Endpoints::default();
+    let mut first_conflicts = Vec::new();
     // The policy goes into the maps before any new program is attached, so no
     // program ever runs without it.
     kernel
@@ -117,6 +121,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             },
             modes.global().0.kernel(),
             &modes.kernel_pairs(&compiled),
+            |cgroups| {
+                let mut collector = crate::endpoints::Collector::new();
+                collector.walk();
+                let namespaces = collector.finish(&mount, cgroups);
+                let r = crate::endpoints::resolve(&namespaces, cgroups);
+                let table = r.table.iter().map(|(a, o)| (*a, o.env)).collect();
+                first_conflicts = endpoints
+                    .update(namespaces, r, SystemTime::now())
+                    .new_conflicts;
+                table
+            },
         )
         .context("writing the policy into the kernel")?;
     kernel.attach(&root_dir)?;
@@ -134,7 +149,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             listed.push((r.cgroup.clone(), env));
         }
     }
-    let first_pass = holders.pass(&mut kernel, &mount, &root_rel, &listed, &mut names);
+    let first_pass = holders.pass(
+        &mut kernel,
+        &mount,
+        &root_rel,
+        &listed,
+        &mut names,
+        &mut |_, _| {},
+    );
     log::info!(
         "{} {} ({}) in {} mode at {} in {} ms; {} sockets labelled with their holders' env",
         if kernel.adopted() {
@@ -218,6 +240,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         holders,
         gate,
         containers: registry,
+        endpoints,
     };
     daemon.drop_orphaned_containers()?;
     daemon.discover_containers();
@@ -226,6 +249,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let signals = Signals::install()?;
     daemon.emit_policy_loaded(None)?;
     daemon.report_shared(first_pass.shared)?;
+    daemon.report_conflicts(first_conflicts)?;
     if let Some(prev) = previous.filter(|p| p.heartbeat_ns != 0) {
         let gap = Duration::from_nanos(sys::boot_ns().saturating_sub(prev.heartbeat_ns));
         let body = events::agent_gap(&daemon.policy, gap);
@@ -320,6 +344,8 @@ struct Daemon {
     gate: Arc<control::Gate>,
     /// Containers registered into envs (`envguard oci-hook`).
     containers: crate::containers::Registry,
+    /// Container endpoints: what the kernel's active slot holds.
+    endpoints: crate::endpoints::Endpoints,
 }
 
 impl Daemon {

@@ -56,6 +56,10 @@ impl Daemon {
         let modes = self
             .modes
             .reloaded(&policy, |env| compiled.env_id(env).is_some());
+        // The last pass's namespaces, judged by the new slot's cgroups; a
+        // namespace that had no env before has its addresses read at the
+        // next pass (≤ 500 ms).
+        let endpoints = &mut self.endpoints;
         self.kernel
             .apply_policy(
                 &compiled,
@@ -66,6 +70,11 @@ impl Daemon {
                 },
                 modes.global().0.kernel(),
                 &modes.kernel_pairs(&compiled),
+                |cgroups| {
+                    let r = crate::endpoints::resolve(endpoints.last(), cgroups);
+                    endpoints.replace(&r, std::time::SystemTime::now());
+                    r.table.iter().map(|(a, o)| (*a, o.env)).collect()
+                },
             )
             .context("writing the new policy into the kernel")?;
         for (path, id) in tracker.known() {

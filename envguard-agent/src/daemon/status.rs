@@ -95,6 +95,7 @@ impl Daemon {
             pairs,
             control: self.gate.status(),
             containers: self.containers.iter().cloned().collect(),
+            endpoints: self.endpoint_status(),
         })
     }
 

@@ -1,6 +1,7 @@
 //! Validation of a policy file (or a directory's files, merged): the TOML
 //! model in, the checked `Policy` out, every problem with its place.
 use super::*;
+use envguard_common::policy::ENV_CONFLICT_NAME;
 
 pub(super) struct Validator<'a> {
     pub(super) path: &'a Path,
@@ -130,10 +131,10 @@ impl Validator<'_> {
                 );
                 continue;
             }
-            if n == HOST || n == WORLD || n == ANY {
+            if n == HOST || n == WORLD || n == ANY || n == ENV_CONFLICT_NAME {
                 self.at(
                     name,
-                    format!("\"{n}\" is reserved (host: untagged local workloads, world: addresses in no CIDR, *: any env); choose another name"),
+                    format!("\"{n}\" is reserved (host: untagged local workloads, world: addresses in no CIDR, *: any env, {ENV_CONFLICT_NAME}: addresses claimed by two envs); choose another name"),
                 );
                 continue;
             }
