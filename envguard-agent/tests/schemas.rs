@@ -355,7 +355,20 @@ agent_loss_timeout = "2s"
         e.verdict = ev::VERDICT_DENIED;
         e.mode = envguard_common::config::MODE_ENFORCE as u8;
         e.rule = envguard_common::policy::RULE_NONE;
-        let body = events::violation(&policy, &compiled, &mut names, &e);
+        // The local socket is in a registered container: its side carries
+        // `container`, which the schema must describe.
+        let mut containers = envguard_agent::containers::Registry::default();
+        containers.insert(envguard_agent::containers::Registered {
+            container: envguard_agent::containers::ContainerRef {
+                id: "9a9f478d9be3cb4c2ba9245d42eb95a66e2ccd9d938d5141749c2e67f75a3332".into(),
+                name: "api".into(),
+            },
+            env: "dev".into(),
+            cgroup: "/machine/libpod-9a9f478d9be3".into(),
+            cgroup_id: 709,
+            registered_at: "2026-11-30T16:00:00Z".into(),
+        });
+        let body = events::violation(&policy, &compiled, &mut names, &containers, &e);
         stream.emit("violation", None, &body).unwrap();
     }
     stream
