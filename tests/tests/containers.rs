@@ -519,3 +519,118 @@ fn scenario_a_dev_app_cannot_reach_the_prod_database() {
     assert!(v["process"]["pid"].as_u64().is_some_and(|p| p > 0), "{v}");
     agent.stop();
 }
+
+fn gid_of(group: &str) -> u32 {
+    let text = std::fs::read_to_string("/etc/group").expect("read /etc/group");
+    text.lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&group)).then(|| f.get(2)?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no group {group:?} in /etc/group (the test needs it)"))
+}
+
+/// A `sleep` killed on drop.
+struct Sleeper(std::process::Child);
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `envguard oci-hook --pin-root PIN` with `state` on stdin, as root or
+/// (with `as_gid`) as nobody in that group.
+fn run_hook(pin: &PinRoot, state: &str, as_gid: Option<u32>) -> std::process::Output {
+    use std::io::Write as _;
+    let bin = envguard_tests::sys::envguard_bin();
+    let mut cmd = match as_gid {
+        None => std::process::Command::new(&bin),
+        Some(gid) => {
+            let mut c = std::process::Command::new("setpriv");
+            c.args([
+                "--reuid",
+                "65534",
+                "--regid",
+                &gid.to_string(),
+                "--clear-groups",
+                "--",
+            ])
+            .arg(&bin);
+            c
+        }
+    };
+    let mut child = cmd
+        .args(["oci-hook", "--pin-root"])
+        .arg(pin.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run envguard oci-hook");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(state.as_bytes())
+        .expect("write the state");
+    child.wait_with_output().expect("wait for the hook")
+}
+
+/// Registering changes who is in which env: a member of the control group
+/// (who may read `status`) is refused, root is not.
+#[test]
+fn only_root_may_register() {
+    let nogroup = gid_of("nogroup");
+    let tree = CgroupTree::create();
+    tree.mkdir("c");
+    let pin = PinRoot::new();
+    let policy = TempFile::new(
+        "envguard-oci",
+        ".toml",
+        "mode = \"enforce\"\n[envs.dev]\n[envs.prod]\n",
+    );
+    let agent = start_agent(
+        &policy,
+        &tree,
+        &pin,
+        AgentOptions::ephemeral().control_group("nogroup"),
+    );
+    let sleeper = Sleeper(
+        std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("start sleep"),
+    );
+    std::fs::write(
+        tree.abs("c").join("cgroup.procs"),
+        sleeper.0.id().to_string(),
+    )
+    .expect("move sleep into the test's cgroup");
+    let state = format!(
+        r#"{{"ociVersion":"1.0.2","id":"forged","status":"creating","pid":{},"bundle":"","annotations":{{"envguard.env":"prod"}}}}"#,
+        sleeper.0.id()
+    );
+    let out = run_hook(&pin, &state, Some(nogroup));
+    assert!(
+        !out.status.success() && stderr(&out).contains("permission denied: register"),
+        "a control-group member may not register: {} {}",
+        out.status,
+        stderr(&out)
+    );
+    assert!(registered(&agent).is_empty(), "{:?}", registered(&agent));
+    let out = run_hook(&pin, &state, None);
+    assert!(out.status.success(), "root registers: {}", stderr(&out));
+    let listed = registered(&agent);
+    assert!(
+        listed.len() == 1
+            && listed[0]["container"]["id"] == "forged"
+            && listed[0]["env"] == "prod"
+            && listed[0]["cgroup"] == tree.rel("c").as_str()
+            && listed[0]["cgroup_id"] == tree.id("c"),
+        "{listed:?}"
+    );
+    drop(sleeper);
+    agent.stop();
+}
