@@ -416,7 +416,7 @@ fn scenario_a_dev_app_cannot_reach_the_prod_database() {
     let policy = TempFile::new(
         "envguard-oci",
         ".toml",
-        "mode = \"enforce\"\n[envs.dev]\n[envs.prod]\n\n[[allow]]\nfrom = \"dev\"\nto = \"dev\"\n",
+        "mode = \"enforce\"\n[envs.dev]\n[envs.prod]\n\n[[allow]]\nfrom = \"dev\"\nto = \"prod\"\nports = [\"443/tcp\"]\n",
     );
     let agent = start_agent(&policy, &tree, &pin, AgentOptions::ephemeral());
     install_hook(&pod, &pin, &[]);
@@ -514,7 +514,12 @@ fn scenario_a_dev_app_cannot_reach_the_prod_database() {
     );
     assert_eq!(v["destination"]["env"], "prod", "{v}");
     assert_eq!(v["destination"]["env_from"], "endpoint", "{v}");
+    assert_eq!(v["destination"]["ip"], db_ip.as_str(), "{v}");
     assert_eq!(v["destination"]["port"], 5432, "{v}");
+    assert_eq!(
+        v["rule"], "default:cross-env (no allow rule for dev -> prod)",
+        "{v}"
+    );
     assert_eq!(v["process"]["comm"], "busybox", "{v}");
     assert!(v["process"]["pid"].as_u64().is_some_and(|p| p > 0), "{v}");
     agent.stop();
