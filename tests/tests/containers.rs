@@ -299,6 +299,23 @@ fn registration_survives_restart_and_goes_with_the_container() {
     assert!(out.status.success(), "{}", stderr(&out));
     let id = app.id();
     assert_eq!(registered(&agent).len(), 1);
+    let human = agent.cli(&["status"], None);
+    human.assert_ok("envguard status");
+    assert!(
+        human
+            .stdout
+            .lines()
+            .any(|l| l.contains("dev") && l.contains(&app.name) && l.contains(&id[..12])),
+        "the human status lists the container: {}",
+        human.stdout
+    );
+    // A reload writes the other slot of the policy maps: the registration
+    // must be there too (by env name).
+    agent.cli(&["reload"], None).assert_ok("envguard reload");
+    assert_eperm(
+        &app.exec(&["/bin/busybox", "nc", "-w", "2", &prod_ip, "5432"]),
+        "the registered container after a reload",
+    );
     agent.stop();
 
     let agent = start_agent(&policy, &tree, &pin, AgentOptions::pinned().adopting());

@@ -165,7 +165,8 @@ pub fn render(s: &StatusReply, colour: bool) -> String {
                 cut("", 12),
                 cut(&c.env, 13),
                 cut(&c.container.name, 20),
-                c.container.id
+                // The short id, as runtimes print it; `--json` has it whole.
+                c.container.id.chars().take(12).collect::<String>()
             )));
             out.push('\n');
         }
