@@ -122,6 +122,12 @@ fn examples() -> Vec<Value> {
             json!({"original_kind": "policy_rejected", "bytes": 20000, "limit": 8096}),
         ),
         with(header("violations_suppressed", 14), json!({"count": 95})),
+        with(
+            header("endpoint_conflict", 15),
+            json!({"address": "198.18.1.1", "envs": ["dev", "prod"],
+                   "netns": [4026532801u64, 4026532873u64], "pids": [311, 402],
+                   "env": "endpoint-conflict"}),
+        ),
     ]
 }
 
