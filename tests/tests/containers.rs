@@ -479,6 +479,25 @@ fn scenario_a_dev_app_cannot_reach_the_prod_database() {
         );
     }
 
+    // The agent learns the database's address as a prod endpoint at its
+    // next holder pass (every 500 ms): wait for it in `status`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = agent.status();
+        let learnt = st["endpoints"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|e| e["address"] == db_ip.as_str() && e["env"] == "prod")
+        });
+        if learnt {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database's address {db_ip} never became a prod endpoint: {}",
+            st["endpoints"]
+        );
+    }
+
     let prod_app = pod.container("prod-app");
     let out = output(
         &mut pod.run_cmd(
