@@ -15,7 +15,8 @@ use crate::{
 /// Largest container state read from stdin.
 const MAX_STATE: u64 = 1 << 20;
 
-/// OCI hook (`createRuntime` or `createContainer` stage): reads the
+/// OCI hook (`createRuntime` stage, which runs in the runtime's namespaces,
+/// where the agent's control socket is): reads the
 /// container's state from stdin, and if its annotations name an env (or a
 /// Kubernetes namespace), registers its cgroup with the running agent and
 /// waits for the agent's answer, so the container is in its env from its
@@ -92,9 +93,10 @@ fn register(
     annotations: &std::collections::BTreeMap<String, String>,
     claim: containers::Claim,
 ) -> anyhow::Result<Registered> {
-    let pid = state.pid.filter(|&p| p > 0).context(
-        "the container state has no pid: run the hook at createRuntime or createContainer",
-    )?;
+    let pid = state
+        .pid
+        .filter(|&p| p > 0)
+        .context("the container state has no pid: run the hook at the createRuntime stage")?;
     let cgroup = containers::cgroup_of_pid(pid)
         .with_context(|| format!("finding the cgroup of the container's process {pid}"))?;
     let request = Request::Register(RegisterRequest {
