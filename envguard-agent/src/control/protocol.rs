@@ -328,6 +328,39 @@ mod tests {
         assert!(!Request::Events {}.mutates());
     }
 
+    /// `register` is the hook's wire format; it changes who is in which
+    /// env, so only root may send it.
+    #[test]
+    fn register_is_schema_checked_and_root_only() {
+        use crate::containers::{Claim, ContainerRef, RegisterRequest};
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"register","cgroup":"/m/libpod-1","claim":{"k8s_namespace":"prod-x"},"container":{"id":"1","name":"api"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::Register(RegisterRequest {
+                cgroup: "/m/libpod-1".into(),
+                claim: Claim::K8sNamespace("prod-x".into()),
+                container: ContainerRef {
+                    id: "1".into(),
+                    name: "api".into()
+                },
+            })
+        );
+        assert!(r.mutates());
+        for bad in [
+            r#"{"cmd":"register","cgroup":"/a","claim":{"env":"dev"}}"#,
+            r#"{"cmd":"register","cgroup":"/a","claim":{"team":"x"},"container":{"id":"1","name":"a"}}"#,
+            r#"{"cmd":"register","cgroup":"/a","claim":{"env":"dev"},"container":{"id":"1","name":"a"},"pid":1}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<Request>(bad).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+
     /// `status --json`'s fields, nesting and order are a contract.
     #[test]
     fn status_reply_keeps_its_wire_shape() {
