@@ -675,3 +675,92 @@ fn only_root_may_register() {
     drop(sleeper);
     agent.stop();
 }
+
+/// A same-host peer in a registered container is named on its side too: a
+/// dev container sharing a prod container's network namespace
+/// (`--network container:…`) connects to its listener on 127.0.0.1, and the
+/// violation's destination (env from the listening socket) carries the prod
+/// container.
+#[test]
+fn a_same_host_peer_container_is_named() {
+    let tree = CgroupTree::create();
+    let pin = PinRoot::new();
+    let pod = Pod::new(&tree);
+    let policy = TempFile::new(
+        "envguard-oci",
+        ".toml",
+        "mode = \"enforce\"\n[envs.dev]\n[envs.prod]\n",
+    );
+    let agent = start_agent(&policy, &tree, &pin, AgentOptions::ephemeral());
+    install_hook(&pod, &pin, &[]);
+    let db = pod.container("db");
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &db.name,
+                "--network",
+                "none",
+                "--annotation",
+                "envguard.env=prod",
+                "-d",
+            ],
+            &[
+                "/bin/busybox",
+                "nc",
+                "-ll",
+                "-p",
+                "5432",
+                "-e",
+                "/bin/busybox",
+                "true",
+            ],
+        ),
+        "podman run (db)",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = db.exec(&["/bin/busybox", "netstat", "-ltn"]);
+        if String::from_utf8_lossy(&o.stdout).contains(":5432") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the db never listened: {:?} {:?}",
+            String::from_utf8_lossy(&o.stdout),
+            stderr(&o)
+        );
+    }
+    let app = pod.container("app");
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &app.name,
+                "--network",
+                &format!("container:{}", db.name),
+                "--annotation",
+                "envguard.env=dev",
+            ],
+            &["/bin/busybox", "nc", "-w", "2", "127.0.0.1", "5432"],
+        ),
+        "podman run (app)",
+    );
+    assert_eperm(
+        &out,
+        "the dev container connecting to prod's loopback listener",
+    );
+    let v = violation_to(&agent, "127.0.0.1");
+    assert_eq!(v["source"]["env"], "dev", "{v}");
+    assert_eq!(v["source"]["container"]["name"], app.name.as_str(), "{v}");
+    assert_eq!(v["destination"]["env"], "prod", "{v}");
+    assert_eq!(v["destination"]["env_from"], "socket", "{v}");
+    assert_eq!(v["destination"]["container"]["id"], db.id().as_str(), "{v}");
+    assert_eq!(
+        v["destination"]["container"]["name"],
+        db.name.as_str(),
+        "{v}"
+    );
+    agent.stop();
+}
