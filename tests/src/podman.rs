@@ -1,8 +1,9 @@
 //! Real containers for the tests: podman (Debian's, with `runc`: crun
 //! refuses this machine kind's hybrid cgroup layout) running a root
 //! filesystem made of Debian's static busybox (`--rootfs`, no registry),
-//! on networks the test creates with an explicit `--subnet` in a /22 of
-//! 198.18.0.0/15 it claims (blackholed while the test runs), with the OCI
+//! on dual-stack networks the test creates with explicit `--subnet`s in a
+//! /22 of 198.18.0.0/15 and a /48 of 2001:db8::/32 it claims (blackholed
+//! while the test runs), with the OCI
 //! hooks of the test's own hooks directory (`--hooks-dir`: nothing is
 //! installed system-wide). Containers go into the test's cgroup tree
 //! (`--cgroup-parent`), below the agent's attach point.
@@ -159,14 +160,17 @@ impl Pod {
         c
     }
 
-    /// A network named uniquely from `name`, with the `n`th /24 of the block.
+    /// A dual-stack network named uniquely from `name`, with the `n`th /24
+    /// and the `n`th IPv6 /64 of the block.
     pub fn network(&self, name: &str, n: u8) -> Network {
         assert!(n < 4, "a block has four /24s");
         let name = sys::unique_name(&format!("eg-{name}"));
         let subnet = format!("{}/24", self.block.net(n, 0));
+        let subnet6 = format!("{}/64", self.block.net6(n, 0));
         run_ok(
-            self.podman()
-                .args(["network", "create", "--subnet", &subnet, &name]),
+            self.podman().args([
+                "network", "create", "--subnet", &subnet, "--subnet", &subnet6, &name,
+            ]),
             "podman network create",
         );
         Network {
@@ -190,11 +194,16 @@ impl Pod {
 /// leave the host.
 pub struct Block {
     base: Ipv4Addr,
+    /// Which /22 (0..128); its IPv6 twin is `2001:db8:c0KK::/48`.
+    k: u32,
+    /// Whether the IPv6 blackhole is ours (to remove).
+    v6: bool,
 }
 
 impl Block {
     fn claim() -> Block {
         let routes = sys::ip_output(&["-4", "route", "show", "table", "all"]);
+        let routes6 = sys::ip_output(&["-6", "route", "show", "table", "all"]);
         let seed = std::process::id().wrapping_mul(2_654_435_761);
         for i in 0..128u32 {
             // 198.18.0.0/15 has 128 /22s; start somewhere that depends on
@@ -202,19 +211,44 @@ impl Block {
             let k = (seed.wrapping_add(i.wrapping_mul(37))) % 128;
             let base = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (k << 10));
             let o = base.octets();
+            let v6 = format!("2001:db8:c0{k:02x}:");
             // Any route in the block (another test's) makes it taken.
-            let taken =
-                (0..4).any(|j| routes.contains(&format!("{}.{}.{}.", o[0], o[1], o[2] + j)));
+            let taken = (0..4)
+                .any(|j| routes.contains(&format!("{}.{}.{}.", o[0], o[1], o[2] + j)))
+                || routes6.contains(&v6);
             if taken {
                 continue;
             }
             let cidr = format!("{base}/22");
             // The route is the claim: a second claimer's add fails.
-            if sys::try_ip(&["route", "add", "blackhole", &cidr, "metric", "4242"]).is_ok() {
-                return Block { base };
+            if sys::try_ip(&["route", "add", "blackhole", &cidr, "metric", "4242"]).is_err() {
+                continue;
             }
+            let mut block = Block { base, k, v6: false };
+            if sys::try_ip(&[
+                "-6",
+                "route",
+                "add",
+                "blackhole",
+                &block.v6_cidr(),
+                "metric",
+                "4242",
+            ])
+            .is_ok()
+            {
+                block.v6 = true;
+                return block;
+            }
+            // Dropping it gives the IPv4 claim back.
         }
-        panic!("no free /22 in 198.18.0.0/15 for the test's container networks");
+        panic!(
+            "no free /22 in 198.18.0.0/15 (with its 2001:db8::/32 twin) for the test's container networks"
+        );
+    }
+
+    /// The IPv6 /48 of the block, `2001:db8:c0KK::/48`.
+    fn v6_cidr(&self) -> String {
+        format!("2001:db8:c0{:02x}::/48", self.k)
     }
 
     /// Address `host` of the `n`th /24.
@@ -222,12 +256,33 @@ impl Block {
         let o = self.base.octets();
         Ipv4Addr::new(o[0], o[1], o[2] + n, host)
     }
+
+    /// Address `host` of the `n`th IPv6 /64.
+    pub fn net6(&self, n: u8, host: u16) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0xc000 + self.k as u16,
+            n.into(),
+            0,
+            0,
+            0,
+            host,
+        )
+    }
 }
 
 impl Drop for Block {
     fn drop(&mut self) {
         let cidr = format!("{}/22", self.base);
         if let Err(e) = sys::try_ip(&["route", "del", "blackhole", &cidr, "metric", "4242"]) {
+            eprintln!("envguard-tests: cleanup: cannot remove blackhole {cidr}: {e}");
+        }
+        let cidr = self.v6_cidr();
+        if self.v6
+            && let Err(e) =
+                sys::try_ip(&["-6", "route", "del", "blackhole", &cidr, "metric", "4242"])
+        {
             eprintln!("envguard-tests: cleanup: cannot remove blackhole {cidr}: {e}");
         }
     }

@@ -87,10 +87,13 @@ fn annotated_container_is_in_its_env_from_its_first_packet() {
     let pin = PinRoot::new();
     let pod = Pod::new(&tree);
     let prod_ip = pod.block.net(3, 10).to_string();
+    let prod_ip6 = pod.block.net6(3, 10).to_string();
     let policy = TempFile::new(
         "envguard-oci",
         ".toml",
-        &format!("mode = \"enforce\"\n[envs.dev]\n[envs.prod]\ncidrs = [\"{prod_ip}/32\"]\n"),
+        &format!(
+            "mode = \"enforce\"\n[envs.dev]\n[envs.prod]\ncidrs = [\"{prod_ip}/32\", \"{prod_ip6}/128\"]\n"
+        ),
     );
     let agent = start_agent(&policy, &tree, &pin, AgentOptions::ephemeral());
     install_hook(&pod, &pin, &[]);
@@ -138,6 +141,28 @@ fn annotated_container_is_in_its_env_from_its_first_packet() {
         "podman run -> first packet judged (dev, denied): {judged_ms:.0} ms; hook: {} us",
         hook_us[0]
     );
+    // The same over IPv6, from a second container's first packet.
+    let app6 = pod.container("app6");
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &app6.name,
+                "--network",
+                &net.name,
+                "--annotation",
+                "envguard.env=dev",
+            ],
+            &["/bin/busybox", "nc", "-w", "2", &prod_ip6, "5432"],
+        ),
+        "podman run",
+    );
+    assert_eperm(&out, "the dev container's first connect to prod over IPv6");
+    let v = violation_to(&agent, &prod_ip6);
+    assert_eq!(v["hook"], "connect6", "{v}");
+    assert_eq!(v["source"]["env"], "dev", "{v}");
+    assert_eq!(v["source"]["container"]["id"], app6.id().as_str(), "{v}");
+    assert_eq!(v["destination"]["env"], "prod", "{v}");
     // It exited: runc removed its cgroup, and the agent forgets it (its
     // poll runs every second).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -165,7 +190,7 @@ fn annotated_container_is_in_its_env_from_its_first_packet() {
     );
     assert_eq!(
         hook_micros(&pod).len(),
-        1,
+        2,
         "the hook registered nothing more"
     );
     agent.stop();
