@@ -396,6 +396,7 @@ pub struct Rollup<'a> {
 pub fn rollup<'a>(
     compiled: &'a Compiled,
     names: &mut CgroupNames,
+    containers: &Registry,
     k: &DedupKey,
     count: u64,
     first_ns: u64,
@@ -412,11 +413,17 @@ pub fn rollup<'a>(
         container: None,
     };
     let port = (k.dst_port != 0).then_some(k.dst_port);
-    let (source, destination) = if egress {
+    let (mut source, mut destination) = if egress {
         (side(k.src_env, None, None), side(k.dst_env, remote, port))
     } else {
         (side(k.src_env, remote, None), side(k.dst_env, None, port))
     };
+    let local = if egress {
+        &mut source
+    } else {
+        &mut destination
+    };
+    local.container = containers.container_of(k.cgroup_id, names).cloned();
     let time = |ns: u64| rfc3339_ns(sys::boot_ns_to_unix_ns(ns));
     Rollup {
         count,

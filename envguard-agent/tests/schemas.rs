@@ -448,7 +448,26 @@ agent_loss_timeout = "2s"
     k.verdict = ev::VERDICT_DENIED;
     k.hook = ev::HOOK_CONNECT4;
     let now = envguard_agent::sys::boot_ns();
-    let body = events::rollup(&compiled, &mut names, &k, 41, now - 5_000_000_000, now);
+    let mut containers = envguard_agent::containers::Registry::default();
+    containers.insert(envguard_agent::containers::Registered {
+        container: envguard_agent::containers::ContainerRef {
+            id: "9a9f478d9be3".into(),
+            name: "api".into(),
+        },
+        env: "dev".into(),
+        cgroup: "/machine/libpod-9a9f478d9be3".into(),
+        cgroup_id: 709,
+        registered_at: "2026-11-30T16:00:00Z".into(),
+    });
+    let body = events::rollup(
+        &compiled,
+        &mut names,
+        &containers,
+        &k,
+        41,
+        now - 5_000_000_000,
+        now,
+    );
     stream.emit("violation_rollup", Some(now), &body).unwrap();
     let text = stream.into_inner().join("\n");
     let lines: Vec<&str> = text.lines().collect();

@@ -13,8 +13,7 @@ use super::Daemon;
 use crate::{
     cgroups::is_below,
     containers::{
-        self, Claim, ContainerRef, DEFAULT_ENV_KEY, K8S_NAMESPACE_KEY, RegisterRequest, Registered,
-        Registry,
+        self, Claim, ContainerRef, K8S_NAMESPACE_KEY, RegisterRequest, Registered, Registry,
     },
     control::Actor,
     events,
@@ -259,8 +258,8 @@ impl Daemon {
         for found in containers::discover(containers::RUNC_ROOTS) {
             let s = found.state;
             let annotations = s.annotations();
-            let Some(claim) = containers::claim(&annotations, DEFAULT_ENV_KEY, K8S_NAMESPACE_KEY)
-            else {
+            let key = &self.settings.container_env_key;
+            let Some(claim) = containers::claim(&annotations, key, K8S_NAMESPACE_KEY) else {
                 continue;
             };
             let Some(Ok(cgroup)) = s.pid.map(containers::cgroup_of_pid) else {

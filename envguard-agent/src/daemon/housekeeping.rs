@@ -74,6 +74,7 @@ impl Daemon {
                 let body = events::rollup(
                     &self.compiled,
                     &mut self.names,
+                    &self.containers,
                     &k,
                     total - *seen,
                     first,

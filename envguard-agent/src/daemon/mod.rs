@@ -68,6 +68,8 @@ pub struct Settings {
     pub kernel: Options,
     pub control_socket: PathBuf,
     pub control_group: Option<u32>,
+    /// The env annotation of containers found running at start.
+    pub container_env_key: String,
     pub detach_on_exit: bool,
     /// Where records go; each sink has its own bounded queue.
     pub sinks: Vec<SinkConfig>,
