@@ -29,8 +29,8 @@ mod protocol;
 
 pub use gate::{ControlStatus, Gate, Limits, OpenConnections, Refusal, RefusedCounts, Slot};
 pub use protocol::{
-    Actor, ModeReply, ModeRequest, ModeSource, PairDecision, PairStatus, PendingRevert,
-    PolicyFileText, PolicyReply, ReloadReply, Request, Response, Scope, StatusReply,
+    Actor, EndpointStatus, ModeReply, ModeRequest, ModeSource, PairDecision, PairStatus,
+    PendingRevert, PolicyFileText, PolicyReply, ReloadReply, Request, Response, Scope, StatusReply,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/envguard/control.sock";
@@ -299,6 +299,7 @@ fn command_name(r: &Request) -> &'static str {
         Request::Events {} => "events",
         Request::Policy {} => "policy",
         Request::ProbeMark { .. } => "probe_mark",
+        Request::Register(_) => "register",
     }
 }
 

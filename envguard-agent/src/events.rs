@@ -12,6 +12,7 @@ use envguard_common::{
 use serde::Serialize;
 
 use crate::{
+    containers::{ContainerRef, Registry},
     policy::{
         Default, OnLoss, Policy,
         compile::{Compiled, RULE_DEFAULT_HOST, RULE_DEFAULT_WORLD},
@@ -43,6 +44,10 @@ pub struct Endpoint<'a> {
     /// The peer socket's cgroup when its env came from a local socket.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
+    /// The registered container (`envguard oci-hook`) this side is in: the
+    /// local socket's, or a same-host peer socket's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerRef>,
 }
 
 #[derive(Serialize)]
@@ -383,6 +388,7 @@ fn env_from(from: u8) -> &'static str {
         ev::ENV_FROM_CGROUP => "cgroup",
         ev::ENV_FROM_CIDR => "cidr",
         ev::ENV_FROM_SOCKET => "socket",
+        ev::ENV_FROM_ENDPOINT => "endpoint",
         _ => "default",
     }
 }
@@ -465,6 +471,7 @@ pub struct Rollup<'a> {
 pub fn rollup<'a>(
     compiled: &'a Compiled,
     names: &mut CgroupNames,
+    containers: &Registry,
     k: &DedupKey,
     count: u64,
     first_ns: u64,
@@ -478,13 +485,20 @@ pub fn rollup<'a>(
         env: compiled.env_name(env),
         env_from: "",
         cgroup: None,
+        container: None,
     };
     let port = (k.dst_port != 0).then_some(k.dst_port);
-    let (source, destination) = if egress {
+    let (mut source, mut destination) = if egress {
         (side(k.src_env, None, None), side(k.dst_env, remote, port))
     } else {
         (side(k.src_env, remote, None), side(k.dst_env, None, port))
     };
+    let local = if egress {
+        &mut source
+    } else {
+        &mut destination
+    };
+    local.container = containers.container_of(k.cgroup_id, names).cloned();
     let time = |ns: u64| rfc3339_ns(sys::boot_ns_to_unix_ns(ns));
     Rollup {
         count,
@@ -518,11 +532,14 @@ pub fn violation<'a>(
     policy: &Policy,
     compiled: &'a Compiled,
     names: &mut CgroupNames,
+    containers: &Registry,
     e: &ViolationEvent,
 ) -> Violation<'a> {
     let in_task = e.pid != 0;
     let egress = e.direction == ev::DIRECTION_EGRESS;
     let peer_cgroup = names.path(e.peer_cgroup_id);
+    let local_container = containers.container_of(e.cgroup_id, names).cloned();
+    let peer_container = containers.container_of(e.peer_cgroup_id, names).cloned();
     let endpoint = |addr: &[u8; 16], port: u16, env: u32, from: u8, is_peer: bool| Endpoint {
         ip: ip(e.family, addr),
         port: (port != 0).then_some(port),
@@ -532,6 +549,11 @@ pub fn violation<'a>(
             peer_cgroup.clone()
         } else {
             None
+        },
+        container: if is_peer {
+            peer_container.clone()
+        } else {
+            local_container.clone()
         },
     };
     let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());

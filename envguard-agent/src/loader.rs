@@ -14,6 +14,7 @@
 //! runtime reads and writes; attaching, pinning and detaching in `attach`.
 use std::{
     fs::File,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -26,6 +27,7 @@ use aya::{
 };
 use envguard_common::{
     config::{AgentState, Config, Counter, EnvLoss, PolicyMeta},
+    container::Registration,
     event::{DecisionKey, DedupKey, DedupValue},
     flow::SockEnv,
     maps,
@@ -255,6 +257,7 @@ impl Kernel {
         cgroup_ids: impl FnOnce() -> Vec<(u64, u32)>,
         mode: u32,
         pair_modes: &[(PairKey, u32)],
+        endpoints: impl FnOnce(&std::collections::HashMap<u64, u32>) -> Vec<(IpAddr, u32)>,
     ) -> Result<()> {
         let next = Config::new(self.config.generation.wrapping_add(1), mode);
         let slot = next.slot() as usize;
@@ -282,6 +285,35 @@ impl Kernel {
                 m.insert(id, EnvValue { env }, 0)
                     .map_err(|e| bpf_err(format!("writing {}", maps::CGROUP_ENVS[slot]), e))?;
             }
+        }
+        // Endpoints as the new slot's cgroups make them, before the slot is
+        // in force: no flow to a container's address is judged by CIDR in
+        // between.
+        {
+            let cgroups: std::collections::HashMap<u64, u32> = {
+                let m: HashMap<_, u64, EnvValue> = map(ebpf, maps::CGROUP_ENVS[slot])?;
+                m.iter()
+                    .map(|r| r.map(|(id, v)| (id, v.env)))
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|e| bpf_err(format!("reading {}", maps::CGROUP_ENVS[slot]), e))?
+            };
+            let entries = endpoints(&cgroups);
+            fill_hash(
+                ebpf,
+                maps::ENDPOINTS_V4[slot],
+                entries.iter().filter_map(|(a, env)| match a {
+                    IpAddr::V4(v4) => Some((v4.octets(), EnvValue { env: *env })),
+                    IpAddr::V6(_) => None,
+                }),
+            )?;
+            fill_hash(
+                ebpf,
+                maps::ENDPOINTS_V6[slot],
+                entries.iter().filter_map(|(a, env)| match a {
+                    IpAddr::V6(v6) => Some((v6.octets(), EnvValue { env: *env })),
+                    IpAddr::V4(_) => None,
+                }),
+            )?;
         }
         // Host addresses go to the exact-match maps the kernel looks at
         // first, everything shorter to the tries.
@@ -500,6 +532,59 @@ impl Kernel {
         .map_err(|e| bpf_err(format!("updating {name}"), e))
     }
 
+    /// Widens the active slot's cgroup walk to take in `level`: a cgroup
+    /// registered at run time may sit deeper (or shallower) than every
+    /// listed one.
+    pub fn widen_levels(&mut self, level: u32) -> Result<()> {
+        let name = maps::POLICY_META[self.config.slot() as usize];
+        let mut m: Array<_, PolicyMeta> = map(&mut self.ebpf, name)?;
+        let now = m
+            .get(&0, 0)
+            .map_err(|e| bpf_err(format!("reading {name}"), e))?;
+        let wide = widened(now, level);
+        if wide != now {
+            m.set(0, wide, 0)
+                .map_err(|e| bpf_err(format!("writing {name}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// The registered containers the pinned map holds.
+    pub fn registrations(&mut self) -> Result<Vec<(u64, Registration)>> {
+        let name = maps::REGISTERED_CGROUPS;
+        let m: HashMap<_, u64, Registration> = map(&mut self.ebpf, name)?;
+        m.iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bpf_err(format!("reading {name}"), e))
+    }
+
+    /// Records (or, with `None`, forgets) a registered container.
+    pub fn set_registration(&mut self, id: u64, r: Option<&Registration>) -> Result<()> {
+        let name = maps::REGISTERED_CGROUPS;
+        let mut m: HashMap<_, u64, Registration> = map(&mut self.ebpf, name)?;
+        match r {
+            Some(r) => m.insert(id, r, 0),
+            None => match m.remove(&id) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                other => other,
+            },
+        }
+        .map_err(|e| bpf_err(format!("updating {name}"), e))
+    }
+
+    /// Adds, changes or removes one container endpoint of the active slot.
+    pub fn set_endpoint(&mut self, addr: IpAddr, env: Option<u32>) -> Result<()> {
+        let slot = self.config.slot() as usize;
+        match addr {
+            IpAddr::V4(a) => {
+                set_or_remove(&mut self.ebpf, maps::ENDPOINTS_V4[slot], a.octets(), env)
+            }
+            IpAddr::V6(a) => {
+                set_or_remove(&mut self.ebpf, maps::ENDPOINTS_V6[slot], a.octets(), env)
+            }
+        }
+    }
+
     /// Tells the kernel the agent is alive (the watchdog's input), and records
     /// how many lost events have been reported.
     pub fn heartbeat(&mut self) -> Result<()> {
@@ -550,6 +635,16 @@ impl Kernel {
     }
 }
 
+/// `meta` with `level` inside its walk; an empty walk (min above max)
+/// becomes that one level.
+pub fn widened(meta: PolicyMeta, level: u32) -> PolicyMeta {
+    if meta.min_level > meta.max_level {
+        PolicyMeta::new(level, level)
+    } else {
+        PolicyMeta::new(meta.min_level.min(level), meta.max_level.max(level))
+    }
+}
+
 fn map<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<&'a mut aya::maps::Map>,
@@ -559,6 +654,18 @@ where
         .map_mut(name)
         .ok_or_else(|| bpf_msg(format!("opening map {name}"), "missing from the object"))?;
     T::try_from(m).map_err(|e| bpf_err(format!("opening map {name}"), e))
+}
+
+fn set_or_remove<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, key: K, env: Option<u32>) -> Result<()> {
+    let mut m: HashMap<_, K, EnvValue> = map(ebpf, name)?;
+    match env {
+        Some(env) => m.insert(key, EnvValue { env }, 0),
+        None => match m.remove(&key) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            other => other,
+        },
+    }
+    .map_err(|e| bpf_err(format!("updating {name}"), e))
 }
 
 fn array_get<T: aya::Pod>(ebpf: &mut Ebpf, name: &str) -> Result<T> {

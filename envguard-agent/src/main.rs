@@ -1,6 +1,8 @@
 //! `envguard`: the command line. Everything else lives in the library.
 use clap::{Parser, Subcommand};
-use envguard_agent::cmd::{check, detach, events, explain, mode, reload, run, status, verify};
+use envguard_agent::cmd::{
+    check, detach, events, explain, mode, oci_hook, reload, run, status, verify,
+};
 
 /// envguard keeps workloads of different environments (dev, staging, prod…)
 /// on one host from talking to each other, enforced by eBPF programs on cgroup
@@ -42,6 +44,7 @@ enum Command {
     /// The probe process `verify` starts inside an env (internal).
     #[command(hide = true, name = "verify-probe")]
     VerifyProbe(verify::ProbeChildArgs),
+    OciHook(oci_hook::OciHookArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,6 +74,7 @@ fn main() -> std::process::ExitCode {
             Ok(false) => return std::process::ExitCode::FAILURE,
             r => r.map(|_| ()),
         },
+        Command::OciHook(args) => oci_hook::oci_hook(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

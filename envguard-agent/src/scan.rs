@@ -78,7 +78,8 @@ impl Holders {
         self.seen.clear();
     }
 
-    /// One pass over the processes whose cgroup is at or below `root`.
+    /// One pass over the processes whose cgroup is at or below `root`;
+    /// `visit` sees every process of the walk with its cgroup.
     pub fn pass(
         &mut self,
         kernel: &mut Kernel,
@@ -86,6 +87,7 @@ impl Holders {
         root: &str,
         listed: &[(String, u32)],
         names: &mut CgroupNames,
+        visit: &mut dyn FnMut(i32, &str),
     ) -> Pass {
         let started = std::time::Instant::now();
         let mut by_inode: HashMap<u64, Vec<Held>> = HashMap::new();
@@ -99,6 +101,9 @@ impl Holders {
             let Some(cgroup) = process_cgroup(pid) else {
                 continue;
             };
+            // Every process, below the attach point or not (the endpoints'
+            // namespaces are judged by all their processes).
+            visit(pid, &cgroup);
             if !is_below(&cgroup, root) {
                 continue;
             }
@@ -240,7 +245,7 @@ fn relabel(
 }
 
 /// The process's cgroup v2 path (the `0::` line).
-fn process_cgroup(pid: i32) -> Option<String> {
+pub(crate) fn process_cgroup(pid: i32) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))

@@ -122,6 +122,12 @@ fn examples() -> Vec<Value> {
             json!({"original_kind": "policy_rejected", "bytes": 20000, "limit": 8096}),
         ),
         with(header("violations_suppressed", 14), json!({"count": 95})),
+        with(
+            header("endpoint_conflict", 15),
+            json!({"address": "198.18.1.1", "envs": ["dev", "prod"],
+                   "netns": [4026532801u64, 4026532873u64], "pids": [311, 402],
+                   "env": "endpoint-conflict"}),
+        ),
     ]
 }
 
@@ -355,7 +361,20 @@ agent_loss_timeout = "2s"
         e.verdict = ev::VERDICT_DENIED;
         e.mode = envguard_common::config::MODE_ENFORCE as u8;
         e.rule = envguard_common::policy::RULE_NONE;
-        let body = events::violation(&policy, &compiled, &mut names, &e);
+        // The local socket is in a registered container: its side carries
+        // `container`, which the schema must describe.
+        let mut containers = envguard_agent::containers::Registry::default();
+        containers.insert(envguard_agent::containers::Registered {
+            container: envguard_agent::containers::ContainerRef {
+                id: "9a9f478d9be3cb4c2ba9245d42eb95a66e2ccd9d938d5141749c2e67f75a3332".into(),
+                name: "api".into(),
+            },
+            env: "dev".into(),
+            cgroup: "/machine/libpod-9a9f478d9be3".into(),
+            cgroup_id: 709,
+            registered_at: "2026-11-30T16:00:00Z".into(),
+        });
+        let body = events::violation(&policy, &compiled, &mut names, &containers, &e);
         stream.emit("violation", None, &body).unwrap();
     }
     stream
@@ -429,7 +448,26 @@ agent_loss_timeout = "2s"
     k.verdict = ev::VERDICT_DENIED;
     k.hook = ev::HOOK_CONNECT4;
     let now = envguard_agent::sys::boot_ns();
-    let body = events::rollup(&compiled, &mut names, &k, 41, now - 5_000_000_000, now);
+    let mut containers = envguard_agent::containers::Registry::default();
+    containers.insert(envguard_agent::containers::Registered {
+        container: envguard_agent::containers::ContainerRef {
+            id: "9a9f478d9be3".into(),
+            name: "api".into(),
+        },
+        env: "dev".into(),
+        cgroup: "/machine/libpod-9a9f478d9be3".into(),
+        cgroup_id: 709,
+        registered_at: "2026-11-30T16:00:00Z".into(),
+    });
+    let body = events::rollup(
+        &compiled,
+        &mut names,
+        &containers,
+        &k,
+        41,
+        now - 5_000_000_000,
+        now,
+    );
     stream.emit("violation_rollup", Some(now), &body).unwrap();
     let text = stream.into_inner().join("\n");
     let lines: Vec<&str> = text.lines().collect();

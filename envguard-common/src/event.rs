@@ -59,6 +59,9 @@ pub const ENV_FROM_DEFAULT: u8 = 0;
 pub const ENV_FROM_CGROUP: u8 = 1;
 pub const ENV_FROM_CIDR: u8 = 2;
 pub const ENV_FROM_SOCKET: u8 = 3;
+/// A container's address: the agent found it in a network namespace whose
+/// processes are all of one env (`ENDPOINTS_V4/V6`).
+pub const ENV_FROM_ENDPOINT: u8 = 4;
 
 /// Address families, as in `<sys/socket.h>`.
 pub const AF_INET: u8 = 2;

@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod config;
+pub mod container;
 pub mod decide;
 pub mod event;
 pub mod flow;
@@ -15,7 +16,7 @@ pub mod programs;
 
 #[cfg(feature = "user")]
 mod pod {
-    use crate::{config, event, flow, policy};
+    use crate::{config, container, event, flow, policy};
 
     // SAFETY: all of these are `#[repr(C)]`, plain integers and byte arrays, with
     // every padding byte spelled out, so any bit pattern is a valid value.
@@ -38,4 +39,5 @@ mod pod {
     unsafe impl aya::Pod for flow::TupleKey {}
     unsafe impl aya::Pod for flow::SockEnv {}
     unsafe impl aya::Pod for event::ViolationEvent {}
+    unsafe impl aya::Pod for container::Registration {}
 }

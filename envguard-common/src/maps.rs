@@ -21,6 +21,13 @@ pub const CIDR_ENVS_V6: [&str; 2] = ["CIDR_ENVS_V6_A", "CIDR_ENVS_V6_B"];
 pub const CIDR_HOSTS_V4: [&str; 2] = ["CIDR_HOSTS_V4_A", "CIDR_HOSTS_V4_B"];
 /// `HashMap<[u8; 16], EnvValue>`: the IPv6 /128s, likewise.
 pub const CIDR_HOSTS_V6: [&str; 2] = ["CIDR_HOSTS_V6_A", "CIDR_HOSTS_V6_B"];
+/// `HashMap<[u8; 4], EnvValue>`: IPv4 addresses of network namespaces other
+/// than the agent's whose processes are all of one env (container endpoints),
+/// written by the agent as it finds them; looked up for the remote side
+/// before the CIDR maps. Per slot because env ids are the slot's policy's.
+pub const ENDPOINTS_V4: [&str; 2] = ["ENDPOINTS_V4_A", "ENDPOINTS_V4_B"];
+/// `HashMap<[u8; 16], EnvValue>`: the IPv6 endpoints, likewise.
+pub const ENDPOINTS_V6: [&str; 2] = ["ENDPOINTS_V6_A", "ENDPOINTS_V6_B"];
 /// `LpmTrie<RuleKey, RuleValue>`: allowed (source env, destination env, proto, port) flows.
 pub const RULES: [&str; 2] = ["RULES_A", "RULES_B"];
 /// `LpmTrie<RuleKey, RuleValue>`: denied flows; deny beats allow.
@@ -51,13 +58,19 @@ pub const INBOUND_TUPLES: &str = "INBOUND_TUPLES";
 pub const SOCK_ENVS: &str = "SOCK_ENVS";
 /// `Array<CgroupOffsets>` with one entry: what the `cgroup_mkdir` watch reads where.
 pub const MKDIR_OFFSETS: &str = "MKDIR_OFFSETS";
+/// `HashMap<u64 cgroup id, container::Registration>`: containers registered
+/// by the runtime's hook (`envguard oci-hook`) or found at start. Only the
+/// agent reads and writes it; it is pinned so registrations survive a
+/// restart, and (like every pin under the root-only pin root) only a process
+/// with CAP_BPF/CAP_SYS_ADMIN that may open the pin can change it.
+pub const REGISTERED_CGROUPS: &str = "REGISTERED_CGROUPS";
 /// `RingBuf` of `ViolationEvent`.
 pub const EVENTS: &str = "EVENTS";
 /// `PerCpuArray<u64>` of counters, indexed by `config::Counter`.
 pub const COUNTERS: &str = "COUNTERS";
 
 /// Every map, for pinning and removal.
-pub const ALL: [&str; 33] = [
+pub const ALL: [&str; 38] = [
     DEDUP,
     DENY_RULES[0],
     DENY_RULES[1],
@@ -91,11 +104,16 @@ pub const ALL: [&str; 33] = [
     LISTED_CGROUPS[0],
     LISTED_CGROUPS[1],
     MKDIR_OFFSETS,
+    REGISTERED_CGROUPS,
+    ENDPOINTS_V4[0],
+    ENDPOINTS_V4[1],
+    ENDPOINTS_V6[0],
+    ENDPOINTS_V6[1],
 ];
 
 /// Bump when a map's type, key, value or meaning changes: pinned maps of
 /// another layout are never adopted, only replaced.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Number of env ids (`host`, `world` and the declared envs).
 pub const MAX_ENVS: u32 = 1024;
@@ -107,12 +125,16 @@ pub const MAX_PAIR_MODES: u32 = 65_536;
 pub const MAX_DECISION_KEYS: u32 = 65_536;
 /// Capacity of `CGROUP_ENVS`.
 pub const MAX_CGROUPS: u32 = 16_384;
+/// Capacity of `REGISTERED_CGROUPS`.
+pub const MAX_REGISTERED: u32 = 4096;
 /// Capacity of `LISTED_CGROUPS` (paths beyond it are left to the agent's poll).
 pub const MAX_LISTED_PATHS: u32 = 4096;
 /// Capacity of each CIDR trie.
 pub const MAX_CIDRS: u32 = 262_144;
 /// Capacity of `RULES` (after expanding wildcards and port ranges).
 pub const MAX_RULE_ENTRIES: u32 = 262_144;
+/// Capacity of each `ENDPOINTS` map.
+pub const MAX_ENDPOINTS: u32 = 16_384;
 /// Capacity of `FLOW_VERDICTS`.
 pub const MAX_FLOWS: u32 = 65_536;
 /// Capacity of `INBOUND_TUPLES`.

@@ -4,6 +4,14 @@
 pub const ENV_HOST: u32 = 0;
 pub const ENV_WORLD: u32 = 1;
 pub const FIRST_DECLARED_ENV: u32 = 2;
+/// The env of an address that more than one env claims (two network
+/// namespaces of different envs with the same address, or a namespace holding
+/// processes of two envs). Never given to a declared env and never in a rule:
+/// every flow to or from such an address is a violation, whatever the
+/// claimants' rules allow (see the README, "Container endpoints").
+pub const ENV_CONFLICT: u32 = crate::maps::MAX_ENVS - 1;
+/// Its name in records and `status`.
+pub const ENV_CONFLICT_NAME: &str = "endpoint-conflict";
 
 /// Value of `CGROUP_ENVS`, `CIDR_ENVS_V4` and `CIDR_ENVS_V6`.
 #[repr(C)]

@@ -10,7 +10,10 @@ use aya_ebpf::{
 use envguard_common::{
     config::{Config, Counter, EnvLoss, MAX_CGROUP_LEVEL, MODE_AUDIT, PolicyMeta},
     decide::{self as shared, ModeLookup, RuleLookup},
-    event::{DecisionKey, ENV_FROM_CGROUP, ENV_FROM_CIDR, ENV_FROM_DEFAULT, ENV_FROM_SOCKET},
+    event::{
+        DecisionKey, ENV_FROM_CGROUP, ENV_FROM_CIDR, ENV_FROM_DEFAULT, ENV_FROM_ENDPOINT,
+        ENV_FROM_SOCKET,
+    },
     flow::{FlowKey, FlowVerdict},
     policy::{ENV_HOST, ENV_WORLD, PairKey, RULE_PREFIX_PORT, RuleKey},
 };
@@ -19,8 +22,9 @@ use crate::{
     maps::{
         AGENT_STATE, CGROUP_ENVS_A, CGROUP_ENVS_B, CIDR_ENVS_V4_A, CIDR_ENVS_V4_B, CIDR_ENVS_V6_A,
         CIDR_ENVS_V6_B, CIDR_HOSTS_V4_A, CIDR_HOSTS_V4_B, CIDR_HOSTS_V6_A, CIDR_HOSTS_V6_B, CONFIG,
-        COUNTERS, DECISIONS, DENY_RULES_A, DENY_RULES_B, ENV_LOSS_A, ENV_LOSS_B, FLOW_VERDICTS,
-        PAIR_MODES_A, PAIR_MODES_B, POLICY_META_A, POLICY_META_B, RULES_A, RULES_B,
+        COUNTERS, DECISIONS, DENY_RULES_A, DENY_RULES_B, ENDPOINTS_V4_A, ENDPOINTS_V4_B,
+        ENDPOINTS_V6_A, ENDPOINTS_V6_B, ENV_LOSS_A, ENV_LOSS_B, FLOW_VERDICTS, PAIR_MODES_A,
+        PAIR_MODES_B, POLICY_META_A, POLICY_META_B, RULES_A, RULES_B,
     },
     net::{IPPROTO_TCP, IPPROTO_UDP, unmapped_v4, v6_words},
 };
@@ -173,9 +177,26 @@ pub extern "C" fn envguard_skb_listed_ancestor(
     .cgroup_id
 }
 
-/// The env of a remote address by longest-prefix match.
+/// The env of a remote address: a container endpoint's env when the agent
+/// found the address in a network namespace of one env, else by
+/// longest-prefix match over the policy's CIDRs.
 #[inline(always)]
 pub fn cidr_env(p: &Policy, addr: &[u8; 16]) -> Side {
+    // One exact-match bucket; an endpoint is more specific than any CIDR the
+    // operator wrote for its network.
+    let endpoint = match (unmapped_v4(addr), p.slot_b()) {
+        (Some(v4), false) => unsafe { ENDPOINTS_V4_A.get(&v4) },
+        (Some(v4), true) => unsafe { ENDPOINTS_V4_B.get(&v4) },
+        (None, false) => unsafe { ENDPOINTS_V6_A.get(addr) },
+        (None, true) => unsafe { ENDPOINTS_V6_B.get(addr) },
+    };
+    if let Some(v) = endpoint {
+        return Side {
+            env: v.env,
+            from: ENV_FROM_ENDPOINT,
+            cgroup_id: 0,
+        };
+    }
     // An exact host entry is the longest prefix there is: when one matches,
     // the trie has nothing longer to say.
     let hit = match (unmapped_v4(addr), p.slot_b()) {

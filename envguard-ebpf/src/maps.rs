@@ -9,6 +9,7 @@ use aya_ebpf::{
 };
 use envguard_common::{
     config::{AgentState, CgroupOffsets, Config, EnvLoss, NUM_COUNTERS, PolicyMeta},
+    container::Registration,
     event::{DecisionKey, DedupKey, DedupValue},
     flow::{FlowKey, FlowVerdict, SockEnv, TupleKey},
     maps::*,
@@ -144,3 +145,24 @@ pub static LISTED_CGROUPS_B: HashMap<CgroupPath, EnvValue> =
 
 #[map]
 pub static MKDIR_OFFSETS: Array<CgroupOffsets> = Array::with_max_entries(1, 0);
+
+/// Written and read by the agent only (no program looks at it): defined here
+/// so it is created, pinned and adopted with the other maps.
+#[map]
+pub static REGISTERED_CGROUPS: HashMap<u64, Registration> =
+    HashMap::with_max_entries(MAX_REGISTERED, BPF_F_NO_PREALLOC);
+// Container endpoints (see `envguard_common::maps::ENDPOINTS_V4`). Not
+// preallocated: most hosts have a few.
+
+#[map]
+pub static ENDPOINTS_V4_A: HashMap<[u8; 4], EnvValue> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+#[map]
+pub static ENDPOINTS_V4_B: HashMap<[u8; 4], EnvValue> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+#[map]
+pub static ENDPOINTS_V6_A: HashMap<[u8; 16], EnvValue> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+#[map]
+pub static ENDPOINTS_V6_B: HashMap<[u8; 16], EnvValue> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);

@@ -115,13 +115,7 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
 /// its decision, which its packets then find on the socket. Returns whether
 /// the decision is kept on the socket (else it goes to the verdict cache).
 #[inline(always)]
-fn label(
-    ctx: &SockAddrContext,
-    hook: u8,
-    proto: u8,
-    local: &Side,
-    verdict: &FlowVerdict,
-) -> bool {
+fn label(ctx: &SockAddrContext, hook: u8, proto: u8, local: &Side, verdict: &FlowVerdict) -> bool {
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     if sk.is_null() {
         return false;

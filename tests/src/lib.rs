@@ -15,6 +15,7 @@ pub mod event;
 pub mod lab;
 pub mod netns;
 pub mod pin;
+pub mod podman;
 pub mod policy;
 pub mod process;
 pub mod sinks;

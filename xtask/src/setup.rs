@@ -169,8 +169,9 @@ fn bpf_linker() -> anyhow::Result<()> {
 /// `promtool` (prometheus) to check the metrics exposition, and `rsyslogd`
 /// (rsyslog) for the syslog sink's end-to-end test (it runs its own rsyslogd
 /// with its own config; no system service is needed); for the release
-/// artifacts and their tests, `podman` with `runc` (crun refuses the hybrid
-/// cgroup layout of this machine kind), `systemd-analyze` (systemd) and
+/// artifacts and their tests and the container tests, `podman` with `runc`
+/// (crun refuses the hybrid cgroup layout of this machine kind) and
+/// `busybox-static` (the containers' root filesystem), `systemd-analyze` (systemd) and
 /// `strip` (binutils); rsyslog-relp for the rsyslog relay test.
 fn test_tools() -> anyhow::Result<()> {
     let works = |cmd: &str, arg: &str| {
@@ -203,6 +204,11 @@ fn test_tools() -> anyhow::Result<()> {
     }
     if !works("runc", "--version") {
         missing.push("runc");
+    }
+    // The container tests' root filesystem (tests/src/podman.rs): a static
+    // busybox needs nothing else inside the container.
+    if !std::path::Path::new("/bin/busybox").is_file() {
+        missing.push("busybox-static");
     }
     if !works("systemd-analyze", "--version") {
         missing.push("systemd");

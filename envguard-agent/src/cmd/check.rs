@@ -134,7 +134,7 @@ mod tests {
         assert_eq!(
             err,
             format!(
-                "warning: {}:3: env ghost lists no cgroups and no CIDRs: it matches nothing\n",
+                "warning: {}:3: env ghost lists no cgroups and no CIDRs: it matches nothing but containers registered into it (envguard oci-hook)\n",
                 file.0.display()
             )
         );

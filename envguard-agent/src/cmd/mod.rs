@@ -4,6 +4,7 @@ pub mod detach;
 pub mod events;
 pub mod explain;
 pub mod mode;
+pub mod oci_hook;
 pub mod reload;
 pub mod run;
 pub mod status;

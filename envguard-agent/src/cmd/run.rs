@@ -46,6 +46,11 @@ pub struct RunArgs {
     /// events): the socket becomes 0660 with this group.
     #[arg(long, value_name = "GROUP")]
     pub control_group: Option<String>,
+    /// The annotation that names a container's env when the agent finds
+    /// running containers at start (runc's state): the `--key` its OCI
+    /// hooks use.
+    #[arg(long, value_name = "KEY", default_value = crate::containers::DEFAULT_ENV_KEY)]
+    pub container_env_key: String,
     /// Size of the kernel's event ring buffer in bytes (a power of two, at
     /// least 4096). Changing it replaces the pinned maps.
     #[arg(long, value_name = "BYTES")]
@@ -113,6 +118,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| control::socket_for(&args.pin_root)),
         control_group,
+        container_env_key: args.container_env_key.clone(),
         detach_on_exit: args.detach_on_exit,
         sinks: sinks(args),
         sink_queue: args.sink_queue.max(1),

@@ -157,6 +157,33 @@ pub fn render(s: &StatusReply, colour: bool) -> String {
     if !any {
         out.push_str("(no decisions yet)\n");
     }
+    if !s.containers.is_empty() {
+        out.push_str("\ncontainers  env          name                 id\n");
+        for c in &s.containers {
+            out.push_str(&fit(format!(
+                "{}{}{} {}",
+                cut("", 12),
+                cut(&c.env, 13),
+                cut(&c.container.name, 20),
+                // The short id, as runtimes print it; `--json` has it whole.
+                c.container.id.chars().take(12).collect::<String>()
+            )));
+            out.push('\n');
+        }
+    }
+    if !s.endpoints.is_empty() {
+        out.push_str("\nendpoints (container addresses)\n");
+        for e in &s.endpoints {
+            out.push_str(&fit(format!(
+                "{:<40} {:<12} netns {} since {}",
+                e.address,
+                cut(&e.env, 12).trim_end(),
+                e.netns,
+                clock(&e.since)
+            )));
+            out.push('\n');
+        }
+    }
     out
 }
 

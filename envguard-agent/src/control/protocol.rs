@@ -21,6 +21,8 @@ pub enum Request {
     },
     /// Subscribe to the event stream.
     Events {},
+    /// Put a container's cgroup into an env (`envguard oci-hook`).
+    Register(crate::containers::RegisterRequest),
     /// The policy the agent loaded, as the files read then (`envguard
     /// verify` compiles it and compares the kernel maps with it).
     Policy {},
@@ -175,6 +177,26 @@ pub struct StatusReply {
     /// its limits).
     #[serde(default)]
     pub control: ControlStatus,
+    /// Registered containers, by cgroup id (absent when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<crate::containers::Registered>,
+    /// Container endpoints in force: addresses of other network namespaces
+    /// and the env they belong to (absent in answers of older agents).
+    #[serde(default)]
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// One container endpoint (see the README, "Container endpoints").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    pub address: String,
+    /// An env of the policy, or `endpoint-conflict`.
+    pub env: String,
+    /// The inode of the network namespace that has it (the lowest one when
+    /// several of the same env do).
+    pub netns: u64,
+    /// Since when it has had this env (RFC 3339).
+    pub since: String,
 }
 
 /// Where a mode comes from, as `status` names it.
@@ -244,9 +266,14 @@ pub struct PendingRevert {
 impl Request {
     /// Whether the request changes the agent's state.
     pub fn mutates(&self) -> bool {
+        // Registering is a change of who is in which env: a user who could
+        // register could put a prod cgroup into dev (or their own into prod).
         matches!(
             self,
-            Request::Mode(_) | Request::Reload {} | Request::ProbeMark { .. }
+            Request::Mode(_)
+                | Request::Reload {}
+                | Request::ProbeMark { .. }
+                | Request::Register(_)
         )
     }
 }
@@ -356,6 +383,39 @@ mod tests {
         );
     }
 
+    /// `register` is the hook's wire format; it changes who is in which
+    /// env, so only root may send it.
+    #[test]
+    fn register_is_schema_checked_and_root_only() {
+        use crate::containers::{Claim, ContainerRef, RegisterRequest};
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"register","cgroup":"/m/libpod-1","claim":{"k8s_namespace":"prod-x"},"container":{"id":"1","name":"api"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::Register(RegisterRequest {
+                cgroup: "/m/libpod-1".into(),
+                claim: Claim::K8sNamespace("prod-x".into()),
+                container: ContainerRef {
+                    id: "1".into(),
+                    name: "api".into()
+                },
+            })
+        );
+        assert!(r.mutates());
+        for bad in [
+            r#"{"cmd":"register","cgroup":"/a","claim":{"env":"dev"}}"#,
+            r#"{"cmd":"register","cgroup":"/a","claim":{"team":"x"},"container":{"id":"1","name":"a"}}"#,
+            r#"{"cmd":"register","cgroup":"/a","claim":{"env":"dev"},"container":{"id":"1","name":"a"},"pid":1}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<Request>(bad).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+
     /// `status --json`'s fields, nesting and order are a contract.
     #[test]
     fn status_reply_keeps_its_wire_shape() {
@@ -389,6 +449,13 @@ mod tests {
                 audited: 3,
             }],
             control: Gate::new(Limits::default()).status(),
+            containers: vec![],
+            endpoints: vec![EndpointStatus {
+                address: "198.18.1.1".into(),
+                env: "prod".into(),
+                netns: 4026532000,
+                since: "2026-11-23T10:00:01Z".into(),
+            }],
         };
         let json = serde_json::to_string(&reply).unwrap();
         assert_eq!(
@@ -401,7 +468,8 @@ mod tests {
                 r#""pairs":[{"from":"host","to":"host","decision":"allow","mode":"enforce","mode_source":"global","allowed":1,"denied":2,"audited":3}],"#,
                 r#""control":{"open":{"root":0,"others":0,"subscribers":0},"refused_total":0,"#,
                 r#""refused":{"root":0,"others":0,"per_uid":0,"subscribers":0,"subscribers_per_uid":0},"#,
-                r#""limits":{"root":1024,"others":1024,"per_uid":64,"subscribers":256,"subscribers_per_uid":16}}}"#
+                r#""limits":{"root":1024,"others":1024,"per_uid":64,"subscribers":256,"subscribers_per_uid":16}},"#,
+                r#""endpoints":[{"address":"198.18.1.1","env":"prod","netns":4026532000,"since":"2026-11-23T10:00:01Z"}]}"#
             )
         );
         assert_eq!(serde_json::from_str::<StatusReply>(&json).unwrap(), reply);

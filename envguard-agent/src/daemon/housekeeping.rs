@@ -22,13 +22,18 @@ use crate::{
 impl Daemon {
     /// Gives sockets their holders' env; reports sockets shared between envs.
     pub(super) fn holders_pass(&mut self) -> anyhow::Result<()> {
+        let listed = self.listed_cgroups();
+        // The same walk collects the container endpoints' namespaces.
+        let mut collector = crate::endpoints::Collector::new();
         let pass = self.holders.pass(
             &mut self.kernel,
             &self.mount,
             &self.root_rel,
-            &self.compiled.cgroups,
+            &listed,
             &mut self.names,
+            &mut |pid, cgroup| collector.visit(pid, cgroup),
         );
+        self.endpoints_pass(collector)?;
         if pass.relabeled > 0 {
             // Decisions taken with a socket's old env (a peer's cached allow
             // to it, its own flows) must not outlive the change.
@@ -69,6 +74,7 @@ impl Daemon {
                 let mut body = events::rollup(
                     &self.compiled,
                     &mut self.names,
+                    &self.containers,
                     &k,
                     total - *seen,
                     first,
@@ -111,7 +117,13 @@ impl Daemon {
             // because ring buffer records are only 8-byte aligned by contract.
             let e: ViolationEvent =
                 unsafe { item.as_ptr().cast::<ViolationEvent>().read_unaligned() };
-            let mut body = events::violation(&self.policy, &self.compiled, &mut self.names, &e);
+            let mut body = events::violation(
+                &self.policy,
+                &self.compiled,
+                &mut self.names,
+                &self.containers,
+                &e,
+            );
             body.probe = super::probe_mark(
                 &self.probe_marks,
                 &mut self.probe_events,
@@ -147,7 +159,11 @@ impl Daemon {
                 log::info!("cgroup {path} appeared (id {id}); recorded by the poll");
             }
         }
-        let want: HashMap<u64, u32> = self.tracker.present().into_iter().collect();
+        self.forget_removed_containers()?;
+        let mut want: HashMap<u64, u32> = self.tracker.present().into_iter().collect();
+        // A registered container's cgroup is in its env whatever the policy
+        // lists.
+        want.extend(self.container_envs(&self.compiled));
         let mut changed = 0;
         for (&id, &env) in &want {
             if recorded.get(&id) != Some(&env) {

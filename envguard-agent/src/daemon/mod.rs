@@ -44,6 +44,8 @@ use crate::{
     sys::{self, CgroupNames},
 };
 
+mod containers;
+mod endpoints;
 mod housekeeping;
 mod modes;
 mod reload;
@@ -66,6 +68,8 @@ pub struct Settings {
     pub kernel: Options,
     pub control_socket: PathBuf,
     pub control_group: Option<u32>,
+    /// The env annotation of containers found running at start.
+    pub container_env_key: String,
     pub detach_on_exit: bool,
     /// Where records go; each sink has its own bounded queue.
     pub sinks: Vec<SinkConfig>,
@@ -96,17 +100,40 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut kernel = Kernel::open(&settings.kernel)?;
     // Env ids as the adopted state has them, so its counters and the envs kept
     // on sockets stay right.
-    let compiled = compile_with_ids(&policy, &kernel.env_names()?)?;
+    let mut compiled = compile_with_ids(&policy, &kernel.env_names()?)?;
     let mut tracker = CgroupTracker::new(&mount, &compiled);
+    // Containers an earlier agent registered go into the first load, so a
+    // restart never leaves them out of their env.
+    let registry = containers::restore(&mut kernel, &mount)?;
+    containers::widen(&mut compiled, &registry);
+    let registered = containers::env_ids(&registry, &compiled);
     let modes = Modes::from_policy(&policy);
+    // Container endpoints go in with the policy, as its cgroups make them.
+    let mut endpoints = crate::endpoints::Endpoints::default();
+    let mut first_conflicts = Vec::new();
     // The policy goes into the maps before any new program is attached, so no
     // program ever runs without it.
     kernel
         .apply_policy(
             &compiled,
-            || tracker.rescan(),
+            || {
+                let mut ids = tracker.rescan();
+                ids.extend(registered);
+                ids
+            },
             modes.global().0.kernel(),
             &modes.kernel_pairs(&compiled),
+            |cgroups| {
+                let mut collector = crate::endpoints::Collector::new();
+                collector.walk();
+                let namespaces = collector.finish(&mount, cgroups);
+                let r = crate::endpoints::resolve(&namespaces, cgroups);
+                let table = r.table.iter().map(|(a, o)| (*a, o.env)).collect();
+                first_conflicts = endpoints
+                    .update(namespaces, r, SystemTime::now())
+                    .new_conflicts;
+                table
+            },
         )
         .context("writing the policy into the kernel")?;
     kernel.attach(&root_dir)?;
@@ -117,12 +144,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // After attaching: a socket bound from now on is labelled by the kernel,
     // one bound before is labelled here; none falls in between.
     let mut holders = scan::Holders::default();
+    let mut listed = compiled.cgroups.clone();
+    for r in registry.iter() {
+        names.insert(r.cgroup_id, r.cgroup.clone());
+        if let Some(env) = compiled.env_id(&r.env) {
+            listed.push((r.cgroup.clone(), env));
+        }
+    }
     let first_pass = holders.pass(
         &mut kernel,
         &mount,
         &root_rel,
-        &compiled.cgroups,
+        &listed,
         &mut names,
+        &mut |_, _| {},
     );
     log::info!(
         "{} {} ({}) in {} mode at {} in {} ms; {} sockets labelled with their holders' env",
@@ -208,12 +243,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         gate,
         probe_marks: Default::default(),
         probe_events: BTreeMap::new(),
+        containers: registry,
+        endpoints,
     };
+    daemon.drop_orphaned_containers()?;
+    daemon.discover_containers();
     // Before `policy_loaded`: whoever waits for it may signal the agent at
     // once, and a signal without a handler would kill it mid-way.
     let signals = Signals::install()?;
     daemon.emit_policy_loaded(None)?;
     daemon.report_shared(first_pass.shared)?;
+    daemon.report_conflicts(first_conflicts)?;
     if let Some(prev) = previous.filter(|p| p.heartbeat_ns != 0) {
         let gap = Duration::from_nanos(sys::boot_ns().saturating_sub(prev.heartbeat_ns));
         let body = events::agent_gap(&daemon.policy, gap);
@@ -309,6 +349,10 @@ struct Daemon {
     /// Cgroups of `envguard verify` probes, and records they caused per kind.
     probe_marks: crate::verify::marks::ProbeMarks,
     probe_events: BTreeMap<String, u64>,
+    /// Containers registered into envs (`envguard oci-hook`).
+    containers: crate::containers::Registry,
+    /// Container endpoints: what the kernel's active slot holds.
+    endpoints: crate::endpoints::Endpoints,
 }
 
 impl Daemon {
@@ -382,6 +426,9 @@ impl Daemon {
                 )
                 .map(|()| serde_json::json!({"cgroup_id": cgroup_id, "run": run}))
                 .map_err(anyhow::Error::msg),
+            Request::Register(r) => self
+                .register(r, &actor)
+                .and_then(|r| Ok(serde_json::to_value(r)?)),
             // Served by the control task itself.
             Request::Events {} => Err(anyhow::anyhow!("events are streamed by the socket task")),
         };

@@ -28,7 +28,7 @@ impl Daemon {
                 let c = compile_with_ids(&p, &self.compiled.env_names)?;
                 Ok((p, c))
             });
-        let (policy, compiled) = match loaded {
+        let (policy, mut compiled) = match loaded {
             Ok(x) => x,
             Err(e) => {
                 let error = format!("{e:#}");
@@ -49,16 +49,32 @@ impl Daemon {
         };
         warn_about(&policy, &self.mount, &self.root_rel);
         let mut tracker = CgroupTracker::new(&self.mount, &compiled);
+        // Registered containers follow their env by name into the new policy.
+        super::containers::widen(&mut compiled, &self.containers);
+        let registered = self.container_envs(&compiled);
         // The runtime switches stay, over the new policy's modes.
         let modes = self
             .modes
             .reloaded(&policy, |env| compiled.env_id(env).is_some());
+        // The last pass's namespaces, judged by the new slot's cgroups; a
+        // namespace that had no env before has its addresses read at the
+        // next pass (≤ 500 ms).
+        let endpoints = &mut self.endpoints;
         self.kernel
             .apply_policy(
                 &compiled,
-                || tracker.rescan(),
+                || {
+                    let mut ids = tracker.rescan();
+                    ids.extend(registered);
+                    ids
+                },
                 modes.global().0.kernel(),
                 &modes.kernel_pairs(&compiled),
+                |cgroups| {
+                    let r = crate::endpoints::resolve(endpoints.last(), cgroups);
+                    endpoints.replace(&r, std::time::SystemTime::now());
+                    r.table.iter().map(|(a, o)| (*a, o.env)).collect()
+                },
             )
             .context("writing the new policy into the kernel")?;
         for (path, id) in tracker.known() {
@@ -68,6 +84,7 @@ impl Daemon {
         self.modes = modes;
         self.compiled = compiled;
         self.tracker = tracker;
+        self.drop_orphaned_containers()?;
         // Cgroups may have changed env: every socket is looked at again.
         self.holders.forget();
         self.holders_pass()?;

@@ -94,6 +94,8 @@ impl Daemon {
             pending_reverts,
             pairs,
             control: self.gate.status(),
+            containers: self.containers.iter().cloned().collect(),
+            endpoints: self.endpoint_status(),
         })
     }
 

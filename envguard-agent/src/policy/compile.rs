@@ -3,10 +3,10 @@ use std::net::IpAddr;
 
 use envguard_common::{
     config::{EnvLoss, ON_LOSS_CLOSED, ON_LOSS_FOLLOW, ON_LOSS_KEEP, ON_LOSS_OPEN},
-    maps::{MAX_CGROUPS, MAX_CIDRS, MAX_ENVS, MAX_PAIR_MODES, MAX_RULE_ENTRIES},
+    maps::{MAX_CGROUPS, MAX_CIDRS, MAX_PAIR_MODES, MAX_RULE_ENTRIES},
     policy::{
-        ENV_HOST, ENV_WORLD, FIRST_DECLARED_ENV, PairKey, RULE_PREFIX_PAIR, RULE_PREFIX_PORT,
-        RULE_PREFIX_PROTO, RuleKey,
+        ENV_CONFLICT, ENV_CONFLICT_NAME, ENV_HOST, ENV_WORLD, FIRST_DECLARED_ENV, PairKey,
+        RULE_PREFIX_PAIR, RULE_PREFIX_PORT, RULE_PREFIX_PROTO, RuleKey,
     },
 };
 
@@ -47,6 +47,7 @@ impl Compiled {
     pub fn env_name(&self, id: u32) -> &str {
         match self.env_names.get(id as usize) {
             Some(n) if !n.is_empty() => n,
+            _ if id == ENV_CONFLICT => ENV_CONFLICT_NAME,
             _ => "unknown",
         }
     }
@@ -91,7 +92,8 @@ pub fn assign_ids(policy: &Policy, previous: &[String]) -> Vec<String> {
         if names.contains(&env.name) {
             continue;
         }
-        if names.len() < MAX_ENVS as usize {
+        // The last id is `endpoint-conflict`'s, never a declared env's.
+        if names.len() < ENV_CONFLICT as usize {
             names.push(env.name.clone());
         } else if let Some(free) = names
             .iter_mut()
@@ -224,7 +226,7 @@ pub fn compile_with_ids(policy: &Policy, previous: &[String]) -> Result<Compiled
             EnvLoss::new(mode, e.agent_loss_timeout.as_nanos() as u64);
     }
 
-    check_size("env", env_names.len(), MAX_ENVS)?;
+    check_size("env", env_names.len(), ENV_CONFLICT)?;
     check_size("cgroup", cgroups.len(), MAX_CGROUPS)?;
     check_size("IPv4 CIDR", cidrs_v4.len(), MAX_CIDRS)?;
     check_size("IPv6 CIDR", cidrs_v6.len(), MAX_CIDRS)?;

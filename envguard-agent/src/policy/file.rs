@@ -49,6 +49,10 @@ pub struct EnvFile {
     /// `envguard verify`'s probe targets: `HOST:PORT/PROTO`.
     #[serde(default)]
     pub probes: Vec<Spanned<String>>,
+    /// Kubernetes namespaces (names, or prefixes ending in `*`) whose
+    /// containers the OCI hook registers in this env.
+    #[serde(default)]
+    pub k8s_namespaces: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +112,7 @@ impl PolicyFile {
                             on_agent_loss: shift_opt(e.on_agent_loss, by),
                             agent_loss_timeout: shift_opt(e.agent_loss_timeout, by),
                             probes: shift_all(e.probes, by),
+                            k8s_namespaces: shift_all(e.k8s_namespaces, by),
                         },
                     )
                 })

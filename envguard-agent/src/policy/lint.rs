@@ -3,8 +3,9 @@
 //! loads as it is.
 //!
 //! Found:
-//! - an env with neither cgroups nor CIDRs (it matches nothing), and any rule
-//!   or `[[pair_mode]]` naming one;
+//! - an env with neither cgroups, CIDRs nor k8s namespaces (only containers
+//!   registered by their label are in it), and any rule or `[[pair_mode]]`
+//!   naming one;
 //! - an `[[allow]]` between an env and itself (same-env flows are always
 //!   allowed), an allow that a single `[[deny]]` covers (deny beats allow), an
 //!   allow that another allow covers or duplicates, and an allow of flows the
@@ -46,7 +47,7 @@ pub fn lint(policy: &Policy) -> Vec<Diagnostic> {
         empty: policy
             .envs
             .iter()
-            .filter(|e| e.cgroups.is_empty() && e.cidrs.is_empty())
+            .filter(|e| e.cgroups.is_empty() && e.cidrs.is_empty() && e.k8s_namespaces.is_empty())
             .map(|e| e.name.as_str())
             .collect(),
         out: Vec::new(),
@@ -92,7 +93,7 @@ impl Lint<'_> {
                 self.warn(
                     env.lines.name,
                     format!(
-                        "env {} lists no cgroups and no CIDRs: it matches nothing",
+                        "env {} lists no cgroups and no CIDRs: it matches nothing but containers registered into it (envguard oci-hook)",
                         env.name
                     ),
                 );
@@ -175,7 +176,7 @@ impl Lint<'_> {
             let what = describe(r);
             let message = if let Some(n) = self.empty_env([&r.from, &r.to]) {
                 Some(format!(
-                    "{what} can never match: env {n} has no cgroups and no CIDRs, so no flow is ever in it"
+                    "{what} matches only containers registered into env {n}: it has no cgroups and no CIDRs"
                 ))
             } else if r.action == Action::Allow && is_self_pair(&r.from, &r.to) {
                 Some(format!(
@@ -265,7 +266,7 @@ impl Lint<'_> {
             });
             let message = if let Some(n) = self.empty_env([&pm.from, &pm.to]) {
                 Some(format!(
-                    "{what} never matters: env {n} has no cgroups and no CIDRs, so no flow is ever in it"
+                    "{what} matters only for containers registered into env {n}: it has no cgroups and no CIDRs"
                 ))
             } else if let Some(l) = later {
                 Some(format!(

@@ -84,6 +84,9 @@ pub struct Env {
     /// `envguard verify`'s targets in this env (its database, secrets
     /// store, DNS…): names stay names until verify resolves them.
     pub probes: Vec<ProbeTarget>,
+    /// Kubernetes namespace patterns (`prod`, `prod-*`) mapped to this env
+    /// for containers registered by namespace (`envguard oci-hook`).
+    pub k8s_namespaces: Vec<String>,
     /// Where the env is written, for diagnostics.
     pub lines: EnvLines,
 }

@@ -1,6 +1,7 @@
 //! Validation of a policy file (or a directory's files, merged): the TOML
 //! model in, the checked `Policy` out, every problem with its place.
 use super::*;
+use envguard_common::policy::ENV_CONFLICT_NAME;
 
 pub(super) struct Validator<'a> {
     pub(super) path: &'a Path,
@@ -113,6 +114,7 @@ impl Validator<'_> {
         let mut envs = Vec::new();
         let mut cidr_owner: HashMap<IpNetwork, String> = HashMap::new();
         let mut cgroup_owner: HashMap<String, String> = HashMap::new();
+        let mut ns_owner: HashMap<String, String> = HashMap::new();
         for (name, env) in &file.envs {
             let n = name.get_ref();
             if n.is_empty() {
@@ -129,10 +131,10 @@ impl Validator<'_> {
                 );
                 continue;
             }
-            if n == HOST || n == WORLD || n == ANY {
+            if n == HOST || n == WORLD || n == ANY || n == ENV_CONFLICT_NAME {
                 self.at(
                     name,
-                    format!("\"{n}\" is reserved (host: untagged local workloads, world: addresses in no CIDR, *: any env); choose another name"),
+                    format!("\"{n}\" is reserved (host: untagged local workloads, world: addresses in no CIDR, *: any env, {ENV_CONFLICT_NAME}: addresses claimed by two envs); choose another name"),
                 );
                 continue;
             }
@@ -242,6 +244,26 @@ impl Validator<'_> {
                     Err(e) => self.at(p, e),
                 }
             }
+            let mut k8s_namespaces = Vec::new();
+            for ns in &env.k8s_namespaces {
+                let pattern = ns.get_ref();
+                if let Err(why) = crate::containers::check_namespace_pattern(pattern) {
+                    self.at(ns, why);
+                    continue;
+                }
+                match ns_owner.get(pattern) {
+                    Some(owner) => self.at(
+                        ns,
+                        format!(
+                            "k8s namespace {pattern:?} is already mapped to env {owner}; a namespace belongs to one env"
+                        ),
+                    ),
+                    None => {
+                        ns_owner.insert(pattern.clone(), n.clone());
+                        k8s_namespaces.push(pattern.clone());
+                    }
+                }
+            }
             envs.push(Env {
                 name: n.clone(),
                 cgroups,
@@ -249,6 +271,7 @@ impl Validator<'_> {
                 on_agent_loss,
                 agent_loss_timeout,
                 probes,
+                k8s_namespaces,
                 lines,
             });
         }

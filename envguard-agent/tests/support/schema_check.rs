@@ -48,6 +48,7 @@ schemas!(
     "mode_change",
     "oversized_record",
     "violations_suppressed",
+    "endpoint_conflict",
 );
 
 /// The header every record starts with, in this order.

@@ -52,13 +52,18 @@ fn an_env_with_nothing_in_it() {
     let (line, m) = one("[envs.dev]\ncgroups = [\"/dev.slice\"]\n\n[envs.ghost]\n");
     assert_eq!(line, 4);
     assert!(m.contains("env ghost lists no cgroups and no CIDRs"), "{m}");
-    // And every rule naming it can never match.
+    // And every rule naming it matches only registered containers.
     let w = lint_text(
         "[envs.dev]\ncgroups = [\"/dev.slice\"]\n[envs.ghost]\n[[allow]]\nfrom = \"dev\"\nto = \"ghost\"\n",
     );
     assert_eq!(w.len(), 2, "{w:#?}");
     assert_eq!(w[1].0, 4);
-    assert!(w[1].1.contains("can never match: env ghost"), "{}", w[1].1);
+    assert!(
+        w[1].1
+            .contains("matches only containers registered into env ghost"),
+        "{}",
+        w[1].1
+    );
 }
 
 #[test]
