@@ -367,7 +367,9 @@ impl Collector {
         // Only namespaces with a declared env among their processes can claim
         // anything (under this policy; a reload resolves them again, and a
         // namespace with no env has no addresses kept until the next pass).
-        let wanted: Vec<(usize, i32)> = namespaces
+        // Each with every member's pid: one that exits meanwhile must not
+        // make its namespace lose its addresses for a pass.
+        let wanted: Vec<(usize, u64, Vec<i32>)> = namespaces
             .iter()
             .enumerate()
             .filter(|(_, n)| {
@@ -375,7 +377,7 @@ impl Collector {
                     .iter()
                     .any(|m| env_of(&m.ancestors, cgroup_envs) != ENV_HOST)
             })
-            .filter_map(|(i, n)| n.members.first().map(|m| (i, m.pid)))
+            .map(|(i, n)| (i, n.inode, n.members.iter().map(|m| m.pid).collect()))
             .collect();
         if wanted.is_empty() {
             return namespaces;
@@ -386,7 +388,16 @@ impl Collector {
             s.spawn(|| {
                 wanted
                     .iter()
-                    .map(|&(i, pid)| (i, addresses_in(pid)))
+                    .map(|(i, inode, pids)| {
+                        let mut result = Err(std::io::Error::other("no process"));
+                        for &pid in pids {
+                            result = addresses_in(pid, *inode);
+                            if result.is_ok() {
+                                break;
+                            }
+                        }
+                        (*i, result)
+                    })
                     .collect::<Vec<_>>()
             })
             .join()
@@ -411,10 +422,18 @@ impl Default for Collector {
     }
 }
 
-/// The addresses of `pid`'s network namespace; must run on a thread that may
-/// be left in that namespace.
-fn addresses_in(pid: i32) -> std::io::Result<Vec<IpAddr>> {
+/// The addresses of `pid`'s network namespace, if it is still `inode`; must
+/// run on a thread that may be left in that namespace.
+fn addresses_in(pid: i32, inode: u64) -> std::io::Result<Vec<IpAddr>> {
+    use std::os::unix::fs::MetadataExt as _;
     let ns = fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    // The pid may have gone and been reused since the walk: only the
+    // namespace the walk saw is read.
+    if ns.metadata()?.ino() != inode {
+        return Err(std::io::Error::other(format!(
+            "pid {pid} is in another network namespace now"
+        )));
+    }
     // SAFETY: plain syscall on an fd we own.
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(std::io::Error::last_os_error());

@@ -305,6 +305,22 @@ fn enforce_dev_to_prod_endpoint_is_refused_and_the_prod_listener_judges_dev_peer
         );
         wait_endpoint(&lab, addr(fam, pair.net, 2), Some("dev"));
     }
+    // The human status lists them too, within 80 columns.
+    let human = lab.cli(&["status"]);
+    human.assert_ok("envguard status");
+    for fam in Family::ALL {
+        let a = addr(fam, pair.net, 1).to_string();
+        let line = human
+            .stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(a.as_str()))
+            .unwrap_or_else(|| panic!("envguard status does not list {a}:\n{}", human.stdout));
+        assert!(
+            line.contains(" prod ") && line.contains(&format!("netns {p_inode}")),
+            "status line for {a}: {line:?}"
+        );
+        assert!(line.chars().count() <= 80, "status line too wide: {line:?}");
+    }
     for fam in Family::ALL {
         let dst = addr(fam, pair.net, 1);
         // A dev process's connect: refused at connect().

@@ -174,10 +174,11 @@ pub fn render(s: &StatusReply, colour: bool) -> String {
     if !s.endpoints.is_empty() {
         out.push_str("\nendpoints (container addresses)\n");
         for e in &s.endpoints {
+            // 39 columns hold any IPv6 address: the line fits 80.
             out.push_str(&fit(format!(
-                "{:<40} {:<12} netns {} since {}",
+                "{:<39} {} netns {} {}",
                 e.address,
-                cut(&e.env, 12).trim_end(),
+                cut(&e.env, 12),
                 e.netns,
                 clock(&e.since)
             )));

@@ -195,3 +195,16 @@ fn the_agents_own_namespace_dump_works() {
     let addrs = dump_addresses().expect("RTM_GETADDR in the test's namespace");
     assert!(addrs.iter().any(|a| a.is_loopback()), "{addrs:?}");
 }
+
+#[test]
+fn a_namespace_that_is_not_the_one_seen_is_not_read() {
+    // A reused pid now in another namespace: refused before any setns(2)
+    // (the matching case is the integration tests' `tests/endpoints.rs`).
+    let pid = std::process::id() as i32;
+    let inode = netns_of("self").expect("own netns");
+    let err = addresses_in(pid, inode + 1).expect_err("another namespace");
+    assert!(
+        err.to_string().contains("another network namespace"),
+        "{err}"
+    );
+}
