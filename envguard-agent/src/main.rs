@@ -1,6 +1,6 @@
 //! `envguard`: the command line. Everything else lives in the library.
 use clap::{Parser, Subcommand};
-use envguard_agent::cmd::{check, detach, events, explain, mode, reload, run, status};
+use envguard_agent::cmd::{check, detach, events, explain, mode, reload, report, run, status};
 
 /// envguard keeps workloads of different environments (dev, staging, prod…)
 /// on one host from talking to each other, enforced by eBPF programs on cgroup
@@ -38,6 +38,7 @@ enum Command {
     Reload(reload::ReloadArgs),
     Events(events::EventsArgs),
     Explain(explain::ExplainArgs),
+    Report(report::ReportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,6 +62,7 @@ fn main() -> std::process::ExitCode {
         Command::Reload(args) => reload::reload(args),
         Command::Events(args) => events::events(args),
         Command::Explain(args) => explain::explain(args),
+        Command::Report(args) => report::report(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

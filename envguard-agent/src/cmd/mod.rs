@@ -5,6 +5,7 @@ pub mod events;
 pub mod explain;
 pub mod mode;
 pub mod reload;
+pub mod report;
 pub mod run;
 pub mod status;
 

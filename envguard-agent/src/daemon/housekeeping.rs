@@ -75,6 +75,9 @@ impl Daemon {
                     last,
                 );
                 *seen = total;
+                if let Some(h) = self.history.as_mut() {
+                    h.tally.add(&super::history::seen_rollup(&body));
+                }
                 self.stream.emit("violation_rollup", Some(last), &body)?;
             }
         }
@@ -97,6 +100,9 @@ impl Daemon {
             let e: ViolationEvent =
                 unsafe { item.as_ptr().cast::<ViolationEvent>().read_unaligned() };
             let body = events::violation(&self.policy, &self.compiled, &mut self.names, &e);
+            if let Some(h) = self.history.as_mut() {
+                h.tally.add(&super::history::seen_violation(&body));
+            }
             self.stream.emit("violation", Some(e.boot_ns), &body)?;
         }
         Ok(())
@@ -244,6 +250,9 @@ impl Daemon {
         s.events_lost = self.lost_totals.clone();
         s.events_suppressed = self.stream.suppressed();
         s.policy_revision = self.kernel.policy_loads();
+        s.heartbeat_seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         s.control_refused = self
             .gate
             .refused()
