@@ -288,6 +288,7 @@ fn report_counts_exactly_what_the_kernel_counted_across_restarts_and_a_reset() {
         expected(&[t1, t2, t3, t4]),
         "and exactly the traffic the test made"
     );
+    check_schema(&json);
     assert_eq!(json["coverage"]["counter_resets"], 1, "one map replacement");
     assert_eq!(json["coverage"]["complete"], true);
 
@@ -436,6 +437,61 @@ fn report_counts_exactly_what_the_kernel_counted_across_restarts_and_a_reset() {
     // The state directory: root's, 0700, the history file 0600.
     let meta = std::fs::metadata(state.join("history.json")).expect("history.json");
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
+}
+
+/// Validates `report` against docs/schemas/report.schema.json, and fails on
+/// a field it does not describe.
+fn check_schema(report: &Value) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schemas/report.schema.json");
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .expect("the report schema is JSON");
+    let v = jsonschema::draft202012::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("the report schema compiles");
+    let errors: Vec<String> = v
+        .iter_errors(report)
+        .map(|e| format!("at {:?}: {e}", e.instance_path().as_str()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "report --json does not match report.schema.json:\n{}\n{report:#}",
+        errors.join("\n")
+    );
+    fn undocumented(root: &Value, schema: &Value, value: &Value, at: &str, out: &mut Vec<String>) {
+        let schema = match schema.get("$ref").and_then(Value::as_str) {
+            Some(r) => r
+                .strip_prefix('#')
+                .and_then(|p| root.pointer(p))
+                .unwrap_or(schema),
+            None => schema,
+        };
+        if let (Some(items), Some(arr)) = (schema.get("items"), value.as_array()) {
+            for (i, v) in arr.iter().enumerate() {
+                undocumented(root, items, v, &format!("{at}/{i}"), out);
+            }
+        }
+        let (Some(obj), Some(props)) = (
+            value.as_object(),
+            schema.get("properties").and_then(Value::as_object),
+        ) else {
+            return;
+        };
+        for (k, v) in obj {
+            match props.get(k) {
+                Some(sub) => undocumented(root, sub, v, &format!("{at}/{k}"), out),
+                None => out.push(format!("{at}/{k}")),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    undocumented(&schema, &schema, report, "", &mut out);
+    assert!(
+        out.is_empty(),
+        "report --json has fields report.schema.json does not describe: {out:?}"
+    );
 }
 
 /// `dot -Tsvg` of `text` (graphviz, which `cargo xtask setup` installs).
