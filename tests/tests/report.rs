@@ -288,6 +288,7 @@ fn report_counts_exactly_what_the_kernel_counted_across_restarts_and_a_reset() {
         expected(&[t1, t2, t3, t4]),
         "and exactly the traffic the test made"
     );
+    println!("envguard report --json:\n{json:#}");
     check_schema(&json);
     assert_eq!(json["coverage"]["counter_resets"], 1, "one map replacement");
     assert_eq!(json["coverage"]["complete"], true);
@@ -401,6 +402,7 @@ fn report_counts_exactly_what_the_kernel_counted_across_restarts_and_a_reset() {
     let mut a = window.to_vec();
     a.push("--csv");
     let csv = report_ok(&a);
+    println!("envguard report --csv:\n{csv}");
     let mut lines = csv.lines();
     assert_eq!(
         lines.next(),
@@ -422,6 +424,7 @@ fn report_counts_exactly_what_the_kernel_counted_across_restarts_and_a_reset() {
     let mut a = window.to_vec();
     a.extend(["--format", "dot"]);
     let dot = report_ok(&a);
+    println!("envguard report --format dot:\n{dot}");
     assert!(
         dot.contains(&format!(
             "\"dev\" -> \"prod\" [label=\"refused {refused_n}\""

@@ -190,6 +190,10 @@ fn the_row_bound_drops_the_oldest_buckets() {
     assert_eq!(h.dropped_buckets, 30);
     assert_eq!(h.dropped_until, T0 + 29 * 60);
     let bytes = serde_json::to_vec(&h).unwrap().len();
+    eprintln!(
+        "history.json at the row bound: {bytes} bytes, {} rows",
+        h.rows()
+    );
     assert!(bytes < 8 << 20, "{bytes} bytes at the bound");
 }
 
