@@ -367,6 +367,14 @@ pub fn build(
     }
 }
 
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
 fn cell(p: &Pair) -> String {
     if p.total() == 0 {
         "·".to_owned()
@@ -381,12 +389,12 @@ pub fn text(r: &Report, top: usize) -> String {
     let c = &r.coverage;
     let _ = writeln!(
         o,
-        "history {}: {} buckets in the window ({} .. {}), {} samples, {} counter resets{}",
+        "history {}: {} in the window ({} .. {}); {} in all, {} found the counters replaced{}",
         r.state_dir,
-        c.buckets,
+        plural(c.buckets as u64, "bucket"),
         c.first_sample.as_deref().unwrap_or("-"),
         c.last_sample.as_deref().unwrap_or("-"),
-        c.samples,
+        plural(c.samples, "sample"),
         c.counter_resets,
         if c.complete {
             String::new()
