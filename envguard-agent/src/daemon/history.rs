@@ -16,6 +16,8 @@ pub(super) struct Recorder {
     pub dir: StateDir,
     pub history: History,
     pub tally: Tally,
+    /// Written at least once by this agent (the first sample always is).
+    pub saved: bool,
 }
 
 impl Recorder {
@@ -26,6 +28,7 @@ impl Recorder {
             dir,
             history,
             tally: Tally::default(),
+            saved: false,
         })
     }
 }
@@ -95,7 +98,7 @@ impl Daemon {
         let counters = self.kernel.decisions()?;
         let compiled = &self.compiled;
         let envs: Vec<String> = self.policy.envs.iter().map(|e| e.name.clone()).collect();
-        rec.history.sample(
+        let changed = rec.history.sample(
             sys::unix_secs(),
             &source,
             &counters,
@@ -103,7 +106,10 @@ impl Daemon {
             &envs,
             &mut rec.tally,
         );
-        rec.dir.save(&rec.history)?;
+        if changed || !rec.saved {
+            rec.dir.save(&rec.history)?;
+            rec.saved = true;
+        }
         Ok(())
     }
 }

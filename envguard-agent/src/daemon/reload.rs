@@ -48,6 +48,9 @@ impl Daemon {
             }
         };
         warn_about(&policy, &self.mount, &self.root_rel);
+        // What was counted under the old policy goes into the history with
+        // its env names, before the new one may rename or drop envs.
+        self.sample_history();
         let mut tracker = CgroupTracker::new(&self.mount, &compiled);
         // The runtime switches stay, over the new policy's modes.
         let modes = self

@@ -333,6 +333,8 @@ impl History {
     /// Adds one sample taken at `now` (Unix seconds): the deltas of
     /// `counters` (read from the map `source`) against the baseline, named
     /// with `name`, and the violation rollups gathered since the last one.
+    /// Returns whether anything but the sample count changed: an idle host
+    /// need not rewrite the file every interval.
     pub fn sample(
         &mut self,
         now: u64,
@@ -341,7 +343,14 @@ impl History {
         name: impl Fn(&DecisionKey) -> Key,
         envs: &[String],
         tally: &mut Tally,
-    ) {
+    ) -> bool {
+        let was = (
+            self.source.clone(),
+            self.envs.clone(),
+            self.baseline.clone(),
+            self.buckets.len(),
+            self.dropped_buckets,
+        );
         let same_map = self.source.as_ref() == Some(source);
         if self.source.is_some() && !same_map {
             self.counter_resets += 1;
@@ -402,7 +411,14 @@ impl History {
                 violations: tally.take(),
             });
         }
+        let pushed = self.buckets.len() != was.3;
         self.compact(now);
+        pushed
+            || was.0 != self.source
+            || was.1 != self.envs
+            || was.2 != self.baseline
+            || was.3 != self.buckets.len()
+            || was.4 != self.dropped_buckets
     }
 
     /// Folds buckets into their minute, hour or day by age, drops what is

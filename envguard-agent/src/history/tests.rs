@@ -109,8 +109,21 @@ fn samples_without_change_add_no_bucket_and_minutes_merge() {
     let mut h = History::new();
     let mut t = Tally::default();
     h.sample(T0, &src(1), &[(dk(1, 2, 1), 1)], name, &envs(), &mut t);
-    h.sample(T0 + 1, &src(1), &[(dk(1, 2, 1), 1)], name, &envs(), &mut t);
+    assert!(!h.sample(T0 + 1, &src(1), &[(dk(1, 2, 1), 1)], name, &envs(), &mut t));
     assert_eq!(h.buckets.len(), 1, "an idle sample adds nothing");
+    assert_eq!(h.samples, 2);
+    // A new key at 0 changes the baseline only; a new map or envs change it too.
+    assert!(h.sample(
+        T0 + 2,
+        &src(1),
+        &[(dk(1, 2, 1), 1), (dk(2, 2, 3), 0)],
+        name,
+        &envs(),
+        &mut t
+    ));
+    assert_eq!(h.buckets.len(), 1);
+    assert!(h.sample(T0 + 3, &src(2), &[], name, &envs(), &mut t));
+    assert!(h.sample(T0 + 4, &src(2), &[], name, &envs()[..1], &mut t));
     // Within the same minute (a 1 s test interval, a shutdown sample): one bucket.
     let base = T0 - T0 % 60;
     let mut h = History::new();
