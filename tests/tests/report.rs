@@ -2,7 +2,8 @@
 //! `--history-interval 1s`):
 //!
 //! - known traffic (allowed prod→prod, dev→prod refused in enforce,
-//!   dev→staging audited by a `[[pair_mode]]`) before an agent restart,
+//!   dev→staging audited by a `[[pair_mode]]`) before the agent is
+//!   SIGKILLed (and a torn temp file is left next to the history),
 //!   while no agent runs (the pinned programs still refuse and count), after
 //!   a restart that adopts the pinned maps, and after a detach that replaces
 //!   the maps (counters from 0): the report over a window spanning all of it
@@ -200,7 +201,15 @@ fn report_counts_exactly_what_the_kernel_counted_across_restarts_and_a_reset() {
             l.iter().filter(|e| e["kind"] == "violation").count() >= t1.refused + t1.audited
         })
         .unwrap_or_else(|l| panic!("violation records expected; got {l:?}"));
-    lab.stop_agent();
+    // A crash: SIGKILL (no shutdown sample) once a periodic sample has the
+    // records, then a write cut short (a torn temp file next to the history).
+    let saved = wait_history(&state, |h| {
+        sum_of(h, "violations") == (t1.refused + t1.audited) as u64
+            && sum_of(h, "counts") == (t1.allowed + t1.refused + t1.audited) as u64
+    });
+    lab.kill_agent();
+    std::fs::write(state.join("history.json.tmp"), &saved[..saved.len() / 2])
+        .expect("write a torn temp file");
 
     // 2. No agent: the pinned programs still refuse, and count.
     let t2 = Traffic {
@@ -495,6 +504,38 @@ fn check_schema(report: &Value) {
         out.is_empty(),
         "report --json has fields report.schema.json does not describe: {out:?}"
     );
+}
+
+/// history.json's bytes once `want` holds for it (the agent samples every
+/// second; the file is replaced whole, so each read is one sample's).
+fn wait_history(state: &Path, want: impl Fn(&Value) -> bool) -> Vec<u8> {
+    let file = state.join("history.json");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        let h: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if want(&h) {
+            return bytes;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {WAIT:?} {} does not hold what the agent saw: {h:#}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The counts in a history's buckets: of the counter rows (`counts`) or of
+/// the violation rollups (`violations`).
+fn sum_of(h: &Value, what: &str) -> u64 {
+    h["buckets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|b| b[what].as_array().into_iter().flatten())
+        .map(|r| r["count"].as_u64().unwrap_or(0))
+        .sum()
 }
 
 /// `dot -Tsvg` of `text` (graphviz, which `cargo xtask setup` installs).
