@@ -20,10 +20,12 @@
 //!
 //! Buckets are compacted as they age: one per minute for the last day, one
 //! per hour for the last 30 days, one per day before that, dropped after
-//! [`RETENTION_DAYS`]; and the whole history is capped at [`MAX_ROWS`] rows
-//! (oldest buckets dropped first, counted in `dropped_buckets`). That bounds
-//! the file to 1440 + 720 + 400 buckets and about `MAX_ROWS` × 150 bytes
-//! (~7.5 MiB) of JSON whatever the traffic.
+//! [`RETENTION_DAYS`]; and the whole history is capped at [`MAX_ROWS`] rows:
+//! over it, old buckets are folded into hours and days sooner (totals stay
+//! exact, only the resolution goes), and only then are the oldest dropped
+//! (counted in `dropped_buckets`). That bounds the file to 1440 + 720 + 400
+//! buckets and about `MAX_ROWS` × 120 bytes (5.7 MiB) of JSON whatever the
+//! traffic.
 //!
 //! The file is rewritten whole at each sample (temp file, fsync, rename,
 //! fsync of the directory), so a crash or a torn write leaves the previous
@@ -43,8 +45,48 @@ mod tests;
 pub const FORMAT: u32 = 1;
 /// Day buckets older than this are dropped.
 pub const RETENTION_DAYS: u64 = 400;
-/// Counter rows plus rollup entries kept at most, over all buckets.
+/// Counter rows plus rollup entries kept at most, over all buckets (unless
+/// the newest bucket alone has more).
 pub const MAX_ROWS: usize = 50_000;
+
+/// Ages (seconds) up to which buckets stay by the minute and by the hour:
+/// the normal schedule first, then coarser ones while the history is over
+/// [`MAX_ROWS`].
+const COARSER: &[(u64, u64)] = &[
+    (DAY, 30 * DAY),
+    (6 * HOUR, 30 * DAY),
+    (HOUR, 30 * DAY),
+    (HOUR, 7 * DAY),
+    (HOUR, DAY),
+    (0, DAY),
+    (0, 0),
+];
+
+/// One folding pass over `buckets` (sorted by `last`): each goes to the
+/// resolution its age asks for (never finer than it has), and neighbours of
+/// the same resolution and period merge.
+fn fold(buckets: Vec<Bucket>, now: u64, minutes_for: u64, hours_for: u64) -> Vec<Bucket> {
+    let mut out: Vec<Bucket> = Vec::with_capacity(buckets.len());
+    for mut b in buckets {
+        let age = now.saturating_sub(b.last);
+        let res = if age > hours_for {
+            DAY
+        } else if age > minutes_for {
+            HOUR
+        } else {
+            MINUTE
+        };
+        let res = res.max(b.resolution);
+        b.resolution = res;
+        match out.last_mut() {
+            Some(prev) if prev.resolution == res && prev.last / res == b.last / res => {
+                prev.merge(b)
+            }
+            _ => out.push(b),
+        }
+    }
+    out
+}
 /// Entries kept per rollup list (destinations, ports, processes, cgroups)
 /// per pair and bucket; the rest is added up in `other`.
 pub const TOP_N: usize = 20;
@@ -421,39 +463,32 @@ impl History {
             || was.4 != self.dropped_buckets
     }
 
-    /// Folds buckets into their minute, hour or day by age, drops what is
-    /// past the retention, then the oldest until [`MAX_ROWS`] holds.
+    /// Folds buckets into their minute, hour or day by age and drops what is
+    /// past the retention. Over [`MAX_ROWS`], old buckets are folded sooner
+    /// (the steps of [`COARSER`]: totals stay, resolution goes), and only
+    /// when everything is by the day are the oldest dropped; the newest
+    /// bucket always stays.
     pub fn compact(&mut self, now: u64) {
-        let resolution = |t: u64| {
-            let age = now.saturating_sub(t);
-            if age > 30 * DAY {
-                DAY
-            } else if age > DAY {
-                HOUR
-            } else {
-                MINUTE
-            }
-        };
-        let mut out: Vec<Bucket> = Vec::with_capacity(self.buckets.len());
         let mut buckets = std::mem::take(&mut self.buckets);
         buckets.sort_by_key(|b| b.last);
-        for mut b in buckets {
-            if now.saturating_sub(b.last) > RETENTION_DAYS * DAY {
-                self.drop_bucket(&b);
-                continue;
+        buckets.retain(|b| {
+            let keep = now.saturating_sub(b.last) <= RETENTION_DAYS * DAY;
+            if !keep {
+                self.dropped_buckets += 1;
+                self.dropped_until = self.dropped_until.max(b.last);
             }
-            let res = resolution(b.last).max(b.resolution);
-            b.resolution = res;
-            match out.last_mut() {
-                Some(prev) if prev.resolution == res && prev.last / res == b.last / res => {
-                    prev.merge(b)
-                }
-                _ => out.push(b),
+            keep
+        });
+        let mut out = buckets;
+        for &(minutes_for, hours_for) in COARSER {
+            out = fold(out, now, minutes_for, hours_for);
+            if out.iter().map(Bucket::rows).sum::<usize>() <= MAX_ROWS {
+                break;
             }
         }
         let mut rows: usize = out.iter().map(Bucket::rows).sum();
         let mut drop = 0;
-        while rows > MAX_ROWS && drop < out.len() {
+        while rows > MAX_ROWS && drop + 1 < out.len() {
             rows -= out[drop].rows();
             drop += 1;
         }

@@ -184,7 +184,7 @@ fn compaction_keeps_sums_and_bounds_the_bucket_count() {
 }
 
 #[test]
-fn the_row_bound_drops_the_oldest_buckets() {
+fn the_row_bound_folds_sooner_then_drops_the_oldest() {
     let mut h = History::new();
     let mut t = Tally::default();
     // Many keys per sample: 1000 rows a minute, 80 minutes.
@@ -198,16 +198,79 @@ fn the_row_bound_drops_the_oldest_buckets() {
         h.sample(T0 + m * 60, &src(1), &counters, proto_name, &envs(), &mut t);
         assert!(h.rows() <= MAX_ROWS, "{}", h.rows());
     }
-    assert_eq!(h.rows(), MAX_ROWS);
-    assert_eq!(h.buckets.len(), 50);
-    assert_eq!(h.dropped_buckets, 30);
-    assert_eq!(h.dropped_until, T0 + 29 * 60);
+    // Over the bound, the old minutes were folded into hours: nothing lost.
+    assert_eq!(h.dropped_buckets, 0);
+    let all = h
+        .buckets
+        .iter()
+        .flat_map(|b| &b.counts)
+        .map(|r| r.count)
+        .sum::<u64>();
+    assert_eq!(all, 80 * 1000, "every count is still there");
+    assert!(
+        h.buckets.iter().any(|b| b.resolution == HOUR),
+        "{:?}",
+        h.buckets.len()
+    );
+    assert_eq!(
+        h.buckets.last().map(|b| b.resolution),
+        Some(MINUTE),
+        "the newest stays by the minute"
+    );
+    // What one more sample costs at the bound (a figure, not asserted).
+    for c in &mut counters {
+        c.1 += 1;
+    }
+    let t = std::time::Instant::now();
+    h.sample(
+        T0 + 80 * 60,
+        &src(1),
+        &counters,
+        proto_name,
+        &envs(),
+        &mut t0(),
+    );
+    let sampled = t.elapsed();
     let bytes = serde_json::to_vec(&h).unwrap().len();
+    let encoded = t.elapsed() - sampled;
     eprintln!(
-        "history.json at the row bound: {bytes} bytes, {} rows",
+        "history.json at the row bound: {bytes} bytes, {} rows; one sample {sampled:?}, encoding {encoded:?}",
         h.rows()
     );
     assert!(bytes < 8 << 20, "{bytes} bytes at the bound");
+}
+
+#[test]
+fn when_folding_is_not_enough_the_oldest_days_go() {
+    let mut h = History::new();
+    let mut t = Tally::default();
+    // 30 000 keys a day (one sample a day): two days are over the bound
+    // even by the day, so the older one goes; the newest always stays.
+    let mut counters: Vec<(DecisionKey, u64)> = (0..30_000u32)
+        .map(|i| (DecisionKey::new(i % 1000, i / 1000, 1, 0, 6, 0), 0))
+        .collect();
+    for d in 0..3u64 {
+        for c in &mut counters {
+            c.1 += 1;
+        }
+        h.sample(T0 + d * DAY, &src(1), &counters, wide_name, &envs(), &mut t);
+    }
+    assert!(h.rows() <= MAX_ROWS, "{}", h.rows());
+    assert_eq!(h.buckets.len(), 1);
+    assert_eq!(h.dropped_buckets, 2);
+    assert_eq!(h.dropped_until, T0 + DAY);
+}
+
+fn wide_name(k: &DecisionKey) -> Key {
+    Key {
+        src_env: format!("e{}", k.src_env),
+        dst_env: format!("e{}", k.dst_env),
+        ..name(&DecisionKey::new(1, 2, k.verdict, 0, 6, 0))
+    }
+}
+
+fn t0() -> Tally {
+    Tally::default()
 }
 
 trait WithProto {
