@@ -75,7 +75,16 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--pair {p:?}: expected SRC:DST"))
         })
         .transpose()?;
-    let h = store::read_state_dir(&args.state_dir)?.with_context(|| {
+    let h = store::read_state_dir(&args.state_dir)
+        .map_err(anyhow::Error::from)
+        .with_context(|| {
+            if crate::sys::is_root() {
+                String::from("reading the history")
+            } else {
+                String::from("reading the history (the state directory is root's: run as root)")
+            }
+        })?
+        .with_context(|| {
         format!(
             "no history in {} (the agent keeps one with --state-dir; is this the right directory?)",
             args.state_dir.display()
