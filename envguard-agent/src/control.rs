@@ -30,7 +30,7 @@ mod protocol;
 pub use gate::{ControlStatus, Gate, Limits, OpenConnections, Refusal, RefusedCounts, Slot};
 pub use protocol::{
     Actor, ModeReply, ModeRequest, ModeSource, PairDecision, PairStatus, PendingRevert,
-    ReloadReply, Request, Response, Scope, StatusReply,
+    PolicyFileText, PolicyReply, ReloadReply, Request, Response, Scope, StatusReply,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/envguard/control.sock";
@@ -297,6 +297,8 @@ fn command_name(r: &Request) -> &'static str {
         Request::Reload {} => "reload",
         Request::Explain { .. } => "explain",
         Request::Events {} => "events",
+        Request::Policy {} => "policy",
+        Request::ProbeMark { .. } => "probe_mark",
     }
 }
 

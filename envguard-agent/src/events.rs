@@ -18,7 +18,7 @@ use crate::{
         ports::proto_name,
     },
     ratelimit::{Admit, TokenBucket},
-    sinks::Fanout,
+    sinks::{Fanout, Lines},
     sys::{self, CgroupNames},
 };
 
@@ -65,6 +65,9 @@ pub struct Violation<'a> {
     pub destination: Endpoint<'a>,
     pub process: Process,
     pub rule: String,
+    /// The `envguard verify` run whose probe caused the record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -140,11 +143,22 @@ pub struct LostEvents {
 pub trait LineOut {
     /// One record, without its newline. Must not block on a slow consumer.
     fn send(&mut self, line: &str);
+
+    /// Records in order, as one hand-off.
+    fn send_lines(&mut self, lines: Lines) {
+        for line in lines.all() {
+            self.send(line);
+        }
+    }
 }
 
 impl LineOut for Fanout {
     fn send(&mut self, line: &str) {
         Fanout::send(self, line);
+    }
+
+    fn send_lines(&mut self, lines: Lines) {
+        Fanout::send_lines(self, lines);
     }
 }
 
@@ -153,6 +167,10 @@ impl LineOut for Vec<String> {
         self.push(line.to_owned());
     }
 }
+
+/// Records a batch holds before it is handed on even though the ring buffer
+/// still has more: bounds how long a record waits in a flood.
+const BATCH_LINES: usize = 256;
 
 /// Writes records with a header (`kind`, `time`, `seq`, `boot_id`, `host`) in
 /// front of the body's fields. `seq` counts every record of this run from 0
@@ -171,7 +189,11 @@ pub struct Stream<O: LineOut> {
     subscribers: Option<tokio::sync::broadcast::Sender<String>>,
     limit: Option<TokenBucket>,
     /// Records sent, per kind (for metrics).
-    pub emitted: BTreeMap<String, u64>,
+    pub emitted: BTreeMap<&'static str, u64>,
+    /// Where each record is serialized, reused.
+    line: Vec<u8>,
+    /// Records held for one hand-off while a batch is open.
+    batch: Option<Lines>,
 }
 
 impl<O: LineOut> Stream<O> {
@@ -184,6 +206,27 @@ impl<O: LineOut> Stream<O> {
             subscribers: None,
             limit: None,
             emitted: BTreeMap::new(),
+            line: Vec::with_capacity(1024),
+            batch: None,
+        }
+    }
+
+    /// Holds records until [`end_batch`](Self::end_batch) (or until
+    /// [`BATCH_LINES`] of them) and hands them on together: for draining
+    /// the ring buffer, where one hand-off per record would cost a queue
+    /// operation and a sink thread wake-up each.
+    pub fn begin_batch(&mut self) {
+        if self.batch.is_none() {
+            self.batch = Some(Lines::with_capacity(BATCH_LINES, BATCH_LINES * 600));
+        }
+    }
+
+    /// Hands on what the batch holds and closes it.
+    pub fn end_batch(&mut self) {
+        if let Some(lines) = self.batch.take()
+            && !lines.is_empty()
+        {
+            self.out.send_lines(lines);
         }
     }
 
@@ -261,21 +304,50 @@ impl<O: LineOut> Stream<O> {
             boot_id: &self.boot_id,
             host: &self.host,
         };
-        let mut value = serde_json::to_value(&header).map_err(std::io::Error::other)?;
-        let body = serde_json::to_value(body).map_err(std::io::Error::other)?;
-        if let (Some(h), serde_json::Value::Object(b)) = (value.as_object_mut(), body) {
-            h.extend(b);
-            if suppressed > 0 {
-                h.insert("suppressed".into(), suppressed.into());
+        // Header and body are written straight into one buffer: the
+        // header's object is left open, and the body's opening brace
+        // becomes the comma that joins them.
+        let line = &mut self.line;
+        line.clear();
+        serde_json::to_writer(&mut *line, &header).map_err(std::io::Error::other)?;
+        line.pop();
+        let body_at = line.len();
+        serde_json::to_writer(&mut *line, body).map_err(std::io::Error::other)?;
+        match &line[body_at..] {
+            b"{}" => line.truncate(body_at),
+            [b'{', ..] => {
+                line[body_at] = b',';
+                line.pop();
             }
+            _ => return Err(std::io::Error::other("an event body must be a JSON object")),
         }
-        let line = serde_json::to_string(&value).map_err(std::io::Error::other)?;
-        self.out.send(&line);
+        if suppressed > 0 {
+            line.extend_from_slice(b",\"suppressed\":");
+            line.extend_from_slice(suppressed.to_string().as_bytes());
+        }
+        line.push(b'}');
+        // serde_json writes UTF-8 only.
+        let line = std::str::from_utf8(line).map_err(std::io::Error::other)?;
+        match &mut self.batch {
+            Some(batch) => {
+                batch.push(line);
+                if batch.len() >= BATCH_LINES {
+                    let full = std::mem::replace(
+                        batch,
+                        Lines::with_capacity(BATCH_LINES, BATCH_LINES * 600),
+                    );
+                    self.out.send_lines(full);
+                }
+            }
+            None => self.out.send(line),
+        }
         self.seq += 1;
-        *self.emitted.entry(kind.to_owned()).or_default() += 1;
-        if let Some(tx) = &self.subscribers {
-            // No subscriber is not an error.
-            let _ = tx.send(line);
+        *self.emitted.entry(kind).or_default() += 1;
+        if let Some(tx) = &self.subscribers
+            && tx.receiver_count() > 0
+        {
+            // A subscriber gone meanwhile is not an error.
+            let _ = tx.send(line.to_owned());
         }
         Ok(())
     }
@@ -385,6 +457,9 @@ pub struct Rollup<'a> {
     pub source: Endpoint<'a>,
     pub destination: Endpoint<'a>,
     pub process: Process,
+    /// The `envguard verify` run whose probes caused the repeats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
 }
 
 pub fn rollup<'a>(
@@ -434,6 +509,7 @@ pub fn rollup<'a>(
             cgroup_id: k.cgroup_id,
             cgroup: names.path(k.cgroup_id),
         },
+        probe: None,
     }
 }
 
@@ -479,6 +555,7 @@ pub fn violation<'a>(
             cgroup: names.path(e.cgroup_id),
         },
         rule: rule_label(policy, compiled, e),
+        probe: None,
     }
 }
 
@@ -500,6 +577,56 @@ mod tests {
             Some("2001:db8:10::1")
         );
         assert_eq!(ip(ev::AF_INET, &[0; 16]), None);
+    }
+
+    /// Counts hand-offs.
+    #[derive(Default)]
+    struct Handoffs(Vec<Vec<String>>);
+    impl LineOut for Handoffs {
+        fn send(&mut self, line: &str) {
+            self.0.push(vec![line.to_owned()]);
+        }
+        fn send_lines(&mut self, lines: Lines) {
+            self.0.push(lines.all().map(str::to_owned).collect());
+        }
+    }
+
+    #[test]
+    fn a_batch_is_one_hand_off_in_order_and_bounded() {
+        #[derive(Serialize)]
+        struct Empty {}
+        let mut s = Stream::new(Handoffs::default());
+        s.emit("first", None, &Empty {}).unwrap();
+        s.begin_batch();
+        for _ in 0..BATCH_LINES + 3 {
+            s.emit("violation", None, &Empty {}).unwrap();
+        }
+        // Nothing beyond the full batches left until the batch ends.
+        assert_eq!(
+            s.out().0.iter().map(Vec::len).collect::<Vec<_>>(),
+            [1, BATCH_LINES]
+        );
+        s.end_batch();
+        s.emit("last", None, &Empty {}).unwrap();
+        let handoffs = s.into_inner().0;
+        assert_eq!(
+            handoffs.iter().map(Vec::len).collect::<Vec<_>>(),
+            [1, BATCH_LINES, 3, 1]
+        );
+        let seqs: Vec<u64> = handoffs
+            .iter()
+            .flatten()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, (0..BATCH_LINES as u64 + 5).collect::<Vec<_>>());
+        // An empty body leaves the header alone, still valid JSON.
+        let v: serde_json::Value = serde_json::from_str(&handoffs[3][0]).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 5);
+        assert_eq!(v["kind"], "last");
     }
 
     #[test]

@@ -19,3 +19,4 @@ pub mod ratelimit;
 pub mod scan;
 pub mod sinks;
 pub mod sys;
+pub mod verify;

@@ -1,6 +1,8 @@
 //! `envguard`: the command line. Everything else lives in the library.
 use clap::{Parser, Subcommand};
-use envguard_agent::cmd::{check, detach, events, explain, mode, reload, report, run, status};
+use envguard_agent::cmd::{
+    check, detach, events, explain, mode, reload, report, run, status, verify,
+};
 
 /// envguard keeps workloads of different environments (dev, staging, prod…)
 /// on one host from talking to each other, enforced by eBPF programs on cgroup
@@ -39,6 +41,10 @@ enum Command {
     Events(events::EventsArgs),
     Explain(explain::ExplainArgs),
     Report(report::ReportArgs),
+    Verify(verify::VerifyArgs),
+    /// The probe process `verify` starts inside an env (internal).
+    #[command(hide = true, name = "verify-probe")]
+    VerifyProbe(verify::ProbeChildArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +69,12 @@ fn main() -> std::process::ExitCode {
         Command::Events(args) => events::events(args),
         Command::Explain(args) => explain::explain(args),
         Command::Report(args) => report::report(args),
+        Command::VerifyProbe(args) => verify::probe_child(args),
+        Command::Verify(args) => match verify::verify(args) {
+            // Not an error: the report says what failed.
+            Ok(false) => return std::process::ExitCode::FAILURE,
+            r => r.map(|_| ()),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

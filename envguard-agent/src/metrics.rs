@@ -9,6 +9,7 @@
 //! | `envguard_events_emitted_total` | counter | `kind` | records written to the event stream |
 //! | `envguard_events_lost_total` | counter | `source` (`ringbuf`, `queue:<sink>`) | records that could not be delivered |
 //! | `envguard_events_suppressed_total` | counter | | records held back by the rate limit |
+//! | `envguard_probe_events_total` | counter | `kind` | records caused by `envguard verify` probes (marked `"probe"`; also in `envguard_events_emitted_total`) |
 //! | `envguard_control_refused_total` | counter | `reason` (`root`, `others`, `per_uid`, `subscribers`, `subscribers_per_uid`) | control-socket connections and `events` subscriptions refused over a limit |
 //! | `envguard_policy_revision` | gauge | | generation of the policy in force: 1 at start, +1 per reload |
 //! | `envguard_build_info` | gauge | `version` | always 1 |
@@ -87,6 +88,9 @@ pub struct Snapshot {
     pub events_lost: BTreeMap<String, u64>,
     /// Records suppressed by the rate limit since the agent started.
     pub events_suppressed: u64,
+    /// Per record kind, records caused by `envguard verify` probes (also in
+    /// `events_emitted`).
+    pub probe_events: BTreeMap<String, u64>,
     /// Per reason, control-socket refusals since the agent started.
     pub control_refused: BTreeMap<String, u64>,
     /// The policy's generation: 1 for the first one loaded, +1 per reload.
@@ -223,6 +227,20 @@ fn render_app(s: &Snapshot) -> String {
         &[],
         s.events_suppressed,
     );
+    header(
+        &mut out,
+        "envguard_probe_events_total",
+        "counter",
+        "Records caused by envguard verify probes (also in envguard_events_emitted_total).",
+    );
+    for (kind, &n) in &s.probe_events {
+        sample(
+            &mut out,
+            "envguard_probe_events_total",
+            &[("kind", kind)],
+            n,
+        );
+    }
     header(
         &mut out,
         "envguard_control_refused_total",

@@ -60,64 +60,69 @@ fn fallback() -> i32 {
     }
 }
 
-/// What the program reads of a packet.
+/// What the program reads of a packet. `src` and `dst` are adjacent, in
+/// the order of the IPv6 header, so that both addresses are one read.
+#[repr(C)]
 struct Packet {
+    src: [u8; 16],
+    dst: [u8; 16],
     family: u8,
     proto: u8,
     tcp_flags: u8,
     sport: u16,
     dport: u16,
-    src: [u8; 16],
-    dst: [u8; 16],
 }
 
-/// Copies packet bytes straight into `dst`, without a stack temporary: the
-/// program's state is close to the 512-byte BPF stack limit.
+/// Copies `len` packet bytes at `offset` to `dst`, without a stack
+/// temporary: the program's state is close to the 512-byte BPF stack limit.
+#[inline(always)]
+fn load_raw(ctx: &SkBuffContext, offset: usize, dst: *mut u8, len: u32) -> Result<(), ()> {
+    let ret = unsafe {
+        generated::bpf_skb_load_bytes(ctx.skb.skb.cast(), offset as u32, dst.cast(), len)
+    };
+    if ret == 0 { Ok(()) } else { Err(()) }
+}
+
 #[inline(always)]
 fn load_into<const N: usize>(
     ctx: &SkBuffContext,
     offset: usize,
     dst: &mut [u8; N],
 ) -> Result<(), ()> {
-    let ret = unsafe {
-        generated::bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            offset as u32,
-            dst.as_mut_ptr().cast(),
-            N as u32,
-        )
-    };
-    if ret == 0 { Ok(()) } else { Err(()) }
+    load_raw(ctx, offset, dst.as_mut_ptr(), N as u32)
 }
 
 /// Parses the network header (IPv6: through its extension headers, see
-/// `ipv6`) and the first bytes of TCP or UDP. `false` for a
-/// non-first fragment: it carries no ports, and without its first fragment
-/// (which is judged) the datagram cannot be reassembled anyway; `false` too for
-/// what is not IP.
+/// `ipv6`) and the first bytes of TCP or UDP, in as few reads as the
+/// headers allow (each `bpf_skb_load_bytes` is a helper call and a copy):
+/// the first 8 bytes, then IPv4's protocol and addresses or IPv6's two
+/// addresses in one read, then the ports (and TCP's flags) in one. `false`
+/// for a non-first fragment: it carries no ports, and without its first
+/// fragment (which is judged) the datagram cannot be reassembled anyway;
+/// `false` too for what is not IP.
 #[inline(always)]
 fn parse(ctx: &SkBuffContext, pkt: &mut Packet) -> Result<bool, ()> {
     let mut b = [0u8; 8];
+    // IPv4 bytes 8..20 (TTL, protocol, checksum, addresses), then TCP's
+    // first 14 bytes (ports … flags).
+    let mut h = [0u8; 14];
     load_into(ctx, 0, &mut b)?;
     let l4 = match b[0] >> 4 {
         4 => {
             if u16::from_be_bytes([b[6], b[7]]) & 0x1fff != 0 {
                 return Ok(false);
             }
-            let mut addrs = [0u8; 8];
-            load_into(ctx, 12, &mut addrs)?;
+            load_raw(ctx, 8, h.as_mut_ptr(), 12)?;
             pkt.family = AF_INET;
-            pkt.src = mapped_v4([addrs[0], addrs[1], addrs[2], addrs[3]]);
-            pkt.dst = mapped_v4([addrs[4], addrs[5], addrs[6], addrs[7]]);
-            let mut proto = [0u8; 1];
-            load_into(ctx, 9, &mut proto)?;
-            pkt.proto = proto[0];
+            pkt.proto = h[1];
+            pkt.src = mapped_v4([h[4], h[5], h[6], h[7]]);
+            pkt.dst = mapped_v4([h[8], h[9], h[10], h[11]]);
             ((b[0] & 0x0f) as usize) * 4
         }
         6 => {
             pkt.family = AF_INET6;
-            load_into(ctx, 8, &mut pkt.src)?;
-            load_into(ctx, 24, &mut pkt.dst)?;
+            // Both addresses: `dst` follows `src` in the struct as in the header.
+            load_raw(ctx, 8, pkt.src.as_mut_ptr(), 32)?;
             // Through the extension headers, if any (`b` is reused).
             let next = b[6];
             match upper_layer(next, &mut b, |offset, buf| load_into(ctx, offset, buf))? {
@@ -131,16 +136,18 @@ fn parse(ctx: &SkBuffContext, pkt: &mut Packet) -> Result<bool, ()> {
         _ => return Ok(false),
     };
     match pkt.proto {
-        IPPROTO_TCP | IPPROTO_UDP => {
-            let mut h = [0u8; 4];
+        IPPROTO_TCP => {
+            // A TCP header is at least 20 bytes: 14 are always there.
             load_into(ctx, l4, &mut h)?;
             pkt.sport = u16::from_be_bytes([h[0], h[1]]);
             pkt.dport = u16::from_be_bytes([h[2], h[3]]);
-            if pkt.proto == IPPROTO_TCP {
-                let mut flags = [0u8; 1];
-                load_into(ctx, l4 + 13, &mut flags)?;
-                pkt.tcp_flags = flags[0];
-            }
+            pkt.tcp_flags = h[13];
+        }
+        IPPROTO_UDP => {
+            // A UDP header is 8 bytes; a datagram may end right after it.
+            load_raw(ctx, l4, h.as_mut_ptr(), 4)?;
+            pkt.sport = u16::from_be_bytes([h[0], h[1]]);
+            pkt.dport = u16::from_be_bytes([h[2], h[3]]);
         }
         // Other protocols have no ports; only pair-wide rules match them.
         _ => {}
@@ -165,13 +172,13 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     }
     let loopback = unsafe { (*raw).ifindex } == LOOPBACK_IFINDEX;
     let mut pkt = Packet {
+        src: [0; 16],
+        dst: [0; 16],
         family: 0,
         proto: 0,
         tcp_flags: 0,
         sport: 0,
         dport: 0,
-        src: [0; 16],
-        dst: [0; 16],
     };
     if !parse(ctx, &mut pkt)? {
         return Ok(PASS);

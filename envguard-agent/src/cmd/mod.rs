@@ -8,6 +8,7 @@ pub mod reload;
 pub mod report;
 pub mod run;
 pub mod status;
+pub mod verify;
 
 // Shared with the daemon, which warns at every load; they live with the
 // cgroup-path logic so that the daemon never imports a subcommand.

@@ -21,6 +21,35 @@ pub enum Request {
     },
     /// Subscribe to the event stream.
     Events {},
+    /// The policy the agent loaded, as the files read then (`envguard
+    /// verify` compiles it and compares the kernel maps with it).
+    Policy {},
+    /// `envguard verify`: violation records of processes in cgroup
+    /// `cgroup_id` are probe traffic of verify run `run` (`"probe": run` on
+    /// the records, counted apart in the metrics) until `ttl_secs` pass or a
+    /// request with `run` empty clears the mark.
+    ProbeMark {
+        cgroup_id: u64,
+        run: String,
+        #[serde(default)]
+        ttl_secs: Option<u64>,
+    },
+}
+
+/// The answer to `policy`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyReply {
+    /// The policy file or directory.
+    pub path: String,
+    pub revision: String,
+    /// Each file as read at the load in force, in merge order.
+    pub files: Vec<PolicyFileText>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyFileText {
+    pub path: String,
+    pub text: String,
 }
 
 /// Which mode a `mode` request switches.
@@ -215,7 +244,10 @@ pub struct PendingRevert {
 impl Request {
     /// Whether the request changes the agent's state.
     pub fn mutates(&self) -> bool {
-        matches!(self, Request::Mode(_) | Request::Reload {})
+        matches!(
+            self,
+            Request::Mode(_) | Request::Reload {} | Request::ProbeMark { .. }
+        )
     }
 }
 
@@ -299,6 +331,29 @@ mod tests {
         }
         assert!(!Request::Status {}.mutates());
         assert!(!Request::Events {}.mutates());
+        // verify's requests: reading the loaded policy is for anyone the
+        // socket admits; marking probe cgroups changes records, root only.
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"policy"}"#).unwrap(),
+            Request::Policy {}
+        );
+        assert!(!Request::Policy {}.mutates());
+        let mark: Request =
+            serde_json::from_str(r#"{"cmd":"probe_mark","cgroup_id":42,"run":"verify-1-2"}"#)
+                .unwrap();
+        assert_eq!(
+            mark,
+            Request::ProbeMark {
+                cgroup_id: 42,
+                run: "verify-1-2".into(),
+                ttl_secs: None
+            }
+        );
+        assert!(mark.mutates());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"cmd":"probe_mark","run":"r"}"#).is_err(),
+            "a mark without a cgroup id"
+        );
     }
 
     /// `status --json`'s fields, nesting and order are a contract.

@@ -66,7 +66,7 @@ impl Daemon {
         for (k, total, first, last) in entries {
             let seen = self.dedup_reported.entry(k).or_insert(0);
             if total > *seen {
-                let body = events::rollup(
+                let mut body = events::rollup(
                     &self.compiled,
                     &mut self.names,
                     &k,
@@ -74,8 +74,14 @@ impl Daemon {
                     first,
                     last,
                 );
+                body.probe = super::probe_mark(
+                    &self.probe_marks,
+                    &mut self.probe_events,
+                    k.cgroup_id,
+                    "violation_rollup",
+                );
                 *seen = total;
-                if let Some(h) = self.history.as_mut() {
+                if let (Some(h), None) = (self.history.as_mut(), &body.probe) {
                     h.tally.add(&super::history::seen_rollup(&body));
                 }
                 self.stream.emit("violation_rollup", Some(last), &body)?;
@@ -87,6 +93,15 @@ impl Daemon {
     }
 
     pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        // One hand-off to the sinks per drain (or per batch of records),
+        // also when a record fails: nothing may stay held back.
+        self.stream.begin_batch();
+        let result = self.drain_records(ring);
+        self.stream.end_batch();
+        result
+    }
+
+    fn drain_records(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         while let Some(item) = ring.next() {
             if item.len() < size_of::<ViolationEvent>() {
                 log::error!(
@@ -99,8 +114,16 @@ impl Daemon {
             // because ring buffer records are only 8-byte aligned by contract.
             let e: ViolationEvent =
                 unsafe { item.as_ptr().cast::<ViolationEvent>().read_unaligned() };
-            let body = events::violation(&self.policy, &self.compiled, &mut self.names, &e);
-            if let Some(h) = self.history.as_mut() {
+            let mut body = events::violation(&self.policy, &self.compiled, &mut self.names, &e);
+            body.probe = super::probe_mark(
+                &self.probe_marks,
+                &mut self.probe_events,
+                e.cgroup_id,
+                "violation",
+            );
+            // verify's probes are counted apart (the `probe` field), not as
+            // what the workloads did.
+            if let (Some(h), None) = (self.history.as_mut(), &body.probe) {
                 h.tally.add(&super::history::seen_violation(&body));
             }
             self.stream.emit("violation", Some(e.boot_ns), &body)?;
@@ -246,9 +269,15 @@ impl Daemon {
         }
         let mut s = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
         s.decisions = decisions;
-        s.events_emitted = self.stream.emitted.clone();
+        s.events_emitted = self
+            .stream
+            .emitted
+            .iter()
+            .map(|(&kind, &n)| (kind.to_owned(), n))
+            .collect();
         s.events_lost = self.lost_totals.clone();
         s.events_suppressed = self.stream.suppressed();
+        s.probe_events = self.probe_events.clone();
         s.policy_revision = self.kernel.policy_loads();
         s.heartbeat_seconds = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

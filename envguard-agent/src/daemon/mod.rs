@@ -217,6 +217,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         holders,
         gate,
         history,
+        probe_marks: Default::default(),
+        probe_events: BTreeMap::new(),
     };
     // Before `policy_loaded`: whoever waits for it may signal the agent at
     // once, and a signal without a handler would kill it mid-way.
@@ -319,6 +321,9 @@ struct Daemon {
     gate: Arc<control::Gate>,
     /// The history in the state directory, if one is kept.
     history: Option<history::Recorder>,
+    /// Cgroups of `envguard verify` probes, and records they caused per kind.
+    probe_marks: crate::verify::marks::ProbeMarks,
+    probe_events: BTreeMap<String, u64>,
 }
 
 impl Daemon {
@@ -385,6 +390,21 @@ impl Daemon {
                 .and_then(|r| Ok(serde_json::to_value(r)?)),
             Request::Reload {} => self.reload(actor),
             Request::Explain { from, to, port } => self.explain(&from, &to, &port),
+            Request::Policy {} => self.loaded_policy(),
+            Request::ProbeMark {
+                cgroup_id,
+                run,
+                ttl_secs,
+            } => self
+                .probe_marks
+                .set(
+                    cgroup_id,
+                    &run,
+                    ttl_secs.map(Duration::from_secs),
+                    std::time::Instant::now(),
+                )
+                .map(|()| serde_json::json!({"cgroup_id": cgroup_id, "run": run}))
+                .map_err(anyhow::Error::msg),
             // Served by the control task itself.
             Request::Events {} => Err(anyhow::anyhow!("events are streamed by the socket task")),
         };
@@ -392,6 +412,38 @@ impl Daemon {
             Ok(v) => Response::ok(v),
             Err(e) => Response::err(format!("{e:#}")),
         }
+    }
+}
+
+/// The run id of the verify probe `cgroup_id` is, if it is one (counted
+/// per record `kind`).
+fn probe_mark(
+    marks: &crate::verify::marks::ProbeMarks,
+    counts: &mut BTreeMap<String, u64>,
+    cgroup_id: u64,
+    kind: &str,
+) -> Option<String> {
+    let run = marks.get(cgroup_id, std::time::Instant::now())?.to_owned();
+    *counts.entry(kind.to_owned()).or_insert(0) += 1;
+    Some(run)
+}
+
+impl Daemon {
+    /// The policy in force as its files read when it was loaded.
+    fn loaded_policy(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::to_value(control::PolicyReply {
+            path: self.policy.path.display().to_string(),
+            revision: self.policy.revision.clone(),
+            files: self
+                .policy
+                .files
+                .iter()
+                .map(|(path, text)| control::PolicyFileText {
+                    path: path.display().to_string(),
+                    text: text.clone(),
+                })
+                .collect(),
+        })?)
     }
 }
 

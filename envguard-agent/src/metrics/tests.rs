@@ -19,6 +19,7 @@ fn sample_snapshot() -> Snapshot {
         events_emitted: [("violation".into(), 5), ("policy_loaded".into(), 1)].into(),
         events_lost: [("ringbuf".into(), 0), ("queue:file".into(), 7)].into(),
         events_suppressed: 4,
+        probe_events: [("violation".into(), 2)].into(),
         control_refused: [("per_uid".into(), 3), ("root".into(), 0)].into(),
         policy_revision: 2,
         version: "0.1.0".into(),
@@ -44,6 +45,9 @@ envguard_events_lost_total{source="ringbuf"} 0
 # HELP envguard_events_suppressed_total Records held back by the rate limit.
 # TYPE envguard_events_suppressed_total counter
 envguard_events_suppressed_total 4
+# HELP envguard_probe_events_total Records caused by envguard verify probes (also in envguard_events_emitted_total).
+# TYPE envguard_probe_events_total counter
+envguard_probe_events_total{kind="violation"} 2
 # HELP envguard_control_refused_total Control-socket connections and events subscriptions refused over a limit, per limit.
 # TYPE envguard_control_refused_total counter
 envguard_control_refused_total{reason="per_uid"} 3

@@ -46,6 +46,9 @@ pub struct EnvFile {
     pub cidrs: Vec<Spanned<String>>,
     pub on_agent_loss: Option<Spanned<String>>,
     pub agent_loss_timeout: Option<Spanned<String>>,
+    /// `envguard verify`'s probe targets: `HOST:PORT/PROTO`.
+    #[serde(default)]
+    pub probes: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +107,7 @@ impl PolicyFile {
                             cidrs: shift_all(e.cidrs, by),
                             on_agent_loss: shift_opt(e.on_agent_loss, by),
                             agent_loss_timeout: shift_opt(e.agent_loss_timeout, by),
+                            probes: shift_all(e.probes, by),
                         },
                     )
                 })

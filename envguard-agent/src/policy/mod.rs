@@ -5,6 +5,7 @@ pub mod compile;
 mod file;
 pub mod lint;
 pub mod ports;
+pub mod probe;
 mod validate;
 
 use validate::Validator;
@@ -22,6 +23,7 @@ use sha2::{Digest as _, Sha256};
 use toml::Spanned;
 
 pub use ports::PortSpec;
+pub use probe::ProbeTarget;
 
 use crate::error::{Diagnostic, PolicyError};
 
@@ -79,6 +81,9 @@ pub struct Env {
     pub cidrs: Vec<IpNetwork>,
     pub on_agent_loss: OnLoss,
     pub agent_loss_timeout: Duration,
+    /// `envguard verify`'s targets in this env (its database, secrets
+    /// store, DNS…): names stay names until verify resolves them.
+    pub probes: Vec<ProbeTarget>,
     /// Where the env is written, for diagnostics.
     pub lines: EnvLines,
 }
@@ -92,6 +97,8 @@ pub struct EnvLines {
     pub cgroups: Vec<usize>,
     /// One per entry of `Env::cidrs`, in the same order.
     pub cidrs: Vec<usize>,
+    /// One per entry of `Env::probes`, in the same order.
+    pub probes: Vec<usize>,
 }
 
 /// One side of a rule.
@@ -185,6 +192,10 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// `[[pair_mode]]`: pairs handled in another mode than the global one.
     pub pair_modes: Vec<PairMode>,
+    /// The text of each file as read (path, contents), in merge order: what
+    /// the agent reports as loaded, so that `verify` can compile exactly
+    /// that policy even after the file changed on disk.
+    pub files: Vec<(PathBuf, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -309,6 +320,7 @@ impl Policy {
             sums.push_str(&format!("{:x}  {name}\n", Sha256::digest(t.as_bytes())));
         }
         policy.revision = format!("sha256:{:x}", Sha256::digest(sums.as_bytes()));
+        policy.files = files.to_vec();
         Ok(policy)
     }
 
@@ -332,11 +344,21 @@ impl Policy {
                 return Err(v.finish());
             }
         };
-        let policy = v.validate(file);
+        let mut policy = v.validate(file);
+        policy.files = vec![(path.to_owned(), text.to_owned())];
         if v.errors.is_empty() {
             Ok(policy)
         } else {
             Err(v.finish())
+        }
+    }
+
+    /// The policy again from the files it was read from (`files`): a
+    /// directory's files are merged as `load` merged them.
+    pub fn reparse(path: &Path, files: &[(PathBuf, String)]) -> Result<Policy, PolicyError> {
+        match files {
+            [(file, text)] if file == path => Policy::parse(path, text),
+            _ => Policy::parse_dir(path, files),
         }
     }
 

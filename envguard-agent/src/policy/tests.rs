@@ -301,3 +301,35 @@ fn agent_loss_settings_parse_and_compile() {
         assert!(msg.contains(needle), "{msg}");
     }
 }
+
+#[test]
+fn probes_parse_and_bad_ones_name_their_line() {
+    let p = parse(
+        "[envs.prod]\ncidrs = [\"198.18.10.0/24\"]\nprobes = [\"198.18.10.5:5432/tcp\", \"vault.prod.internal:8200/tcp\", \"[2001:db8::5]:53/udp\"]\n",
+    )
+    .unwrap();
+    let probes: Vec<String> = p.envs[0].probes.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        probes,
+        [
+            "198.18.10.5:5432/tcp",
+            "vault.prod.internal:8200/tcp",
+            "[2001:db8::5]:53/udp"
+        ]
+    );
+    assert_eq!(p.envs[0].lines.probes, [3, 3, 3]);
+    let text = "[envs.prod]\ncidrs = [\"198.18.10.0/24\"]\nprobes = [\n  \"198.18.10.5:5432\",\n  \"198.18.10.5:53/udp\",\n  \"198.18.10.5:53/udp\",\n]\n";
+    match parse(text) {
+        Err(PolicyError::Invalid(errs)) => {
+            let rendered: Vec<String> = errs.iter().map(ToString::to_string).collect();
+            assert_eq!(
+                rendered,
+                [
+                    "p.toml:4: probe \"198.18.10.5:5432\" names no protocol: a probe is HOST:PORT/PROTO, e.g. \"198.18.10.5:5432/tcp\", \"vault.prod.internal:8200/tcp\" or \"[2001:db8::5]:53/udp\"",
+                    "p.toml:6: probe 198.18.10.5:53/udp is listed twice in env prod",
+                ]
+            );
+        }
+        other => panic!("expected two errors, got {other:?}"),
+    }
+}

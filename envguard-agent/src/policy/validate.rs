@@ -229,12 +229,26 @@ impl Validator<'_> {
                     }
                 },
             };
+            let mut probes = Vec::new();
+            for p in &env.probes {
+                match p.get_ref().parse::<ProbeTarget>() {
+                    Ok(t) if probes.contains(&t) => {
+                        self.at(p, format!("probe {t} is listed twice in env {n}"))
+                    }
+                    Ok(t) => {
+                        probes.push(t);
+                        lines.probes.push(self.lines.line_of(p.span().start));
+                    }
+                    Err(e) => self.at(p, e),
+                }
+            }
             envs.push(Env {
                 name: n.clone(),
                 cgroups,
                 cidrs,
                 on_agent_loss,
                 agent_loss_timeout,
+                probes,
                 lines,
             });
         }
@@ -313,6 +327,7 @@ impl Validator<'_> {
             envs,
             rules,
             pair_modes,
+            files: Vec::new(),
         }
     }
 

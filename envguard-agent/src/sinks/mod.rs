@@ -12,6 +12,12 @@
 //! `envguard_events_lost_total{source="queue:<sink>"}` metric: a line is either
 //! delivered to a sink or counted as lost for it, never silently gone.
 //!
+//! Lines travel in batches ([`Lines`]): one queue operation and at most one
+//! wake-up of each sink thread per batch, not per line, which is what a flood
+//! of violations costs the agent otherwise. A sink's queue is still bounded
+//! in lines, and a batch that does not fit is cut at the bound, the rest
+//! counted lost line by line.
+//!
 //! Sink names: `stdout`, `file`, `syslog`; a second sink of the same kind is
 //! `file-2`, and so on.
 use std::{
@@ -105,6 +111,59 @@ trait Sink: Send {
     }
 }
 
+/// Lines in one buffer, handed to every sink at once.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Lines {
+    buf: String,
+    /// End offset of each line in `buf`.
+    ends: Vec<usize>,
+}
+
+impl Lines {
+    pub fn with_capacity(lines: usize, bytes: usize) -> Self {
+        Self {
+            buf: String::with_capacity(bytes),
+            ends: Vec::with_capacity(lines),
+        }
+    }
+
+    /// Appends one line (without its newline).
+    pub fn push(&mut self, line: &str) {
+        self.buf.push_str(line);
+        self.ends.push(self.buf.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The first `n` lines.
+    pub fn iter(&self, n: usize) -> impl Iterator<Item = &str> {
+        let mut start = 0;
+        self.ends[..n.min(self.ends.len())].iter().map(move |&end| {
+            let line = &self.buf[start..end];
+            start = end;
+            line
+        })
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &str> {
+        self.iter(self.len())
+    }
+}
+
+/// What a sink's queue carries: a batch, and how many of its lines (a
+/// prefix) are this sink's, the rest having overflowed its queue.
+type Item = (Arc<Lines>, usize);
+
 /// Counters shared between the caller's side and one sink thread.
 #[derive(Default)]
 struct Shared {
@@ -112,6 +171,8 @@ struct Shared {
     dropped: AtomicU64,
     /// Lines queued.
     queued: AtomicU64,
+    /// Lines the thread has taken off its queue (being written, or done).
+    taken: AtomicU64,
     /// Lines the thread has finished with (written out, or counted lost).
     done: AtomicU64,
     reopen: AtomicBool,
@@ -119,7 +180,9 @@ struct Shared {
 
 struct Handle {
     name: String,
-    tx: SyncSender<Arc<str>>,
+    tx: SyncSender<Item>,
+    /// How many lines its queue holds.
+    capacity: u64,
     shared: Arc<Shared>,
     thread: JoinHandle<()>,
 }
@@ -166,7 +229,9 @@ impl Fanout {
     fn with_sinks(sinks: Vec<(String, Box<dyn Sink>)>, queue_len: usize) -> Result<Fanout, Error> {
         let mut handles = Vec::with_capacity(sinks.len());
         for (name, sink) in sinks {
-            let (tx, rx) = mpsc::sync_channel::<Arc<str>>(queue_len.max(1));
+            // Every item carries at least one line, and the lines queued
+            // are bounded by `capacity`: the channel itself never fills.
+            let (tx, rx) = mpsc::sync_channel::<Item>(queue_len.max(1));
             let shared = Arc::new(Shared::default());
             let thread = std::thread::Builder::new()
                 .name(format!("sink-{name}"))
@@ -181,6 +246,7 @@ impl Fanout {
             handles.push(Handle {
                 name,
                 tx,
+                capacity: queue_len.max(1) as u64,
                 shared,
                 thread,
             });
@@ -197,15 +263,40 @@ impl Fanout {
     /// sink whose queue is full, or whose thread is gone, loses the line and
     /// counts it.
     pub fn send(&self, line: &str) {
-        let line: Arc<str> = Arc::from(line);
+        let mut one = Lines::with_capacity(1, line.len());
+        one.push(line);
+        self.send_lines(one);
+    }
+
+    /// Queues a batch of lines for every sink, in order. Never blocks: the
+    /// lines that do not fit in a sink's queue are lost for that sink and
+    /// counted.
+    pub fn send_lines(&self, lines: Lines) {
+        if lines.is_empty() {
+            return;
+        }
+        let total = lines.len() as u64;
+        let lines = Arc::new(lines);
         for h in &self.sinks {
-            match h.tx.try_send(line.clone()) {
-                Ok(()) => {
-                    h.shared.queued.fetch_add(1, Ordering::Relaxed);
+            // Only this thread adds to `queued`; the sink's thread may take
+            // more meanwhile, which only means the bound is met early.
+            let waiting =
+                h.shared.queued.load(Ordering::Relaxed) - h.shared.taken.load(Ordering::Acquire);
+            let fits = total.min(h.capacity.saturating_sub(waiting));
+            let mut lost = total - fits;
+            if fits > 0 {
+                // Counted before the thread can take them, so `taken` never
+                // runs ahead of `queued`.
+                h.shared.queued.fetch_add(fits, Ordering::Relaxed);
+                if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+                    h.tx.try_send((lines.clone(), fits as usize))
+                {
+                    h.shared.queued.fetch_sub(fits, Ordering::Relaxed);
+                    lost = total;
                 }
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                    h.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            }
+            if lost > 0 {
+                h.shared.dropped.fetch_add(lost, Ordering::Relaxed);
             }
         }
     }
@@ -283,12 +374,13 @@ impl Fanout {
     }
 }
 
-/// A sink thread: takes a batch of lines from the queue (what is there, up to
-/// `MAX_BATCH`), hands them to the sink, flushes when the queue is empty.
-fn run(mut sink: Box<dyn Sink>, rx: &mpsc::Receiver<Arc<str>>, shared: &Shared) {
+/// A sink thread: takes batches from the queue (what is there, until
+/// `MAX_BATCH` lines), hands their lines to the sink, flushes when the queue
+/// is empty.
+fn run(mut sink: Box<dyn Sink>, rx: &mpsc::Receiver<Item>, shared: &Shared) {
     loop {
         let first = match rx.recv_timeout(IDLE_TICK) {
-            Ok(line) => line,
+            Ok(item) => item,
             Err(RecvTimeoutError::Timeout) => {
                 if shared.reopen.swap(false, Ordering::Relaxed) {
                     sink.reopen();
@@ -301,15 +393,16 @@ fn run(mut sink: Box<dyn Sink>, rx: &mpsc::Receiver<Arc<str>>, shared: &Shared) 
         if shared.reopen.swap(false, Ordering::Relaxed) {
             lost += sink.reopen();
         }
-        lost += sink.push(&first);
-        let mut n: u64 = 1;
-        while n < MAX_BATCH as u64 {
-            match rx.try_recv() {
-                Ok(line) => {
-                    lost += sink.push(&line);
-                    n += 1;
-                }
-                Err(_) => break,
+        let mut n: u64 = 0;
+        let mut next = Some(first);
+        while let Some((lines, count)) = next.take() {
+            shared.taken.fetch_add(count as u64, Ordering::Release);
+            for line in lines.iter(count) {
+                lost += sink.push(line);
+            }
+            n += count as u64;
+            if n < MAX_BATCH as u64 {
+                next = rx.try_recv().ok();
             }
         }
         lost += sink.flush();
@@ -457,6 +550,58 @@ mod tests {
         assert!(fanout.flush(Duration::from_secs(10)));
         assert_eq!(fanout.take_dropped(), []);
         let want: Vec<String> = (0..=MORE).map(|i| format!("line {i}")).collect();
+        assert_eq!(*fast.lock().unwrap(), want);
+        let want_stuck: Vec<String> = (0..=QUEUE).map(|i| format!("line {i}")).collect();
+        assert_eq!(*stuck_got.lock().unwrap(), want_stuck);
+        assert!(fanout.close_within(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn a_batch_is_cut_at_the_queue_bound_and_the_rest_counted() {
+        const QUEUE: usize = 8;
+        let fast = Arc::new(Mutex::new(Vec::new()));
+        let stuck_got = Arc::new(Mutex::new(Vec::new()));
+        let (blocked_tx, blocked_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel();
+        let fanout = Fanout::with_sinks(
+            vec![
+                ("memory".to_owned(), Box::new(Memory(fast.clone()))),
+                (
+                    "stuck".to_owned(),
+                    Box::new(Stuck {
+                        blocked: blocked_tx,
+                        release: release_rx,
+                        got: stuck_got.clone(),
+                        first: true,
+                    }),
+                ),
+            ],
+            QUEUE,
+        )
+        .unwrap();
+        fanout.send("line 0");
+        blocked_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let mut lines = Lines::default();
+        for i in 1..=5 {
+            lines.push(&format!("line {i}"));
+        }
+        fanout.send_lines(lines);
+        // Pace the sender to the fast sink, whose queue then never fills.
+        let memory = &fanout.sinks[0].shared;
+        while memory.done.load(Ordering::Acquire) < memory.queued.load(Ordering::Relaxed) {
+            std::thread::yield_now();
+        }
+        // The second batch fits only in part: 3 of its 5 lines.
+        let mut more = Lines::default();
+        for i in 6..=10 {
+            more.push(&format!("line {i}"));
+        }
+        fanout.send_lines(more);
+        // Counted as the batch is handed over, not later.
+        assert_eq!(fanout.take_dropped(), [("queue:stuck".to_owned(), 2)]);
+        release_tx.send(()).unwrap();
+        assert!(fanout.flush(Duration::from_secs(10)));
+        let want: Vec<String> = (0..=10).map(|i| format!("line {i}")).collect();
         assert_eq!(*fast.lock().unwrap(), want);
         let want_stuck: Vec<String> = (0..=QUEUE).map(|i| format!("line {i}")).collect();
         assert_eq!(*stuck_got.lock().unwrap(), want_stuck);

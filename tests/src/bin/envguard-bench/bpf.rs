@@ -14,6 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
@@ -227,6 +228,40 @@ pub fn programs_at(cgroup_dir: &std::path::Path) -> io::Result<Vec<Prog>> {
             fd,
         });
     }
+    Ok(out)
+}
+
+/// The programs behind an agent's pinned links
+/// (`<pin root>/layout-*/links/<program>`), every hook it attached, the
+/// ones outside any cgroup included; sorted by name.
+pub fn pinned_programs(pin_root: &std::path::Path) -> io::Result<Vec<Prog>> {
+    let mut out = Vec::new();
+    for layout in std::fs::read_dir(pin_root)? {
+        let links = layout?.path().join("links");
+        let Ok(entries) = std::fs::read_dir(&links) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry?.path();
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+                .map_err(io::Error::other)?;
+            let mut a = Attr::new();
+            a.u64(0, ptr(c.as_ptr()));
+            let link = sys_bpf(BPF_OBJ_GET, &mut a).map(fd_result)?;
+            // struct bpf_link_info: type, id, prog_id, then per-type data.
+            let mut info = [0u32; 16];
+            let mut a = Attr::new();
+            a.u32(0, link.as_raw_fd() as u32)
+                .u32(4, std::mem::size_of_val(&info) as u32)
+                .u64(8, ptr(info.as_mut_ptr()));
+            sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+            let id = info[2];
+            let fd = prog_fd_by_id(id)?;
+            let name = prog_info(&fd)?.name();
+            out.push(Prog { name, id, fd });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 

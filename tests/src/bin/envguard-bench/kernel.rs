@@ -367,6 +367,23 @@ pub fn bpf_stats(env: &BenchEnv) -> Value {
         &[],
     );
     let progs = bpf::programs_at(&env.cg.abs("s")).expect("listing the agent's programs");
+    // Every program the agent loaded: size as loaded, JITed, and how many
+    // instructions the verifier went through (global functions included).
+    let sizes: Vec<Value> = agent
+        .pin_root()
+        .map(|root| bpf::pinned_programs(root).expect("reading the agent's pinned links"))
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let i = bpf::prog_info(&p.fd).expect("program info");
+            json!({
+                "program": p.name,
+                "xlated_insns": i.xlated_prog_len / 8,
+                "jited_bytes": i.jited_prog_len,
+                "verified_insns": i.verified_insns,
+            })
+        })
+        .collect();
     // The floor: empty programs on the client's own cgroup, run for the same packets.
     let dev_dir = std::fs::File::open(env.cg.abs("s/dev")).expect("cgroup dir");
     let empty_in = bpf::load_empty_skb(bpf::BPF_CGROUP_INET_INGRESS).expect("empty program");
@@ -409,27 +426,47 @@ pub fn bpf_stats(env: &BenchEnv) -> Value {
     let s0 = snapshot(&all);
     let t = traffic(secs * 1000);
     let s1 = snapshot(&all);
+    // Established flows: one TCP connection per family, request/response
+    // for the whole window. After its first packets every packet is judged
+    // by the decision kept on the socket: the steady state under real
+    // traffic, which a test run (whose packet has no socket) cannot show.
+    let established: Vec<Value> = ["198.18.0.1", "2001:db8:0:1::1"]
+        .iter()
+        .map(|addr| {
+            Worker::spawn(
+                &env.client("s/dev"),
+                json!({"job": "rr_client", "addr": addr, "port": RR_PORT, "ms": secs * 500}),
+            )
+            .result(Duration::from_secs(secs + 60))
+        })
+        .collect();
+    let s2 = snapshot(&all);
     drop(guard);
     let after_sysctl = bpf::stats_sysctl();
     agent.stop();
-    let per_prog: Vec<Value> = s0
-        .iter()
-        .zip(&s1)
-        .map(|((name, t0, c0), (_, t1, c1))| {
-            let runs = c1 - c0;
-            let ns = if runs == 0 {
-                Value::Null
-            } else {
-                json!(((t1 - t0) as f64 / runs as f64 * 10.0).round() / 10.0)
-            };
-            json!({"program": name, "runs": runs, "ns_per_run": ns})
-        })
-        .collect();
+    let per_run = |from: &[(String, u64, u64)], to: &[(String, u64, u64)]| -> Vec<Value> {
+        from.iter()
+            .zip(to)
+            .map(|((name, t0, c0), (_, t1, c1))| {
+                let runs = c1 - c0;
+                let ns = if runs == 0 {
+                    Value::Null
+                } else {
+                    json!(((t1 - t0) as f64 / runs as f64 * 10.0).round() / 10.0)
+                };
+                json!({"program": name, "runs": runs, "ns_per_run": ns})
+            })
+            .collect()
+    };
+    let per_prog = per_run(&s0, &s1);
+    let established_prog = per_run(&s1, &s2);
     json!({
         "seconds": secs,
         "traffic": t,
         "policy": {"cidrs": policy.total_cidrs, "rules": policy.rules.len()},
         "bpf_stats_enabled": {"before": before_sysctl, "during": during_sysctl, "after": after_sysctl},
         "programs": per_prog,
+        "established": {"traffic": established, "programs": established_prog},
+        "program_sizes": sizes,
     })
 }

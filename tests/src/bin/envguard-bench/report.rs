@@ -7,6 +7,9 @@ use serde_json::{Value, json};
 
 use crate::e2e::{ARMS, WORKLOADS};
 
+/// The events row of the targets table (issue: ≥ 200 k/s at ≤ 50 % of a core).
+const EVENTS_TARGET: &str = "≥ 200 000 violation records/s to a file sink at ≤ 50 % of one core";
+
 fn f(v: &Value) -> Option<f64> {
     v.as_f64()
 }
@@ -75,6 +78,25 @@ fn steady_over_floor(r: &Value) -> Vec<(f64, f64)> {
         .unwrap_or_default()
 }
 
+/// The established-flow row: the issue's steady state, under real traffic.
+const ESTABLISHED_TARGET: &str = "Established TCP flow, per packet ≤ empty program + 30 ns";
+
+/// An established flow's packet cost over the empty program's, both under
+/// the same real traffic with bpf_stats: (egress, ingress).
+fn established_over_floor(r: &Value) -> Option<(f64, f64)> {
+    let progs = section(r, "bpf_stats")?["established"]["programs"].as_array()?;
+    let ns_of = |name: &str| {
+        progs
+            .iter()
+            .find(|p| p["program"] == name)
+            .and_then(|p| f(&p["ns_per_run"]))
+    };
+    Some((
+        ns_of("skb_egress")? - ns_of("empty (egress)")?,
+        ns_of("skb_ingress")? - ns_of("empty (ingress)")?,
+    ))
+}
+
 /// Classification cost over the one-run floor at `cidrs` CIDRs (1 000 rules).
 fn classify_over_floor(r: &Value, cidrs: u64, variant: &str) -> Option<(f64, f64)> {
     let s = section(r, "test_run")?;
@@ -107,10 +129,20 @@ pub fn targets(r: &Value) -> Vec<Value> {
         }
     };
 
+    match established_over_floor(r) {
+        Some((e, i)) => push(
+            ESTABLISHED_TARGET,
+            format!(
+                "skb_egress +{e:.1} ns, skb_ingress +{i:.1} ns (bpf_stats, real TCP traffic, over the empty programs on the same packets)"
+            ),
+            met(e <= 30.0 && i <= 30.0),
+        ),
+        None => push(ESTABLISHED_TARGET, nm(), "NOT MEASURED"),
+    }
     let steady = steady_over_floor(r);
     if steady.is_empty() {
         push(
-            "Steady-state path ≤ empty program + 30 ns",
+            "Steady-state path of a cached flow without its socket (test run) ≤ empty program + 30 ns",
             nm(),
             "NOT MEASURED",
         );
@@ -118,7 +150,7 @@ pub fn targets(r: &Value) -> Vec<Value> {
         let we = steady.iter().map(|s| s.0).fold(f64::MIN, f64::max);
         let wi = steady.iter().map(|s| s.1).fold(f64::MIN, f64::max);
         push(
-            "Steady-state path ≤ empty program + 30 ns",
+            "Steady-state path of a cached flow without its socket (test run) ≤ empty program + 30 ns",
             format!(
                 "skb_egress +{we:.1} ns, skb_ingress +{wi:.1} ns (worst over all policy sizes; BPF_PROG_TEST_RUN)"
             ),
@@ -228,14 +260,34 @@ pub fn targets(r: &Value) -> Vec<Value> {
             } else {
                 "sender-bound: the agent kept up"
             };
+            // The sender has one vCPU and may offer fewer than 200 000
+            // calls/s: then the agent's CPU per record says what 200 000/s
+            // would cost it, and the row says which of the two it rests on.
+            let ms_per_1000 = f(&ev["agent_cpu_ms_per_1000"]).unwrap_or(f64::INFINITY);
+            let at_target = ms_per_1000 * 200.0 / 1000.0;
+            let (verdict, basis) = if rate >= 200_000.0 {
+                (met(util <= 0.5 && lost == 0), "measured")
+            } else if lost == 0 {
+                (
+                    if at_target <= 0.5 {
+                        "MET (by CPU per record)"
+                    } else {
+                        "MISSED"
+                    },
+                    "from CPU per record",
+                )
+            } else {
+                ("MISSED", "agent-bound")
+            };
             push(
-                "≥ 200 000 violation records/s to a file on one core",
+                EVENTS_TARGET,
                 format!(
-                    "{} records/s ({bound}; agent CPU {:.0} %, {lost} lost)",
+                    "{} records/s ({bound}; agent CPU {:.0} %, {lost} lost); {ms_per_1000:.2} ms of agent CPU per 1 000 records: 200 000/s would take {:.0} % of a core ({basis})",
                     si(rate),
-                    util * 100.0
+                    util * 100.0,
+                    at_target * 100.0
                 ),
-                met(rate >= 200_000.0),
+                verdict,
             );
             let rss = ev["rss_idle_kib"].as_u64().unwrap_or(u64::MAX);
             push(
@@ -252,11 +304,7 @@ pub fn targets(r: &Value) -> Vec<Value> {
             );
         }
         None => {
-            push(
-                "≥ 200 000 violation records/s to a file on one core",
-                nm(),
-                "NOT MEASURED",
-            );
+            push(EVENTS_TARGET, nm(), "NOT MEASURED");
             push("Agent RSS < 32 MiB idle", nm(), "NOT MEASURED");
         }
     }
@@ -425,6 +473,45 @@ pub fn tables(r: &Value) -> String {
             );
         }
         s.push('\n');
+        if let Some(sizes) = b["program_sizes"].as_array().filter(|a| !a.is_empty()) {
+            s.push_str("Every program the agent loads (from its pinned links): instructions as loaded (after the verifier's rewrites), JITed bytes, and instructions the verifier processed to accept it (`verified_insns`; global functions are verified once, on their own).\n\n| program | BPF instructions | JITed bytes | verifier-processed instructions |\n|---|--:|--:|--:|\n");
+            for p in sizes {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} |",
+                    p["program"].as_str().unwrap_or("?"),
+                    p["xlated_insns"],
+                    p["jited_bytes"],
+                    p["verified_insns"]
+                );
+            }
+            s.push('\n');
+        }
+        let est = &b["established"];
+        if est["programs"].is_array() {
+            let ops: Vec<String> = est["traffic"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| t["ops"].to_string())
+                .collect();
+            let _ = writeln!(
+                s,
+                "Established flows, bpf_stats still on: one TCP connection per family (IPv4, then IPv6) doing request/response, {} round trips: every packet after the handshake finds its decision on its socket.\n",
+                ops.join(" + ")
+            );
+            s.push_str("| program | runs | ns per run |\n|---|--:|--:|\n");
+            for p in est["programs"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} |",
+                    p["program"].as_str().unwrap_or("?"),
+                    p["runs"],
+                    ns(f(&p["ns_per_run"]))
+                );
+            }
+            s.push('\n');
+        }
     } else {
         s.push_str(&error_line(r, "bpf_stats").unwrap_or_default());
     }
@@ -664,7 +751,9 @@ fn prof_pct(rows: &Value, pred: impl Fn(&str) -> bool) -> f64 {
         .flatten()
         .filter(|r| r["symbol"].as_str().is_some_and(&pred))
         .filter_map(|r| f(&r["pct"]))
-        .sum()
+        .sum::<f64>()
+        // An empty sum is -0.0, which would print as "-0".
+        + 0.0
 }
 
 fn status_of(r: &Value, prefix: &str) -> Option<String> {
@@ -836,7 +925,7 @@ pub fn notes(r: &Value) -> String {
         );
     }
 
-    if missed("≥ 200 000 violation records")
+    if missed(EVENTS_TARGET)
         && let Some(ev) = section(r, "events")
     {
         let p = &ev["agent_profile"];
