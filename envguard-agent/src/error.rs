@@ -41,13 +41,15 @@ pub enum PolicyError {
 /// A pin root someone other than root could tamper with (see `pinroot`).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{operation}: refusing pin root {pin_root}: {path} {problem} (owner uid {uid}, mode {mode:04o}); {fix}",
+    "{operation}: refusing {what} {pin_root}: {path} {problem} (owner uid {uid}, mode {mode:04o}); {fix}",
     pin_root = .pin_root.display(),
     path = .path.display()
 )]
 pub struct UnsafePinRoot {
     /// What was being done: starting the agent, detaching.
     pub operation: String,
+    /// `pin root`, or `state directory` (the history's, same rule).
+    pub what: &'static str,
     pub pin_root: PathBuf,
     /// The offending component: the pin root, a directory above or below it.
     pub path: PathBuf,

@@ -11,6 +11,7 @@ pub mod endpoints;
 pub mod error;
 pub mod events;
 pub mod explain;
+pub mod history;
 pub mod loader;
 pub mod metrics;
 pub mod modes;

@@ -587,6 +587,21 @@ impl Kernel {
 
     /// Tells the kernel the agent is alive (the watchdog's input), and records
     /// how many lost events have been reported.
+    /// The kernel's id of the `DECISIONS` map: the history tells a map it
+    /// sampled before (adopted) from a new one (counters from 0) by it.
+    pub fn decisions_map_id(&self) -> Result<u32> {
+        match self.ebpf.map(maps::DECISIONS) {
+            Some(aya::maps::Map::PerCpuHashMap(data)) => data
+                .info()
+                .map(|i| i.id())
+                .map_err(|e| bpf_err(format!("reading the id of {}", maps::DECISIONS), e)),
+            _ => Err(bpf_msg(
+                format!("opening map {}", maps::DECISIONS),
+                "missing from the object or not a per-CPU hash map",
+            )),
+        }
+    }
+
     pub fn heartbeat(&mut self) -> Result<()> {
         let state = AgentState {
             heartbeat_ns: sys::boot_ns(),

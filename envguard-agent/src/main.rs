@@ -1,7 +1,7 @@
 //! `envguard`: the command line. Everything else lives in the library.
 use clap::{Parser, Subcommand};
 use envguard_agent::cmd::{
-    check, detach, events, explain, mode, oci_hook, reload, run, status, verify,
+    check, detach, events, explain, mode, oci_hook, reload, report, run, status, verify,
 };
 
 /// envguard keeps workloads of different environments (dev, staging, prod…)
@@ -40,6 +40,7 @@ enum Command {
     Reload(reload::ReloadArgs),
     Events(events::EventsArgs),
     Explain(explain::ExplainArgs),
+    Report(report::ReportArgs),
     Verify(verify::VerifyArgs),
     /// The probe process `verify` starts inside an env (internal).
     #[command(hide = true, name = "verify-probe")]
@@ -68,6 +69,7 @@ fn main() -> std::process::ExitCode {
         Command::Reload(args) => reload::reload(args),
         Command::Events(args) => events::events(args),
         Command::Explain(args) => explain::explain(args),
+        Command::Report(args) => report::report(args),
         Command::VerifyProbe(args) => verify::probe_child(args),
         Command::Verify(args) => match verify::verify(args) {
             // Not an error: the report says what failed.

@@ -13,6 +13,7 @@
 //! | `envguard_control_refused_total` | counter | `reason` (`root`, `others`, `per_uid`, `subscribers`, `subscribers_per_uid`) | control-socket connections and `events` subscriptions refused over a limit |
 //! | `envguard_policy_revision` | gauge | | generation of the policy in force: 1 at start, +1 per reload |
 //! | `envguard_build_info` | gauge | `version` | always 1 |
+//! | `envguard_heartbeat_timestamp_seconds` | gauge | | Unix time of the agent's last housekeeping tick (once a second; stale means a stuck agent even if the endpoint answers) |
 //! | `process_resident_memory_bytes` | gauge | | the agent's RSS |
 //! | `process_cpu_seconds_total` | counter | | user + system CPU time |
 //! | `process_start_time_seconds` | gauge | | since the Unix epoch |
@@ -96,6 +97,8 @@ pub struct Snapshot {
     pub policy_revision: u64,
     /// The agent's version, for `envguard_build_info`.
     pub version: String,
+    /// Unix time of the last housekeeping tick.
+    pub heartbeat_seconds: f64,
 }
 
 impl Snapshot {
@@ -270,6 +273,18 @@ fn render_app(s: &Snapshot) -> String {
         "envguard_build_info",
         &[("version", &s.version)],
         1,
+    );
+    header(
+        &mut out,
+        "envguard_heartbeat_timestamp_seconds",
+        "gauge",
+        "Unix time of the agent's last housekeeping tick (once a second).",
+    );
+    sample(
+        &mut out,
+        "envguard_heartbeat_timestamp_seconds",
+        &[],
+        s.heartbeat_seconds,
     );
     out
 }

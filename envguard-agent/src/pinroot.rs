@@ -97,6 +97,8 @@ pub fn problem(role: Role, kind: Kind, uid: u32, mode: u32, owner: u32) -> Optio
 /// The checks, with the owner they require.
 struct Walk<'a> {
     owner: u32,
+    /// What the checked tree is: `pin root`, `state directory`.
+    what: &'static str,
     pin_root: &'a Path,
     operation: &'a str,
 }
@@ -109,20 +111,30 @@ impl Walk<'_> {
 
     fn refuse(&self, path: &Path, meta: &fs::Metadata, role: Role, problem: &str) -> Error {
         let root = self.pin_root.display();
+        let (what, option) = if self.what == STATE_DIR {
+            ("the state directory", "--state-dir")
+        } else {
+            ("the pin root", "--pin-root")
+        };
         let fix = match role {
             Role::Ancestor if Kind::of(meta) == Kind::Symlink => format!(
-                "give --pin-root as a path without symbolic links{}",
+                "give {option} as a path without symbolic links{}",
                 fs::canonicalize(self.pin_root)
                     .map(|p| format!(" (here: {})", p.display()))
                     .unwrap_or_default()
             ),
             Role::Ancestor => format!(
-                "every directory above the pin root must be owned by root and writable by no one \
-                 else (or sticky, like /tmp), since whoever can rename {} can swap the pin tree: \
-                 fix it (`chown root {} && chmod go-w {}`) or choose another --pin-root",
+                "every directory above {what} must be owned by root and writable by no one \
+                 else (or sticky, like /tmp), since whoever can rename {} can swap what is below: \
+                 fix it (`chown root {} && chmod go-w {}`) or choose another {option}",
                 path.display(),
                 path.display(),
                 path.display()
+            ),
+            Role::TreeDir | Role::TreeEntry if self.what == STATE_DIR => format!(
+                "whoever can write the state directory can forge or erase envguard's history. \
+                 If root did not make it, remove it (`rm -rf {root}`) and start envguard again; \
+                 if root did, `chown -R root {root} && chmod -R go-w {root}`"
             ),
             Role::TreeDir | Role::TreeEntry => format!(
                 "whoever can write the pin tree can unlink envguard's link pins and detach its \
@@ -133,6 +145,7 @@ impl Walk<'_> {
         };
         Error::UnsafePinRoot(Box::new(UnsafePinRoot {
             operation: self.operation.to_owned(),
+            what: self.what,
             pin_root: self.pin_root.to_owned(),
             path: path.to_owned(),
             problem: problem.to_owned(),
@@ -269,6 +282,7 @@ fn open_dir(path: &Path) -> io::Result<fs::File> {
 fn walk<'a>(pin_root: &'a Path, operation: &'a str) -> Walk<'a> {
     Walk {
         owner: 0,
+        what: "pin root",
         pin_root,
         operation,
     }
@@ -300,6 +314,40 @@ fn open_as(pin_root: &Path, operation: &str, owner: u32) -> Result<fs::File> {
             .map_err(w.io(format!("setting the mode of {}", pin_root.display())))?;
     }
     Ok(f)
+}
+
+/// What [`open_state_dir`]'s errors call the directory.
+const STATE_DIR: &str = "state directory";
+
+/// [`open`]'s checks and creation for the history's state directory (its
+/// files may be forged or erased by whoever can write it): returns it
+/// opened without following links, for the lock.
+pub fn open_state_dir(dir: &Path, operation: &str) -> Result<fs::File> {
+    let w = Walk {
+        what: STATE_DIR,
+        ..walk(dir, operation)
+    };
+    w.pin_root(true)?;
+    let f = open_dir(dir).map_err(w.io(format!("opening {}", dir.display())))?;
+    let mode = f
+        .metadata()
+        .map_err(w.io(format!("checking {}", dir.display())))?
+        .mode();
+    if mode & 0o7777 != DIR_MODE {
+        f.set_permissions(fs::Permissions::from_mode(DIR_MODE))
+            .map_err(w.io(format!("setting the mode of {}", dir.display())))?;
+    }
+    Ok(f)
+}
+
+/// [`open_state_dir`]'s checks, creating nothing: `false` if `dir` does not
+/// exist (for `envguard report`, which only reads).
+pub fn check_state_dir(dir: &Path, operation: &str) -> Result<bool> {
+    Walk {
+        what: STATE_DIR,
+        ..walk(dir, operation)
+    }
+    .pin_root(false)
 }
 
 /// Like [`open`] but creates nothing: `false` if there is no pin root.

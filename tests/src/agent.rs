@@ -101,6 +101,10 @@ pub struct AgentOptions {
     pub rate_limit: Option<String>,
     /// `--rate-burst N`.
     pub rate_burst: Option<u32>,
+    /// `--state-dir DIR` (the history `envguard report` reads).
+    pub state_dir: Option<PathBuf>,
+    /// `--history-interval DURATION`.
+    pub history_interval: Option<String>,
     /// The program to run instead of `envguard` (the harness's own tests
     /// use a stand-in that prints chosen lines); `None`:
     /// [`sys::envguard_bin`].
@@ -193,6 +197,13 @@ impl AgentOptions {
         self
     }
 
+    /// `--state-dir DIR --history-interval INTERVAL`.
+    pub fn history(mut self, dir: &Path, interval: &str) -> Self {
+        self.state_dir = Some(dir.to_owned());
+        self.history_interval = Some(interval.to_owned());
+        self
+    }
+
     /// `--rate-limit PER_SEC --rate-burst BURST`.
     pub fn rate_limit(mut self, per_sec: &str, burst: u32) -> Self {
         self.rate_limit = Some(per_sec.to_owned());
@@ -243,6 +254,12 @@ impl AgentOptions {
         }
         if let Some(n) = self.rate_burst {
             a.extend(["--rate-burst".into(), n.to_string()]);
+        }
+        if let Some(d) = &self.state_dir {
+            a.extend(["--state-dir".into(), d.display().to_string()]);
+        }
+        if let Some(i) = &self.history_interval {
+            a.extend(["--history-interval".into(), i.clone()]);
         }
         a
     }

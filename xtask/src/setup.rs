@@ -166,7 +166,8 @@ fn bpf_linker() -> anyhow::Result<()> {
 
 /// Tools the tests drive, each installed from Debian only when missing:
 /// `ip` (iproute2) for the integration tests' namespaces and veths,
-/// `promtool` (prometheus) to check the metrics exposition, and `rsyslogd`
+/// `promtool` (prometheus) to check the metrics exposition and test the alert
+/// rules, `dot` (graphviz) to render `envguard report --format dot`, and `rsyslogd`
 /// (rsyslog) for the syslog sink's end-to-end test (it runs its own rsyslogd
 /// with its own config; no system service is needed); for the release
 /// artifacts and their tests and the container tests, `podman` with `runc`
@@ -184,8 +185,13 @@ fn test_tools() -> anyhow::Result<()> {
     if !works("ip", "-V") {
         missing.push("iproute2");
     }
+    // promtool also runs the alert rules' unit tests (contrib/prometheus).
     if !works("promtool", "--version") {
         missing.push("prometheus");
+    }
+    // `dot` renders `envguard report --format dot` in the report test.
+    if !works("dot", "-V") {
+        missing.push("graphviz");
     }
     // /usr/sbin is not on every PATH.
     if !works("rsyslogd", "-v") && !works("/usr/sbin/rsyslogd", "-v") {

@@ -6,6 +6,7 @@ pub mod explain;
 pub mod mode;
 pub mod oci_hook;
 pub mod reload;
+pub mod report;
 pub mod run;
 pub mod status;
 pub mod verify;

@@ -96,6 +96,20 @@ pub struct RunArgs {
     /// Burst allowed by --rate-limit [default: one second's worth].
     #[arg(long, value_name = "N", requires = "rate_limit")]
     pub rate_burst: Option<u32>,
+    /// Keep the history `envguard report` reads (decision counters sampled
+    /// every --history-interval, violation rollups) in this directory
+    /// (created 0700; refused if anyone but root could write it or a path
+    /// above it) [default: /var/lib/envguard for the default pin root; an
+    /// agent on another pin root keeps no history unless given one, since
+    /// two agents must not share one].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// How often the decision counters are sampled into the history.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_interval)]
+    pub history_interval: std::time::Duration,
+    /// Keep no history, whatever the pin root.
+    #[arg(long, conflicts_with = "state_dir")]
+    pub no_history: bool,
     /// Print the kernel verifier's log when it rejects a program.
     #[arg(long)]
     pub verifier_log: bool,
@@ -126,12 +140,33 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         rate_limit: args
             .rate_limit
             .map(|r| (r, args.rate_burst.unwrap_or(r.ceil().max(1.0) as u32))),
+        state_dir: state_dir(args),
+        state_dir_explicit: args.state_dir.is_some(),
+        history_interval: args.history_interval,
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
         .block_on(daemon::run(settings))
+}
+
+fn state_dir(args: &RunArgs) -> Option<PathBuf> {
+    if args.no_history {
+        return None;
+    }
+    args.state_dir.clone().or_else(|| {
+        (args.pin_root == std::path::Path::new(loader::DEFAULT_PIN_ROOT))
+            .then(|| PathBuf::from(crate::history::store::DEFAULT_STATE_DIR))
+    })
+}
+
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_millis(100) {
+        return Err("at least 100ms".into());
+    }
+    Ok(d)
 }
 
 fn sinks(args: &RunArgs) -> Vec<SinkConfig> {

@@ -87,6 +87,9 @@ impl Daemon {
                     "violation_rollup",
                 );
                 *seen = total;
+                if let (Some(h), None) = (self.history.as_mut(), &body.probe) {
+                    h.tally.add(&super::history::seen_rollup(&body));
+                }
                 self.stream.emit("violation_rollup", Some(last), &body)?;
             }
         }
@@ -130,6 +133,11 @@ impl Daemon {
                 e.cgroup_id,
                 "violation",
             );
+            // verify's probes are counted apart (the `probe` field), not as
+            // what the workloads did.
+            if let (Some(h), None) = (self.history.as_mut(), &body.probe) {
+                h.tally.add(&super::history::seen_violation(&body));
+            }
             self.stream.emit("violation", Some(e.boot_ns), &body)?;
         }
         Ok(())
@@ -287,6 +295,9 @@ impl Daemon {
         s.events_suppressed = self.stream.suppressed();
         s.probe_events = self.probe_events.clone();
         s.policy_revision = self.kernel.policy_loads();
+        s.heartbeat_seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         s.control_refused = self
             .gate
             .refused()

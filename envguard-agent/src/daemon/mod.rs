@@ -46,6 +46,7 @@ use crate::{
 
 mod containers;
 mod endpoints;
+mod history;
 mod housekeeping;
 mod modes;
 mod reload;
@@ -77,6 +78,12 @@ pub struct Settings {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Records per second and burst for `violation` records.
     pub rate_limit: Option<(f64, u32)>,
+    /// Where the history is kept (none: no history), and how often the
+    /// decision counters are sampled into it.
+    pub state_dir: Option<PathBuf>,
+    /// --state-dir was given (not the default): failing to open it is fatal.
+    pub state_dir_explicit: bool,
+    pub history_interval: Duration,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -96,6 +103,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .into());
     }
     warn_about(&policy, &mount, &root_rel);
+    // Before anything is loaded: a state directory someone else could
+    // write is refused while nothing has changed yet.
+    let history = history::open(&settings)?;
 
     let mut kernel = Kernel::open(&settings.kernel)?;
     // Env ids as the adopted state has them, so its counters and the envs kept
@@ -241,6 +251,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         lost_totals: BTreeMap::new(),
         holders,
         gate,
+        history,
         probe_marks: Default::default(),
         probe_events: BTreeMap::new(),
         containers: registry,
@@ -252,6 +263,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // once, and a signal without a handler would kill it mid-way.
     let signals = Signals::install()?;
     daemon.emit_policy_loaded(None)?;
+    // What the kernel counted while no agent ran goes into the history now.
+    daemon.sample_history();
     daemon.report_shared(first_pass.shared)?;
     daemon.report_conflicts(first_conflicts)?;
     if let Some(prev) = previous.filter(|p| p.heartbeat_ns != 0) {
@@ -346,6 +359,8 @@ struct Daemon {
     holders: scan::Holders,
     /// The control socket's admission: open connections, refusals.
     gate: Arc<control::Gate>,
+    /// The history in the state directory, if one is kept.
+    history: Option<history::Recorder>,
     /// Cgroups of `envguard verify` probes, and records they caused per kind.
     probe_marks: crate::verify::marks::ProbeMarks,
     probe_events: BTreeMap<String, u64>,
@@ -369,6 +384,10 @@ impl Daemon {
         } = signals;
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         let mut holders_tick = tokio::time::interval(HOLDERS_PASS);
+        let mut history_tick = tokio::time::interval_at(
+            Instant::now() + self.settings.history_interval,
+            self.settings.history_interval,
+        );
         loop {
             let next_expiry = self.modes.next_expiry().map(Instant::from_std);
             tokio::select! {
@@ -379,6 +398,7 @@ impl Daemon {
                 }
                 _ = tick.tick() => self.housekeeping()?,
                 _ = holders_tick.tick() => self.holders_pass()?,
+                _ = history_tick.tick(), if self.history.is_some() => self.sample_history(),
                 Some(call) = calls.recv() => {
                     let response = self.handle(call.request, call.actor);
                     let _ = call.reply.send(response);
@@ -400,7 +420,10 @@ impl Daemon {
         log::info!("signal received");
         self.drain(ring.get_mut())?;
         self.rollups()?;
-        self.housekeeping()
+        let result = self.housekeeping();
+        // Last, so that the programs' counts up to the exit are in it.
+        self.sample_history();
+        result
     }
 
     fn handle(&mut self, request: Request, actor: Actor) -> Response {

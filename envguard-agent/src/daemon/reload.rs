@@ -48,6 +48,9 @@ impl Daemon {
             }
         };
         warn_about(&policy, &self.mount, &self.root_rel);
+        // What was counted under the old policy goes into the history with
+        // its env names, before the new one may rename or drop envs.
+        self.sample_history();
         let mut tracker = CgroupTracker::new(&self.mount, &compiled);
         // Registered containers follow their env by name into the new policy.
         super::containers::widen(&mut compiled, &self.containers);

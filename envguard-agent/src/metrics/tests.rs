@@ -23,6 +23,7 @@ fn sample_snapshot() -> Snapshot {
         control_refused: [("per_uid".into(), 3), ("root".into(), 0)].into(),
         policy_revision: 2,
         version: "0.1.0".into(),
+        heartbeat_seconds: 1_800_000_000.5,
     }
 }
 
@@ -57,6 +58,9 @@ envguard_policy_revision 2
 # HELP envguard_build_info Always 1; the version label names the envguard build.
 # TYPE envguard_build_info gauge
 envguard_build_info{version="0.1.0"} 1
+# HELP envguard_heartbeat_timestamp_seconds Unix time of the agent's last housekeeping tick (once a second).
+# TYPE envguard_heartbeat_timestamp_seconds gauge
+envguard_heartbeat_timestamp_seconds 1800000000.5
 "#;
     assert_eq!(text, want);
 }
