@@ -32,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    Run(run::RunArgs),
+    // Boxed: the daemon's options dwarf every other command's.
+    Run(Box<run::RunArgs>),
     Check(check::CheckArgs),
     Detach(detach::DetachArgs),
     Status(status::StatusArgs),
