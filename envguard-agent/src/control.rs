@@ -29,8 +29,8 @@ mod protocol;
 
 pub use gate::{ControlStatus, Gate, Limits, OpenConnections, Refusal, RefusedCounts, Slot};
 pub use protocol::{
-    Actor, ModeReply, ModeRequest, ModeSource, PairDecision, PairStatus, PendingRevert,
-    ReloadReply, Request, Response, Scope, StatusReply,
+    Actor, InterfaceStatus, ModeReply, ModeRequest, ModeSource, PairDecision, PairStatus,
+    PendingRevert, ReloadReply, Request, Response, Scope, StatusReply,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/envguard/control.sock";

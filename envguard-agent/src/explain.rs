@@ -517,6 +517,8 @@ fn labelled_event(src: u32, dst: u32, proto: u8, rule: u32) -> ViolationEvent {
         dst_env_from: 0,
         mode: 0,
         rule,
+        ifindex: 0,
+        _pad: 0,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod error;
 pub mod events;
 pub mod explain;
+pub mod interfaces;
 pub mod loader;
 pub mod metrics;
 pub mod modes;

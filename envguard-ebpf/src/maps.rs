@@ -10,9 +10,9 @@ use aya_ebpf::{
 use envguard_common::{
     config::{AgentState, CgroupOffsets, Config, EnvLoss, NUM_COUNTERS, PolicyMeta},
     event::{DecisionKey, DedupKey, DedupValue},
-    flow::{FlowKey, FlowVerdict, SockEnv, TupleKey},
+    flow::{FlowKey, FlowVerdict, SockEnv, TcFlowKey, TupleKey},
     maps::*,
-    policy::{CgroupPath, EnvName, EnvValue, PairKey, RuleKey, RuleValue},
+    policy::{CgroupPath, EnvName, EnvValue, IfaceEnv, PairKey, RuleKey, RuleValue},
 };
 
 // The policy maps come in two slots (see `envguard_common::maps`).
@@ -144,3 +144,14 @@ pub static LISTED_CGROUPS_B: HashMap<CgroupPath, EnvValue> =
 
 #[map]
 pub static MKDIR_OFFSETS: Array<CgroupOffsets> = Array::with_max_entries(1, 0);
+
+// The tc hooks (see `tc.rs`).
+
+#[map]
+pub static IFACE_ENVS_A: HashMap<u32, IfaceEnv> = HashMap::with_max_entries(MAX_IFACES, 0);
+#[map]
+pub static IFACE_ENVS_B: HashMap<u32, IfaceEnv> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+#[map]
+pub static TC_FLOWS: LruHashMap<TcFlowKey, FlowVerdict> =
+    LruHashMap::with_max_entries(MAX_TC_FLOWS, 0);

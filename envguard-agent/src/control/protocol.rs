@@ -146,6 +146,20 @@ pub struct StatusReply {
     /// its limits).
     #[serde(default)]
     pub control: ControlStatus,
+    /// The listed interfaces that exist, with the tc hooks on them (omitted
+    /// when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<InterfaceStatus>,
+}
+
+/// One interface the policy lists, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    pub env: String,
+    /// `tcx` (pinned links) or `clsact` (cls_bpf filters).
+    pub attach: String,
 }
 
 /// Where a mode comes from, as `status` names it.
@@ -334,6 +348,7 @@ mod tests {
                 audited: 3,
             }],
             control: Gate::new(Limits::default()).status(),
+            interfaces: vec![],
         };
         let json = serde_json::to_string(&reply).unwrap();
         assert_eq!(

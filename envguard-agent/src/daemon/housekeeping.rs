@@ -157,6 +157,12 @@ impl Daemon {
 
     pub(super) fn housekeeping(&mut self) -> anyhow::Result<()> {
         self.sync_cgroups()?;
+        // Interfaces that appeared (and match) get their hooks, those gone or
+        // no longer listed lose them: a poll, so within a second.
+        match self.kernel.sync_interfaces(&self.compiled) {
+            Ok(t) => self.tc_interfaces = t,
+            Err(e) => log::error!("syncing the tc hooks with the interfaces: {e}"),
+        }
         for (path, id) in self.tracker.known() {
             self.names.insert(id, path);
         }

@@ -110,6 +110,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         )
         .context("writing the policy into the kernel")?;
     kernel.attach(&root_dir)?;
+    let tc_interfaces = kernel
+        .sync_interfaces(&compiled)
+        .context("attaching the tc hooks to the listed interfaces")?;
     let mut names = CgroupNames::new(&mount);
     for (path, id) in tracker.known() {
         names.insert(id, path);
@@ -206,6 +209,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         lost_totals: BTreeMap::new(),
         holders,
         gate,
+        tc_interfaces,
     };
     // Before `policy_loaded`: whoever waits for it may signal the agent at
     // once, and a signal without a handler would kill it mid-way.
@@ -304,6 +308,8 @@ struct Daemon {
     holders: scan::Holders,
     /// The control socket's admission: open connections, refusals.
     gate: Arc<control::Gate>,
+    /// The listed interfaces with the tc hooks on them.
+    tc_interfaces: Vec<loader::TcInterface>,
 }
 
 impl Daemon {

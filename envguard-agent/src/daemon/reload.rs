@@ -67,6 +67,10 @@ impl Daemon {
         self.policy = policy;
         self.modes = modes;
         self.compiled = compiled;
+        self.tc_interfaces = self
+            .kernel
+            .sync_interfaces(&self.compiled)
+            .context("attaching the tc hooks to the listed interfaces")?;
         self.tracker = tracker;
         // Cgroups may have changed env: every socket is looked at again.
         self.holders.forget();

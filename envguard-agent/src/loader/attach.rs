@@ -85,7 +85,7 @@ impl Kernel {
         self.heartbeat()
     }
 
-    fn load_program(&mut self, name: &str) -> Result<&mut Program> {
+    pub(super) fn load_program(&mut self, name: &str) -> Result<&mut Program> {
         let verifier_log = self.verifier_log;
         let prog = self
             .ebpf
@@ -99,6 +99,7 @@ impl Kernel {
             Program::CgroupSkb(p) => p.load(),
             Program::CgroupSock(p) => p.load(),
             Program::RawTracePoint(p) => p.load(),
+            Program::SchedClassifier(p) => p.load(),
             _ => {
                 return Err(bpf_msg(
                     format!("loading {name}"),

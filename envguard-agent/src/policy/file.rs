@@ -44,6 +44,8 @@ pub struct EnvFile {
     pub cgroups: Vec<Spanned<String>>,
     #[serde(default)]
     pub cidrs: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub interfaces: Vec<Spanned<String>>,
     pub on_agent_loss: Option<Spanned<String>>,
     pub agent_loss_timeout: Option<Spanned<String>>,
 }
@@ -102,6 +104,7 @@ impl PolicyFile {
                         EnvFile {
                             cgroups: shift_all(e.cgroups, by),
                             cidrs: shift_all(e.cidrs, by),
+                            interfaces: shift_all(e.interfaces, by),
                             on_agent_loss: shift_opt(e.on_agent_loss, by),
                             agent_loss_timeout: shift_opt(e.agent_loss_timeout, by),
                         },

@@ -46,7 +46,7 @@ pub fn lint(policy: &Policy) -> Vec<Diagnostic> {
         empty: policy
             .envs
             .iter()
-            .filter(|e| e.cgroups.is_empty() && e.cidrs.is_empty())
+            .filter(|e| e.cgroups.is_empty() && e.cidrs.is_empty() && e.interfaces.is_empty())
             .map(|e| e.name.as_str())
             .collect(),
         out: Vec::new(),

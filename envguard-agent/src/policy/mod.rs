@@ -3,6 +3,7 @@
 //! Everything here is pure: no file system beyond reading the file, no kernel.
 pub mod compile;
 mod file;
+pub mod interfaces;
 pub mod lint;
 pub mod ports;
 mod validate;
@@ -77,6 +78,8 @@ pub struct Env {
     /// Normalised: absolute, no trailing slash, relative to the cgroup2 mount.
     pub cgroups: Vec<String>,
     pub cidrs: Vec<IpNetwork>,
+    /// Interfaces whose traffic is this env's (names or `prefix*`).
+    pub interfaces: Vec<interfaces::IfacePattern>,
     pub on_agent_loss: OnLoss,
     pub agent_loss_timeout: Duration,
     /// Where the env is written, for diagnostics.

@@ -113,6 +113,7 @@ impl Validator<'_> {
         let mut envs = Vec::new();
         let mut cidr_owner: HashMap<IpNetwork, String> = HashMap::new();
         let mut cgroup_owner: HashMap<String, String> = HashMap::new();
+        let mut iface_owner: Vec<(super::interfaces::IfacePattern, String)> = Vec::new();
         for (name, env) in &file.envs {
             let n = name.get_ref();
             if n.is_empty() {
@@ -188,6 +189,32 @@ impl Validator<'_> {
                     }
                 }
             }
+            let mut interfaces = Vec::new();
+            for i in &env.interfaces {
+                let pat = match super::interfaces::IfacePattern::parse(i.get_ref()) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.at(i, e);
+                        continue;
+                    }
+                };
+                match iface_owner.iter().find(|(p, _)| p.overlaps(&pat)) {
+                    Some((p, owner)) if owner == n => self.at(
+                        i,
+                        format!("interface {pat} is listed twice in env {n} (overlaps {p})"),
+                    ),
+                    Some((p, owner)) => self.at(
+                        i,
+                        format!(
+                            "interface {pat} in env {n} overlaps {p} in env {owner}; an interface belongs to one env"
+                        ),
+                    ),
+                    None => {
+                        iface_owner.push((pat.clone(), n.clone()));
+                        interfaces.push(pat);
+                    }
+                }
+            }
             let on_agent_loss = match env.on_agent_loss.as_ref() {
                 None => OnLoss::Keep,
                 Some(v) => match v.get_ref().as_str() {
@@ -233,6 +260,7 @@ impl Validator<'_> {
                 name: n.clone(),
                 cgroups,
                 cidrs,
+                interfaces,
                 on_agent_loss,
                 agent_loss_timeout,
                 lines,
