@@ -17,6 +17,7 @@ pub mod netns;
 pub mod pin;
 pub mod policy;
 pub mod process;
+pub mod router;
 pub mod sinks;
 pub mod sockaddr;
 pub mod sys;

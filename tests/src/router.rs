@@ -1,0 +1,254 @@
+//! A router in its own network namespace with hosts behind it, for the tc
+//! hooks: the agent runs *inside* the router's namespace (through
+//! `nsenter --net`), so every interface it sees and attaches to is one this
+//! test made, and forwarding is switched on in that namespace only (no host
+//! sysctl is touched).
+//!
+//! Addresses: host `n` is `198.18.<n>.2/24` and `2001:db8:<n>::2/64` behind
+//! the router's `198.18.<n>.1` / `2001:db8:<n>::1` on its own veth. The
+//! namespaces isolate them from other tests using the same ranges.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use crate::netns::{Family, Netns};
+use crate::sys;
+
+/// The router namespace; hosts are added with [`Router::host`].
+pub struct Router {
+    pub ns: Netns,
+    /// Kept for the drop order: hosts (and their veths) go before the router.
+    wrapper: PathBuf,
+}
+
+/// A namespace behind one of the router's interfaces. Dropping it deletes
+/// the veth pair (from the router's side), then the namespace.
+pub struct Host {
+    pub ns: Netns,
+    router_ns: String,
+    /// The router's end.
+    pub ifname: String,
+    pub index: u8,
+}
+
+impl Router {
+    /// Creates the namespace with forwarding on (IPv4 and IPv6, in it only)
+    /// and a wrapper that runs the agent binary inside it.
+    pub fn create() -> Router {
+        sys::require_ip();
+        let ns = Netns::create("egr");
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            sysctl_in(ns.name(), key);
+        }
+        let wrapper = std::env::temp_dir().join(format!("{}.sh", sys::unique_name("egr-agent")));
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec nsenter --net=/run/netns/{} -- {} \"$@\"\n",
+                ns.name(),
+                sys::envguard_bin().display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", wrapper.display()));
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", wrapper.display()));
+        Router { ns, wrapper }
+    }
+
+    /// The program to run as the agent (`AgentOptions::binary`): envguard in
+    /// the router's namespace.
+    pub fn agent_binary(&self) -> &Path {
+        &self.wrapper
+    }
+
+    /// Adds host `index` behind the router's interface `ifname`.
+    pub fn host(&self, index: u8, ifname: &str) -> Host {
+        let ns = Netns::create("egh");
+        let r = self.ns.name().to_owned();
+        sys::ip(&[
+            "-n",
+            &r,
+            "link",
+            "add",
+            ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        let host = Host {
+            ns,
+            router_ns: r.clone(),
+            ifname: ifname.to_owned(),
+            index,
+        };
+        let h = host.ns.name();
+        sys::ip(&[
+            "-n",
+            &r,
+            "addr",
+            "add",
+            &format!("198.18.{index}.1/24"),
+            "dev",
+            ifname,
+        ]);
+        sys::ip(&[
+            "-n",
+            &r,
+            "-6",
+            "addr",
+            "add",
+            &format!("2001:db8:{index}::1/64"),
+            "dev",
+            ifname,
+            "nodad",
+        ]);
+        sys::ip(&[
+            "-n",
+            h,
+            "addr",
+            "add",
+            &format!("198.18.{index}.2/24"),
+            "dev",
+            "eth0",
+        ]);
+        sys::ip(&[
+            "-n",
+            h,
+            "-6",
+            "addr",
+            "add",
+            &format!("2001:db8:{index}::2/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        sys::ip(&["-n", &r, "link", "set", ifname, "up"]);
+        sys::ip(&["-n", h, "link", "set", "eth0", "up"]);
+        sys::ip(&[
+            "-n",
+            h,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("198.18.{index}.1"),
+        ]);
+        sys::ip(&[
+            "-n",
+            h,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("2001:db8:{index}::1"),
+        ]);
+        host
+    }
+}
+
+impl Host {
+    pub fn addr(&self, fam: Family) -> IpAddr {
+        match fam {
+            Family::V4 => format!("198.18.{}.2", self.index).parse().unwrap(),
+            Family::V6 => format!("2001:db8:{}::2", self.index).parse().unwrap(),
+        }
+    }
+
+    /// The router's interface index of this host's veth.
+    pub fn ifindex(&self) -> u32 {
+        let out = sys::ip_output(&[
+            "-n",
+            &self.router_ns,
+            "-j",
+            "link",
+            "show",
+            "dev",
+            &self.ifname,
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("`ip -j link show` printed no JSON ({e}): {out}"));
+        v[0]["ifindex"]
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .unwrap_or_else(|| panic!("no ifindex for {}: {out}", self.ifname))
+    }
+}
+
+impl Router {
+    /// The names of the programs on `ifname`'s tcx ingress and egress, as
+    /// the kernel reports them (queried from a thread that joined the
+    /// router's namespace).
+    pub fn tcx_programs(&self, ifname: &str) -> (Vec<String>, Vec<String>) {
+        let ns = format!("/run/netns/{}", self.ns.name());
+        let ifname = ifname.to_owned();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&ns).unwrap_or_else(|e| panic!("open {ns}: {e}"));
+            // SAFETY: setns on this thread only (a thread of our own that ends here).
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+            let c = std::ffi::CString::new(ifname.clone()).unwrap();
+            // SAFETY: a NUL-terminated name.
+            let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            assert_ne!(idx, 0, "no interface {ifname} in {ns}");
+            let names = |attach| -> Vec<String> {
+                crate::bpf::query_ifindex(idx, attach)
+                    .unwrap_or_else(|e| panic!("BPF_PROG_QUERY {ifname}: {e}"))
+                    .into_iter()
+                    .map(|id| {
+                        let fd = crate::bpf::fd_by_id(crate::bpf::Kind::Prog, id)
+                            .unwrap_or_else(|e| panic!("program {id}: {e}"));
+                        crate::bpf::prog_info(&fd)
+                            .unwrap_or_else(|e| panic!("program {id} info: {e}"))
+                            .name
+                    })
+                    .collect()
+            };
+            (
+                names(crate::bpf::TCX_INGRESS),
+                names(crate::bpf::TCX_EGRESS),
+            )
+        })
+        .join()
+        .expect("query thread")
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Err(e) = sys::try_ip(&["-n", &self.router_ns, "link", "del", &self.ifname]) {
+            eprintln!("envguard-tests: cleanup: {e}");
+        }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.wrapper) {
+            eprintln!(
+                "envguard-tests: cleanup: cannot remove {}: {e}",
+                self.wrapper.display()
+            );
+        }
+    }
+}
+
+fn sysctl_in(ns: &str, key: &str) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-qw", key])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sysctl in {ns}: {e}"));
+    assert!(
+        out.status.success(),
+        "sysctl -w {key} in netns {ns} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

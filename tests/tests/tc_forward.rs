@@ -1,0 +1,480 @@
+//! Scenario B: traffic that crosses the host without a local socket, judged
+//! at the tc hooks of the interfaces the policy lists.
+//!
+//! A router namespace (the agent runs inside it, see `envguard_tests::router`)
+//! with hosts behind its veths: a "VM" behind `tapdev0` (listed in dev's
+//! `interfaces = ["tapdev*"]`), a prod service behind `prod0` (prod by CIDR),
+//! a shared service behind `shared0` (shared by CIDR), and an unlisted
+//! `other0`. Only `* -> shared` is allowed: the VM's flows to prod are
+//! dropped at `tc_ingress` of `tapdev0` and reported with the interface; its
+//! flows to shared pass, and so do their replies (shared -> dev is allowed by
+//! no rule: only the flow state recorded by the VM's judged request lets
+//! them back).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use envguard_tests::process::{Place, Probe, ProbeResult, Server};
+use envguard_tests::router::{Host, Router};
+use envguard_tests::{Agent, AgentOptions, CgroupTree, Family, Mode, PinRoot, Proto, TempFile};
+use serde_json::{Value, json};
+
+const EGPROBE: &str = env!("CARGO_BIN_EXE_egprobe");
+const PROD_PORT: u16 = 5432;
+const SHARED_PORT: u16 = 8080;
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn policy(mode: Mode) -> String {
+    format!(
+        r#"mode = "{}"
+
+[envs.dev]
+interfaces = ["tapdev*"]
+
+[envs.prod]
+cidrs = ["198.18.2.0/24", "2001:db8:2::/64"]
+
+[envs.shared]
+cidrs = ["198.18.3.0/24", "2001:db8:3::/64"]
+
+[[allow]]
+from = "*"
+to = "shared"
+"#,
+        mode.name()
+    )
+}
+
+/// The router, its hosts and their servers; fields drop in order (servers,
+/// hosts, router).
+struct Scene {
+    _servers: Vec<Server>,
+    vm: Host,
+    prod: Host,
+    shared: Host,
+    other: Host,
+    router: Router,
+    cgroups: CgroupTree,
+    policy: TempFile,
+    egprobe: PathBuf,
+}
+
+impl Scene {
+    fn new(mode: Mode) -> Scene {
+        envguard_tests::sys::require_root();
+        let router = Router::create();
+        let vm = router.host(1, "tapdev0");
+        let prod = router.host(2, "prod0");
+        let shared = router.host(3, "shared0");
+        let other = router.host(4, "other0");
+        let egprobe = PathBuf::from(EGPROBE);
+        let mut servers = Vec::new();
+        for (host, port) in [(&prod, PROD_PORT), (&shared, SHARED_PORT)] {
+            let place = Place {
+                netns: Some(host.ns.name().to_owned()),
+                cgroup: None,
+            };
+            let addrs: Vec<IpAddr> = Family::ALL.iter().map(|&f| host.addr(f)).collect();
+            for proto in [Proto::Tcp, Proto::Udp] {
+                servers.push(Server::spawn(&egprobe, &place, proto, &addrs, port));
+            }
+        }
+        Scene {
+            _servers: servers,
+            vm,
+            prod,
+            shared,
+            other,
+            router,
+            cgroups: CgroupTree::create(),
+            policy: TempFile::new("egtc-policy", ".toml", &policy(mode)),
+            egprobe,
+        }
+    }
+
+    fn agent(&self, mode: Mode, pin: &PinRoot, opts: AgentOptions) -> Agent {
+        let opts = AgentOptions {
+            binary: Some(self.router.agent_binary().to_owned()),
+            envs: Some(vec!["dev".into(), "prod".into(), "shared".into()]),
+            ..opts
+        };
+        Agent::start(
+            self.policy.path(),
+            &self.cgroups.rel(""),
+            mode,
+            pin.path(),
+            &opts,
+        )
+    }
+
+    fn probe(&self, from: &Host, proto: Proto, to: &Host, fam: Family, port: u16) -> ProbeResult {
+        Probe {
+            place: Place {
+                netns: Some(from.ns.name().to_owned()),
+                cgroup: None,
+            },
+            proto,
+            dst: SocketAddr::new(to.addr(fam), port),
+            bind: None,
+            timeout_ms: 1500,
+        }
+        .run(&self.egprobe)
+    }
+}
+
+/// The violation from `from` (at `interface`) to `to` on `proto`.
+fn wait_violation(
+    agent: &Agent,
+    from: &Host,
+    to: &Host,
+    fam: Family,
+    proto: Proto,
+    port: u16,
+) -> Value {
+    let (src, dst) = (from.addr(fam).to_string(), to.addr(fam).to_string());
+    agent
+        .wait_for(
+            &format!("tc violation {src} -> {dst}:{port}/{}", proto.name()),
+            EVENT_TIMEOUT,
+            |v| {
+                v["kind"] == "violation"
+                    && v["hook"] == "tc_ingress"
+                    && v["source"]["ip"] == json!(src)
+                    && v["destination"]["ip"] == json!(dst)
+                    && v["destination"]["port"] == json!(port)
+                    && v["proto"] == proto.name()
+            },
+        )
+        .1
+}
+
+/// Field by field: a dev -> prod flow judged at `tc_ingress` of `ifname`.
+fn assert_tc_violation(
+    v: &Value,
+    mode: Mode,
+    ifname: &str,
+    from: &Host,
+    to: &Host,
+    fam: Family,
+    proto: Proto,
+    src_port: Option<u16>,
+) {
+    let want = |path: &str, got: &Value, expected: Value| {
+        assert_eq!(*got, expected, "{path} of {v}");
+    };
+    want("mode", &v["mode"], json!(mode.name()));
+    want("verdict", &v["verdict"], json!(mode.verdict()));
+    want("direction", &v["direction"], json!("ingress"));
+    want("hook", &v["hook"], json!("tc_ingress"));
+    want("interface", &v["interface"], json!(ifname));
+    want("proto", &v["proto"], json!(proto.name()));
+    want(
+        "source.ip",
+        &v["source"]["ip"],
+        json!(from.addr(fam).to_string()),
+    );
+    match src_port {
+        Some(p) => want("source.port", &v["source"]["port"], json!(p)),
+        None => assert!(
+            v["source"]["port"].as_u64().is_some_and(|p| p > 0),
+            "source.port of {v}"
+        ),
+    }
+    want("source.env", &v["source"]["env"], json!("dev"));
+    want(
+        "source.env_from",
+        &v["source"]["env_from"],
+        json!("interface"),
+    );
+    want(
+        "destination.ip",
+        &v["destination"]["ip"],
+        json!(to.addr(fam).to_string()),
+    );
+    want(
+        "destination.port",
+        &v["destination"]["port"],
+        json!(PROD_PORT),
+    );
+    want("destination.env", &v["destination"]["env"], json!("prod"));
+    want(
+        "destination.env_from",
+        &v["destination"]["env_from"],
+        json!("cidr"),
+    );
+    want("process.pid", &v["process"]["pid"], Value::Null);
+    want("process.comm", &v["process"]["comm"], Value::Null);
+    want("process.uid", &v["process"]["uid"], Value::Null);
+    want("process.cgroup_id", &v["process"]["cgroup_id"], json!(0));
+    want("process.cgroup", &v["process"]["cgroup"], Value::Null);
+    want(
+        "rule",
+        &v["rule"],
+        json!("default:cross-env (no allow rule for dev -> prod)"),
+    );
+}
+
+/// The VM's flows: to prod blocked (enforce) or passed (audit) and reported
+/// at tc; to shared passed both ways, unreported.
+fn check_flows(scene: &Scene, agent: &Agent, mode: Mode, vm: &Host, ifname: &str) {
+    for fam in Family::ALL {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            let r = scene.probe(vm, proto, &scene.shared, fam, SHARED_PORT);
+            assert!(
+                r.ok,
+                "{fam:?} {} from the VM to shared must pass both ways: {}",
+                proto.name(),
+                r.raw
+            );
+            let r = scene.probe(vm, proto, &scene.prod, fam, PROD_PORT);
+            match mode {
+                Mode::Enforce => assert!(
+                    !r.ok,
+                    "{fam:?} {} from the VM to prod must be dropped: {}",
+                    proto.name(),
+                    r.raw
+                ),
+                Mode::Audit => assert!(
+                    r.ok,
+                    "{fam:?} {} from the VM to prod must pass in audit mode: {}",
+                    proto.name(),
+                    r.raw
+                ),
+            }
+            let v = wait_violation(agent, vm, &scene.prod, fam, proto, PROD_PORT);
+            assert_tc_violation(
+                &v,
+                mode,
+                ifname,
+                vm,
+                &scene.prod,
+                fam,
+                proto,
+                r.local.map(|a| a.port()),
+            );
+        }
+    }
+    let lines = agent.lines(0..agent.len());
+    let shared: Vec<&Value> = lines
+        .iter()
+        .filter(|v| {
+            v["kind"] == "violation"
+                && (v["destination"]["env"] == "shared" || v["source"]["env"] == "shared")
+        })
+        .collect();
+    assert!(
+        shared.is_empty(),
+        "the VM's allowed flows to shared (and their replies) must not be reported: {shared:?}"
+    );
+}
+
+fn tcx_pins(pin: &PinRoot) -> Vec<String> {
+    let mut out: Vec<String> = pin
+        .pins()
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+        .filter(|n| n.starts_with("tcx_"))
+        .collect();
+    out.sort();
+    out
+}
+
+fn link_id(pin: &PinRoot, name: &str) -> u32 {
+    let path = pin
+        .pins()
+        .into_iter()
+        .find(|p| p.file_name().and_then(|n| n.to_str()) == Some(name))
+        .unwrap_or_else(|| panic!("no pin {name} under {}", pin.path().display()));
+    let fd = envguard_tests::bpf::obj_get(&path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    envguard_tests::bpf::link_info(&fd)
+        .unwrap_or_else(|e| panic!("link info of {}: {e}", path.display()))
+        .id
+}
+
+fn status_interfaces(agent: &Agent) -> Vec<Value> {
+    agent.status()["interfaces"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn scenario_b(mode: Mode) {
+    let scene = Scene::new(mode);
+    let pin = PinRoot::new();
+    let agent = scene.agent(mode, &pin, AgentOptions::ephemeral());
+    check_flows(&scene, &agent, mode, &scene.vm, "tapdev0");
+
+    // Only the listed interface has hooks.
+    let idx = scene.vm.ifindex();
+    assert_eq!(
+        tcx_pins(&pin),
+        [format!("tcx_{idx}_egress"), format!("tcx_{idx}_ingress")],
+        "tcx links are pinned for the listed interface only"
+    );
+    assert_eq!(
+        status_interfaces(&agent),
+        [json!({"name": "tapdev0", "ifindex": idx, "env": "dev", "attach": "tcx"})],
+        "status lists the listed interface and nothing else"
+    );
+    agent.stop();
+}
+
+#[test]
+fn scenario_b_enforce() {
+    scenario_b(Mode::Enforce);
+}
+
+#[test]
+fn scenario_b_audit() {
+    scenario_b(Mode::Audit);
+}
+
+/// Nothing is attached to the interfaces the policy does not list: their
+/// forwarded flows are never judged at tc, whatever their envs (here a
+/// world host reaching prod and shared, which no hook of the VM sees).
+#[test]
+fn unlisted_interfaces_get_nothing() {
+    let scene = Scene::new(Mode::Enforce);
+    let pin = PinRoot::new();
+    let agent = scene.agent(Mode::Enforce, &pin, AgentOptions::ephemeral());
+    for host in [&scene.other, &scene.prod, &scene.shared] {
+        let idx = host.ifindex();
+        assert!(
+            !tcx_pins(&pin)
+                .iter()
+                .any(|p| p.starts_with(&format!("tcx_{idx}_"))),
+            "{} is not listed, yet has tcx pins: {:?}",
+            host.ifname,
+            tcx_pins(&pin)
+        );
+        assert_eq!(
+            scene.router.tcx_programs(&host.ifname),
+            (vec![], vec![]),
+            "{}: the kernel's tcx chains must be empty",
+            host.ifname
+        );
+    }
+    assert_eq!(
+        scene.router.tcx_programs("tapdev0"),
+        (vec!["tc_ingress".to_owned()], vec!["tc_egress".to_owned()]),
+        "tapdev0 carries both programs"
+    );
+    // The world host behind other0 reaches prod: world -> prod is allowed
+    // by the defaults, and nothing judges other0 anyway.
+    let r = scene.probe(&scene.other, Proto::Tcp, &scene.prod, Family::V4, PROD_PORT);
+    assert!(r.ok, "other0 -> prod: {}", r.raw);
+    agent.stop();
+}
+
+/// A restarted agent adopts the pinned tcx links: the same links (same ids)
+/// stay on the device, so there is no moment without the program, and the
+/// flows stay enforced while no agent runs and after it is back.
+#[test]
+fn restart_adopts_tcx_links() {
+    let scene = Scene::new(Mode::Enforce);
+    let pin = PinRoot::new();
+    let agent = scene.agent(Mode::Enforce, &pin, AgentOptions::pinned());
+    let idx = scene.vm.ifindex();
+    let names = [format!("tcx_{idx}_egress"), format!("tcx_{idx}_ingress")];
+    assert_eq!(tcx_pins(&pin), names);
+    let ids: Vec<u32> = names.iter().map(|n| link_id(&pin, n)).collect();
+    agent.stop();
+
+    // No agent: the pinned links keep enforcing.
+    assert_eq!(
+        tcx_pins(&pin),
+        names,
+        "the links stay pinned without an agent"
+    );
+    let r = scene.probe(&scene.vm, Proto::Tcp, &scene.prod, Family::V4, PROD_PORT);
+    assert!(!r.ok, "dropped while no agent runs: {}", r.raw);
+
+    let opts = AgentOptions {
+        detach_on_exit: true,
+        ..AgentOptions::pinned().adopting()
+    };
+    let agent = scene.agent(Mode::Enforce, &pin, opts);
+    assert_eq!(agent.ready_line()["adopted"], json!(true));
+    let after: Vec<u32> = names.iter().map(|n| link_id(&pin, n)).collect();
+    assert_eq!(
+        ids, after,
+        "the restarted agent must adopt the same tcx links"
+    );
+    let r = scene.probe(&scene.vm, Proto::Udp, &scene.prod, Family::V6, PROD_PORT);
+    assert!(!r.ok, "still dropped after the restart: {}", r.raw);
+    let v = wait_violation(
+        &agent,
+        &scene.vm,
+        &scene.prod,
+        Family::V6,
+        Proto::Udp,
+        PROD_PORT,
+    );
+    assert_tc_violation(
+        &v,
+        Mode::Enforce,
+        "tapdev0",
+        &scene.vm,
+        &scene.prod,
+        Family::V6,
+        Proto::Udp,
+        r.local.map(|a| a.port()),
+    );
+    let r = scene.probe(
+        &scene.vm,
+        Proto::Tcp,
+        &scene.shared,
+        Family::V4,
+        SHARED_PORT,
+    );
+    assert!(r.ok, "VM -> shared after the restart: {}", r.raw);
+    agent.stop();
+    assert!(tcx_pins(&pin).is_empty(), "detached on exit");
+}
+
+/// An interface that appears while the agent runs and matches a listed
+/// prefix gets the hooks (within the agent's one-second poll) and is
+/// enforced; removing it removes its pins.
+#[test]
+fn late_interface_matching_a_prefix_is_attached() {
+    let scene = Scene::new(Mode::Enforce);
+    let pin = PinRoot::new();
+    let agent = scene.agent(Mode::Enforce, &pin, AgentOptions::ephemeral());
+    let late = scene.router.host(5, "tapdev9");
+    let idx = late.ifindex();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = status_interfaces(&agent);
+        if now.iter().any(|i| i["name"] == "tapdev9") {
+            assert!(
+                now.contains(
+                    &json!({"name": "tapdev9", "ifindex": idx, "env": "dev", "attach": "tcx"})
+                ),
+                "{now:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tapdev9 was not attached within 10 s; status interfaces: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check_flows(&scene, &agent, Mode::Enforce, &late, "tapdev9");
+    drop(late);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tcx_pins(&pin)
+        .iter()
+        .any(|p| p.starts_with(&format!("tcx_{idx}_")))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the pins of a removed interface must go: {:?}",
+            tcx_pins(&pin)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.stop();
+}
