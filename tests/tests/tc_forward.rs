@@ -150,14 +150,14 @@ fn wait_violation(
 }
 
 /// Field by field: a dev -> prod flow judged at `tc_ingress` of `ifname`.
+/// A flow of the scene: (from, to, family, protocol).
+type Flow<'a> = (&'a Host, &'a Host, Family, Proto);
+
 fn assert_tc_violation(
     v: &Value,
     mode: Mode,
     ifname: &str,
-    from: &Host,
-    to: &Host,
-    fam: Family,
-    proto: Proto,
+    (from, to, fam, proto): Flow<'_>,
     src_port: Option<u16>,
 ) {
     let want = |path: &str, got: &Value, expected: Value| {
@@ -247,10 +247,7 @@ fn check_flows(scene: &Scene, agent: &Agent, mode: Mode, vm: &Host, ifname: &str
                 &v,
                 mode,
                 ifname,
-                vm,
-                &scene.prod,
-                fam,
-                proto,
+                (vm, &scene.prod, fam, proto),
                 r.local.map(|a| a.port()),
             );
         }
@@ -416,10 +413,7 @@ fn restart_adopts_tcx_links() {
         &v,
         Mode::Enforce,
         "tapdev0",
-        &scene.vm,
-        &scene.prod,
-        Family::V6,
-        Proto::Udp,
+        (&scene.vm, &scene.prod, Family::V6, Proto::Udp),
         r.local.map(|a| a.port()),
     );
     let r = scene.probe(

@@ -164,8 +164,8 @@ mod tests {
 
     #[test]
     fn env_of_finds_the_claiming_env() {
-        let dev = vec![IfacePattern::parse("tap-dev*").unwrap()];
-        let prod = vec![
+        let dev = [IfacePattern::parse("tap-dev*").unwrap()];
+        let prod = [
             IfacePattern::parse("tap-prod*").unwrap(),
             IfacePattern::parse("br-prod").unwrap(),
         ];
