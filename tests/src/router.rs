@@ -35,6 +35,11 @@ impl Router {
     /// Creates the namespace with forwarding on (IPv4 and IPv6, in it only)
     /// and a wrapper that runs the agent binary inside it.
     pub fn create() -> Router {
+        Router::with_agent(&sys::envguard_bin())
+    }
+
+    /// [`Router::create`] with another agent binary.
+    pub fn with_agent(agent: &Path) -> Router {
         sys::require_ip();
         let ns = Netns::create("egr");
         for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
@@ -46,7 +51,7 @@ impl Router {
             format!(
                 "#!/bin/sh\nexec nsenter --net=/run/netns/{} -- {} \"$@\"\n",
                 ns.name(),
-                sys::envguard_bin().display()
+                agent.display()
             ),
         )
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", wrapper.display()));
