@@ -117,6 +117,9 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ()> {
     if protocol != ETH_P_IP_BE && protocol != ETH_P_IPV6_BE {
         return Ok(false);
     }
+    if let Some(r) = parse_direct(ctx, pkt, protocol) {
+        return Ok(r);
+    }
     let mut b = [0u8; 8];
     load_into(ctx, 0, &mut b)?;
     let l4 = match b[0] >> 4 {
@@ -157,6 +160,68 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ()> {
         pkt.dport = u16::from_be_bytes([h[2], h[3]]);
     }
     Ok(true)
+}
+
+/// The common case read in place (direct packet access, no helper call per
+/// field): an Ethernet header, then IPv4, or IPv6 straight to TCP or UDP, all
+/// in the linear part. `None` for anything else (another link layer, VLAN
+/// tags, IPv6 extension headers, headers outside the linear part), which
+/// `parse` reads with the helper.
+#[inline(always)]
+fn parse_direct(ctx: &TcContext, pkt: &mut Packet, protocol: u32) -> Option<bool> {
+    const ETH_HLEN: usize = 14;
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + ETH_HLEN > end {
+        return None;
+    }
+    // The Ethernet type as the kernel found it: then the network header
+    // follows the 14-byte Ethernet header.
+    let ether_type = unsafe { core::ptr::read_unaligned((data + 12) as *const u16) };
+    if ether_type as u32 != protocol {
+        return None;
+    }
+    let ip = data + ETH_HLEN;
+    let l4 = if protocol == ETH_P_IP_BE {
+        if ip + 20 > end {
+            return None;
+        }
+        let vihl = unsafe { *(ip as *const u8) };
+        if vihl >> 4 != 4 || vihl & 0x0f < 5 {
+            return None;
+        }
+        let frag = unsafe { core::ptr::read_unaligned((ip + 6) as *const [u8; 2]) };
+        if u16::from_be_bytes(frag) & 0x1fff != 0 {
+            return Some(false);
+        }
+        pkt.family = AF_INET;
+        pkt.proto = unsafe { *((ip + 9) as *const u8) };
+        pkt.src = mapped_v4(unsafe { core::ptr::read_unaligned((ip + 12) as *const [u8; 4]) });
+        pkt.dst = mapped_v4(unsafe { core::ptr::read_unaligned((ip + 16) as *const [u8; 4]) });
+        ip + ((vihl & 0x0f) as usize) * 4
+    } else {
+        if ip + 40 > end {
+            return None;
+        }
+        let next = unsafe { *((ip + 6) as *const u8) };
+        if next != IPPROTO_TCP && next != IPPROTO_UDP {
+            return None;
+        }
+        pkt.family = AF_INET6;
+        pkt.proto = next;
+        pkt.src = unsafe { core::ptr::read_unaligned((ip + 8) as *const [u8; 16]) };
+        pkt.dst = unsafe { core::ptr::read_unaligned((ip + 24) as *const [u8; 16]) };
+        ip + 40
+    };
+    if let IPPROTO_TCP | IPPROTO_UDP = pkt.proto {
+        if l4 + 4 > end {
+            return None;
+        }
+        let ports = unsafe { core::ptr::read_unaligned(l4 as *const [u8; 4]) };
+        pkt.sport = u16::from_be_bytes([ports[0], ports[1]]);
+        pkt.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    }
+    Some(true)
 }
 
 /// A listed interface's env in the active slot.
@@ -246,12 +311,6 @@ fn try_tc(ctx: &TcContext, ingress: bool) -> Result<i32, ()> {
         in_if
     };
     let cfg = config();
-    let p = policy(cfg);
-    // Attached but not listed by the policy in force (a reload dropped it;
-    // the agent detaches it next): nothing to judge.
-    let Some(here) = iface_env(&p, ifindex) else {
-        return Ok(PASS);
-    };
     let mut pkt = Packet {
         family: 0,
         proto: 0,
@@ -275,6 +334,14 @@ fn try_tc(ctx: &TcContext, ingress: bool) -> Result<i32, ()> {
             stale_reply = Some((v.src_env, v.dst_env));
         }
     }
+    let p = policy(cfg);
+    // Attached but not listed by the policy in force (a reload dropped it;
+    // the agent detaches it next): nothing to judge. (An established flow
+    // was found above: its entry is of this policy generation, under which
+    // the interface was listed.)
+    let Some(here) = iface_env(&p, ifindex) else {
+        return Ok(PASS);
+    };
     // Where the packet goes. On ingress: local delivery (a local socket, the
     // cgroup hooks' business), or nowhere, is not ours.
     let out_if = if ingress {
