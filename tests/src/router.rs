@@ -63,6 +63,11 @@ impl Router {
         Router { ns, wrapper }
     }
 
+    /// `sysctl -w KEY=VALUE` in the router's namespace.
+    pub fn sysctl(&self, key_value: &str) {
+        sysctl_in(self.ns.name(), key_value);
+    }
+
     /// The program to run as the agent (`AgentOptions::binary`): envguard in
     /// the router's namespace.
     pub fn agent_binary(&self) -> &Path {

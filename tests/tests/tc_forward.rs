@@ -21,6 +21,7 @@ use envguard_tests::{Agent, AgentOptions, CgroupTree, Family, Mode, PinRoot, Pro
 use serde_json::{Value, json};
 
 const EGPROBE: &str = env!("CARGO_BIN_EXE_egprobe");
+const EGATTACK: &str = env!("CARGO_BIN_EXE_egattack");
 const PROD_PORT: u16 = 5432;
 const SHARED_PORT: u16 = 8080;
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -471,4 +472,121 @@ fn late_interface_matching_a_prefix_is_attached() {
         std::thread::sleep(Duration::from_millis(100));
     }
     agent.stop();
+}
+
+/// The attack the flow state must resist: a VM that routes a subnet of
+/// its own (198.18.9.0/24, routed by the router to the VM, as for guests
+/// nested in it) spoofs prod's address as the source of a packet to that
+/// subnet, which the router sends back out of `tapdev0`. Judged as dev ->
+/// dev that would be allowed, and its "reply" entry — 198.18.9.1:40000 ->
+/// prod:5432 arriving through `tapdev0` — would then let the VM reach prod
+/// from 198.18.9.1:40000 as if answering. The reverse-path check refuses to
+/// judge (or record) a packet whose source does not route back through the
+/// interface it came in by: the spoofed packet is unjudgeable (dropped in
+/// enforce, passed in audit, counted), and the VM's later packet to prod is
+/// judged as the new flow it is and reported. The router's own rp_filter is
+/// off so that only envguard stands in the way.
+fn spoofed_source_cannot_seed_a_reply(mode: Mode) {
+    let scene = Scene::new(mode);
+    for key in [
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+        "net.ipv4.conf.tapdev0.rp_filter=0",
+    ] {
+        scene.router.sysctl(key);
+    }
+    let r_ns = scene.router.ns.name();
+    envguard_tests::sys::ip(&[
+        "-n",
+        r_ns,
+        "route",
+        "add",
+        "198.18.9.0/24",
+        "via",
+        "198.18.1.2",
+        "dev",
+        "tapdev0",
+    ]);
+    let pin = PinRoot::new();
+    let agent = scene.agent(mode, &pin, AgentOptions::ephemeral());
+    let attacker = envguard_tests::attack::Attacker::new(EGATTACK);
+    let vm_place = Place {
+        netns: Some(scene.vm.ns.name().to_owned()),
+        cgroup: None,
+    };
+    let vm_ns = scene.vm.ns.name();
+    let prod = scene.prod.addr(Family::V4).to_string();
+    // The VM takes prod's address and sends "from prod:5432".
+    envguard_tests::sys::ip(&[
+        "-n",
+        vm_ns,
+        "addr",
+        "add",
+        &format!("{prod}/32"),
+        "dev",
+        "eth0",
+    ]);
+    let seed = attacker.run(
+        &vm_place,
+        None,
+        &["udp-from", &prod, "5432", "198.18.9.1", "40000"],
+    );
+    assert_eq!(seed["outcome"], "timeout", "the seeding packet: {seed}");
+    agent.wait_for(
+        "unparsable_packets: the spoofed packet was refused by the reverse-path check",
+        EVENT_TIMEOUT,
+        |v| v["kind"] == "unparsable_packets" && v["count"].as_u64().is_some_and(|c| c >= 1),
+    );
+    // Then uses the "reply" it hoped to have seeded.
+    envguard_tests::sys::ip(&[
+        "-n",
+        vm_ns,
+        "addr",
+        "del",
+        &format!("{prod}/32"),
+        "dev",
+        "eth0",
+    ]);
+    envguard_tests::sys::ip(&["-n", vm_ns, "addr", "add", "198.18.9.1/32", "dev", "eth0"]);
+    let r = attacker.run(
+        &vm_place,
+        None,
+        &["udp-from", "198.18.9.1", "40000", &prod, "5432"],
+    );
+    let want = match mode {
+        Mode::Enforce => "timeout",
+        Mode::Audit => "echo",
+    };
+    assert_eq!(r["outcome"], want, "the VM's datagram to prod: {r}");
+    let v = agent
+        .wait_for(
+            "the VM's datagram to prod, judged as a new flow",
+            EVENT_TIMEOUT,
+            |v| {
+                v["kind"] == "violation"
+                    && v["hook"] == "tc_ingress"
+                    && v["source"]["ip"] == "198.18.9.1"
+                    && v["source"]["port"] == 40000
+            },
+        )
+        .1;
+    assert_eq!(v["verdict"], json!(mode.verdict()), "{v}");
+    assert_eq!(v["interface"], "tapdev0", "{v}");
+    assert_eq!(v["source"]["env"], "dev", "{v}");
+    assert_eq!(v["source"]["env_from"], "interface", "{v}");
+    assert_eq!(v["destination"]["ip"], json!(prod), "{v}");
+    assert_eq!(v["destination"]["port"], 5432, "{v}");
+    assert_eq!(v["destination"]["env"], "prod", "{v}");
+    assert_eq!(v["proto"], "udp", "{v}");
+    agent.stop();
+}
+
+#[test]
+fn spoofed_source_cannot_seed_a_reply_enforce() {
+    spoofed_source_cannot_seed_a_reply(Mode::Enforce);
+}
+
+#[test]
+fn spoofed_source_cannot_seed_a_reply_audit() {
+    spoofed_source_cannot_seed_a_reply(Mode::Audit);
 }
