@@ -453,10 +453,17 @@ fn try_tc(ctx: &TcContext, ingress: bool) -> Result<i32, ()> {
         } else {
             HOOK_TC_EGRESS
         };
+        // A reply re-judged under a new policy reports the flow it answers,
+        // the way that flow goes.
+        let (from, sport, to, dport) = if reply {
+            (&pkt.dst, pkt.dport, &pkt.src, pkt.sport)
+        } else {
+            (&pkt.src, pkt.sport, &pkt.dst, pkt.dport)
+        };
         // No cgroup at tc: the dedup key's cgroup slot holds the interface.
         let dedup = DedupKey {
             cgroup_id: ifindex as u64,
-            remote_addr: pkt.dst,
+            remote_addr: *to,
             src_env: src.env,
             dst_env: dst.env,
             dst_port,
@@ -473,12 +480,12 @@ fn try_tc(ctx: &TcContext, ingress: bool) -> Result<i32, ()> {
             ev.direction = direction;
             ev.ifindex = ifindex;
             ev.rule = decision.rule;
-            ev.src_addr = pkt.src;
-            ev.src_port = pkt.sport;
+            ev.src_addr = *from;
+            ev.src_port = sport;
             ev.src_env = src.env;
             ev.src_env_from = src.from;
-            ev.dst_addr = pkt.dst;
-            ev.dst_port = pkt.dport;
+            ev.dst_addr = *to;
+            ev.dst_port = dport;
             ev.dst_env = dst.env;
             ev.dst_env_from = dst.from;
         });

@@ -590,3 +590,78 @@ fn spoofed_source_cannot_seed_a_reply_enforce() {
 fn spoofed_source_cannot_seed_a_reply_audit() {
     spoofed_source_cannot_seed_a_reply(Mode::Audit);
 }
+
+/// Established flows across a mode switch and a reload: the VM's audited
+/// connection to prod is cut at its next packet once the mode is switched to
+/// enforce, with a `denied` record from `tc_ingress`; its connection to
+/// shared keeps working after a reload in enforce mode (its entries are of
+/// the old policy: the request is judged again, and the reply — shared ->
+/// dev, which no rule allows — re-judges the flow it answers rather than
+/// being judged as a flow of its own).
+#[test]
+fn mode_switch_and_reload_on_established_flows() {
+    let scene = Scene::new(Mode::Audit);
+    let pin = PinRoot::new();
+    let agent = scene.agent(Mode::Audit, &pin, AgentOptions::ephemeral());
+    let attacker = envguard_tests::attack::Attacker::new(EGATTACK);
+    let vm_place = Place {
+        netns: Some(scene.vm.ns.name().to_owned()),
+        cgroup: None,
+    };
+    let (sh_ip, pr_ip) = (
+        scene.shared.addr(Family::V4).to_string(),
+        scene.prod.addr(Family::V4).to_string(),
+    );
+    let mut to_shared = attacker.interactive(
+        &vm_place,
+        None,
+        &["tcp-hold", &sh_ip, &SHARED_PORT.to_string()],
+    );
+    assert_eq!(to_shared.next()["connected"], "echo", "VM -> shared");
+    let mut to_prod = attacker.interactive(
+        &vm_place,
+        None,
+        &["tcp-hold", &pr_ip, &PROD_PORT.to_string()],
+    );
+    assert_eq!(to_prod.next()["connected"], "echo", "VM -> prod, audited");
+
+    agent
+        .cli(&["mode", "enforce"], None)
+        .assert_ok("envguard mode enforce");
+    to_prod.send("again");
+    let r = to_prod.next();
+    assert_ne!(
+        r["exchange"], "echo",
+        "VM -> prod after the switch to enforce: {r}"
+    );
+    let v = agent
+        .wait_for("the held connection to prod, denied", EVENT_TIMEOUT, |v| {
+            v["kind"] == "violation" && v["hook"] == "tc_ingress" && v["verdict"] == "denied"
+        })
+        .1;
+    assert_eq!(v["destination"]["ip"], json!(pr_ip), "{v}");
+    assert_eq!(v["destination"]["port"], PROD_PORT, "{v}");
+    assert_eq!(v["source"]["env_from"], "interface", "{v}");
+    assert_eq!(v["interface"], "tapdev0", "{v}");
+
+    scene
+        .policy
+        .rewrite(&format!("{}# reloaded\n", policy(Mode::Audit)));
+    agent.cli(&["reload"], None).assert_ok("envguard reload");
+    to_shared.send("again");
+    assert_eq!(
+        to_shared.next()["exchange"],
+        "echo",
+        "VM -> shared after the reload, in enforce mode"
+    );
+    let lines = agent.lines(0..agent.len());
+    let shared: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v["kind"] == "violation" && v["source"]["env"] == "shared")
+        .collect();
+    assert!(
+        shared.is_empty(),
+        "shared's replies must not be judged as flows of their own: {shared:?}"
+    );
+    agent.stop();
+}
