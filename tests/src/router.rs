@@ -251,14 +251,29 @@ impl Drop for Router {
     }
 }
 
-fn sysctl_in(ns: &str, key: &str) {
+/// Writes `/proc/sys/<key>` inside `ns` (what `sysctl -w` does, without
+/// needing procps): net sysctls are per namespace.
+fn sysctl_in(ns: &str, key_value: &str) {
+    let (key, value) = key_value
+        .split_once('=')
+        .unwrap_or_else(|| panic!("not KEY=VALUE: {key_value}"));
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "sysctl", "-qw", key])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sh",
+            "-c",
+            "printf %s \"$1\" > \"$2\"",
+            "sh",
+        ])
+        .args([value, path.as_str()])
         .output()
-        .unwrap_or_else(|e| panic!("cannot run sysctl in {ns}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot write {path} in {ns}: {e}"));
     assert!(
         out.status.success(),
-        "sysctl -w {key} in netns {ns} failed: {}",
+        "writing {value} to {path} in netns {ns} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
