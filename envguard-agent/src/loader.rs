@@ -156,8 +156,9 @@ pub struct Kernel {
     /// Lost events reported so far, by this agent and its predecessors.
     pub lost_reported: u64,
     dedup_interval_ns: u64,
-    /// Interfaces whose tc hooks are clsact filters (no tcx in the kernel).
-    clsact: std::collections::BTreeSet<u32>,
+    /// Interfaces (and direction: `true` ingress) this agent attached or
+    /// adopted, and how: the poll leaves them alone.
+    tc_attached: std::collections::BTreeMap<(u32, bool), TcMode>,
 }
 
 impl Kernel {
@@ -216,7 +217,7 @@ impl Kernel {
             loads: 0,
             lost_reported: state.lost_reported,
             dedup_interval_ns: opts.dedup_interval.as_nanos() as u64,
-            clsact: Default::default(),
+            tc_attached: Default::default(),
         })
     }
 

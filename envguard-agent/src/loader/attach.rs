@@ -94,6 +94,7 @@ impl Kernel {
         if prog.fd().is_ok() {
             return Ok(prog);
         }
+        let started = std::time::Instant::now();
         let res = match prog {
             Program::CgroupSockAddr(p) => p.load(),
             Program::CgroupSkb(p) => p.load(),
@@ -108,6 +109,7 @@ impl Kernel {
             }
         };
         res.map_err(|e| load_error(name, e, verifier_log))?;
+        log::debug!("loaded {name} (verified) in {:?}", started.elapsed());
         Ok(prog)
     }
 

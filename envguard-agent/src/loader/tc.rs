@@ -79,7 +79,11 @@ fn write_slot(ebpf: &mut Ebpf, slot: usize, listed: &Listed) -> Result<()> {
             .map_err(|e| bpf_err(format!("updating {name}"), e))?;
     }
     for (&ifindex, &(_, env, master)) in listed {
-        m.insert(ifindex, IfaceEnv { env, master }, 0)
+        let want = IfaceEnv { env, master };
+        if m.get(&ifindex, 0).ok() == Some(want) {
+            continue;
+        }
+        m.insert(ifindex, want, 0)
             .map_err(|e| bpf_err(format!("updating {name}"), e))?;
     }
     Ok(())
@@ -172,7 +176,7 @@ impl Kernel {
                 }
             }
         }
-        self.clsact.retain(|i| listed.contains_key(i));
+        self.tc_attached.retain(|(i, _), _| listed.contains_key(i));
         Ok(out)
     }
 
@@ -182,13 +186,16 @@ impl Kernel {
         } else {
             programs::TC_EGRESS
         };
-        if self.clsact.contains(&ifindex) {
-            return Ok(TcMode::Clsact);
-        }
         let pin = self
             .layout_dir
             .join("links")
             .join(pin_name(ifindex, ingress));
+        // Already done by this agent: nothing to do at the poll.
+        match self.tc_attached.get(&(ifindex, ingress)) {
+            Some(TcMode::Clsact) => return Ok(TcMode::Clsact),
+            Some(TcMode::Tcx) if pin.exists() => return Ok(TcMode::Tcx),
+            _ => {}
+        }
         let context = || format!("attaching {prog_name} to {ifname}");
         if pin.exists() {
             let link = bpf_sys::obj_get(&pin)
@@ -203,6 +210,7 @@ impl Kernel {
                         "replacing the program of {}",
                         pin.display()
                     )))?;
+                    self.tc_attached.insert((ifindex, ingress), TcMode::Tcx);
                     return Ok(TcMode::Tcx);
                 }
                 // A device that went away (its links are defunct) and an
@@ -231,6 +239,7 @@ impl Kernel {
                 let link = FdLink::try_from(link).map_err(|e| bpf_err(context(), e))?;
                 link.pin(&pin)
                     .map_err(|e| bpf_err(format!("pinning {}", pin.display()), e))?;
+                self.tc_attached.insert((ifindex, ingress), TcMode::Tcx);
                 Ok(TcMode::Tcx)
             }
             Err(e) if no_tcx(&e) => {
@@ -239,7 +248,7 @@ impl Kernel {
                     error_chain(&e)
                 );
                 attach_clsact(p, ifname, attach_type).map_err(|m| bpf_msg(context(), m))?;
-                self.clsact.insert(ifindex);
+                self.tc_attached.insert((ifindex, ingress), TcMode::Clsact);
                 Ok(TcMode::Clsact)
             }
             Err(e) => Err(bpf_err(context(), e)),
