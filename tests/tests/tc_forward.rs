@@ -665,3 +665,83 @@ fn mode_switch_and_reload_on_established_flows() {
     );
     agent.stop();
 }
+
+/// Flows that enter through an unlisted interface and leave through the
+/// listed one are judged at `tc_egress`: prod (by CIDR, behind `prod0`) ->
+/// the VM is dropped and reported with the VM's interface as the
+/// destination's env; a world host (behind `other0`) reaches the VM (world ->
+/// dev is allowed by the defaults) and the VM's answers go back by the flow
+/// state that packet recorded.
+#[test]
+fn flows_into_a_listed_interface_are_judged_at_tc_egress() {
+    const VM_PORT: u16 = 7000;
+    let scene = Scene::new(Mode::Enforce);
+    let vm_place = Place {
+        netns: Some(scene.vm.ns.name().to_owned()),
+        cgroup: None,
+    };
+    let addrs: Vec<IpAddr> = Family::ALL.iter().map(|&f| scene.vm.addr(f)).collect();
+    let _server = Server::spawn(&scene.egprobe, &vm_place, Proto::Tcp, &addrs, VM_PORT);
+    let pin = PinRoot::new();
+    let agent = scene.agent(Mode::Enforce, &pin, AgentOptions::ephemeral());
+    for fam in Family::ALL {
+        let r = scene.probe(&scene.other, Proto::Tcp, &scene.vm, fam, VM_PORT);
+        assert!(r.ok, "{fam:?} world -> VM must pass both ways: {}", r.raw);
+        let r = scene.probe(&scene.prod, Proto::Tcp, &scene.vm, fam, VM_PORT);
+        assert!(!r.ok, "{fam:?} prod -> VM must be dropped: {}", r.raw);
+        let (src, dst) = (
+            scene.prod.addr(fam).to_string(),
+            scene.vm.addr(fam).to_string(),
+        );
+        let v = agent
+            .wait_for(
+                &format!("tc_egress violation {src} -> {dst}:{VM_PORT}"),
+                EVENT_TIMEOUT,
+                |v| {
+                    v["kind"] == "violation"
+                        && v["hook"] == "tc_egress"
+                        && v["source"]["ip"] == json!(src)
+                },
+            )
+            .1;
+        let want = |path: &str, got: &Value, expected: Value| {
+            assert_eq!(*got, expected, "{path} of {v}");
+        };
+        want("verdict", &v["verdict"], json!("denied"));
+        want("direction", &v["direction"], json!("egress"));
+        want("interface", &v["interface"], json!("tapdev0"));
+        want("proto", &v["proto"], json!("tcp"));
+        want("source.env", &v["source"]["env"], json!("prod"));
+        want("source.env_from", &v["source"]["env_from"], json!("cidr"));
+        if let Some(p) = r.local {
+            want("source.port", &v["source"]["port"], json!(p.port()));
+        }
+        want("destination.ip", &v["destination"]["ip"], json!(dst));
+        want(
+            "destination.port",
+            &v["destination"]["port"],
+            json!(VM_PORT),
+        );
+        want("destination.env", &v["destination"]["env"], json!("dev"));
+        want(
+            "destination.env_from",
+            &v["destination"]["env_from"],
+            json!("interface"),
+        );
+        want(
+            "rule",
+            &v["rule"],
+            json!("default:cross-env (no allow rule for prod -> dev)"),
+        );
+    }
+    let lines = agent.lines(0..agent.len());
+    let world: Vec<&Value> = lines
+        .iter()
+        .filter(|v| {
+            v["kind"] == "violation"
+                && (v["source"]["env"] == "world" || v["destination"]["env"] == "world")
+        })
+        .collect();
+    assert!(world.is_empty(), "world <-> VM is allowed: {world:?}");
+    agent.stop();
+}
