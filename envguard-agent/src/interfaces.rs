@@ -144,6 +144,78 @@ pub fn env_of(patterns: &[(IfacePattern, u32)], name: &str) -> Option<u32> {
         .map(|&(_, env)| env)
 }
 
+/// A netlink socket subscribed to link changes (`RTNLGRP_LINK`): readable
+/// when an interface appears, goes away or changes, so the agent attaches
+/// to a matching interface as it appears rather than at its next poll.
+pub struct LinkEvents(std::os::fd::OwnedFd);
+
+impl LinkEvents {
+    pub fn open() -> io::Result<LinkEvents> {
+        // SAFETY: plain socket(2); the fd is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd nobody else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: zeroed sockaddr_nl is valid; family and groups set below.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        // SAFETY: binding our socket to a valid sockaddr_nl of its size.
+        let rc = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(LinkEvents(fd))
+    }
+
+    /// Reads every pending notification; their content does not matter (the
+    /// agent lists the interfaces again). Overflow (ENOBUFS) counts as news.
+    pub fn drain(&self) -> bool {
+        let mut buf = [0u8; 8192];
+        let mut any = false;
+        loop {
+            // SAFETY: receiving into our buffer, without blocking.
+            let n = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                any = true;
+                continue;
+            }
+            if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
+                any = true;
+                continue;
+            }
+            return any;
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for LinkEvents {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 static NAMES: Mutex<Option<HashMap<u32, String>>> = Mutex::new(None);
 
 /// Remembers an interface's name for the events that name it.

@@ -324,6 +324,21 @@ impl Daemon {
             mut sigint,
             mut sighup,
         } = signals;
+        // Link changes wake the agent at once; without the subscription the
+        // housekeeping poll still finds new interfaces within a second.
+        let links = match crate::interfaces::LinkEvents::open()
+            // SAFETY: LinkEvents owns its fd, which stays open and the same
+            // for as long as the AsyncFd owns it.
+            .and_then(|l| unsafe {
+                AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            }) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!("no link notifications ({e}): new interfaces are found by the 1 s poll");
+                None
+            }
+        };
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         let mut holders_tick = tokio::time::interval(HOLDERS_PASS);
         loop {
@@ -335,6 +350,13 @@ impl Daemon {
                     guard.clear_ready();
                 }
                 _ = tick.tick() => self.housekeeping()?,
+                guard = link_change(links.as_ref()) => {
+                    let mut guard = guard.context("waiting for link changes")?;
+                    if guard.get_inner().drain() {
+                        self.sync_tc();
+                    }
+                    guard.clear_ready();
+                }
                 _ = holders_tick.tick() => self.holders_pass()?,
                 Some(call) = calls.recv() => {
                     let response = self.handle(call.request, call.actor);
@@ -375,6 +397,16 @@ impl Daemon {
             Ok(v) => Response::ok(v),
             Err(e) => Response::err(format!("{e:#}")),
         }
+    }
+}
+
+/// The next link notification, or never without the subscription.
+async fn link_change(
+    links: Option<&AsyncFd<crate::interfaces::LinkEvents>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, crate::interfaces::LinkEvents>> {
+    match links {
+        Some(l) => l.readable().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -132,9 +132,9 @@ impl Kernel {
     /// exist now: the active slot of `IFACE_ENVS` gets the listed ones, each
     /// gets its hooks (a pinned link of an earlier agent on the same device
     /// is kept, its program swapped atomically), and the hooks of interfaces
-    /// no longer listed (or gone) are removed. Called at start and by the
-    /// housekeeping poll (every second): an interface that appears is
-    /// attached within a second.
+    /// no longer listed (or gone) are removed. Called at start, at every
+    /// link notification (an interface that appears is attached as it
+    /// appears), and by the housekeeping poll every second as a backstop.
     pub fn sync_interfaces(&mut self, compiled: &Compiled) -> Result<Vec<TcInterface>> {
         let listed = current(compiled)?;
         let slot = self.config.slot() as usize;
