@@ -264,6 +264,39 @@ mod tests {
     }
 
     #[test]
+    fn listed_matches_names_and_prefixes_to_env_ids() {
+        let policy = crate::policy::Policy::parse(
+            std::path::Path::new("p.toml"),
+            "[envs.dev]\ninterfaces = [\"tap-dev*\"]\n[envs.prod]\ninterfaces = [\"br-prod\"]\n",
+        )
+        .unwrap();
+        let compiled = crate::policy::compile::compile(&policy).unwrap();
+        let link = |ifindex, name: &str, master| Link {
+            ifindex,
+            name: name.into(),
+            master,
+        };
+        let links = [
+            link(1, "lo", 0),
+            link(7, "tap-dev0", 0),
+            link(8, "tap-dev12", 9),
+            link(9, "br-prod", 0),
+            link(10, "br-prod2", 0),
+        ];
+        let dev = compiled.env_id("dev").unwrap();
+        let prod = compiled.env_id("prod").unwrap();
+        let got: Vec<(u32, (String, u32, u32))> = listed(&compiled, &links).into_iter().collect();
+        assert_eq!(
+            got,
+            [
+                (7, ("tap-dev0".into(), dev, 0)),
+                (8, ("tap-dev12".into(), dev, 9)),
+                (9, ("br-prod".into(), prod, 0)),
+            ]
+        );
+    }
+
+    #[test]
     fn parses_an_attribute_list() {
         let mut p = vec![0u8; 16];
         p[4..8].copy_from_slice(&7i32.to_ne_bytes());

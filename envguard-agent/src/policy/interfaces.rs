@@ -85,17 +85,6 @@ impl IfacePattern {
     }
 }
 
-/// The env (index into `envs`) whose patterns match `name`; the policy's
-/// validation makes it unique.
-pub fn env_of<'a>(
-    envs: impl IntoIterator<Item = (usize, &'a [IfacePattern])>,
-    name: &str,
-) -> Option<usize> {
-    envs.into_iter()
-        .find(|(_, pats)| pats.iter().any(|p| p.matches(name)))
-        .map(|(i, _)| i)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,18 +149,5 @@ mod tests {
         assert!(!ov("br0", "br1"));
         assert!(!ov("tap-dev*", "tap-prod*"));
         assert!(!ov("tap-dev", "tap-dev1*"));
-    }
-
-    #[test]
-    fn env_of_finds_the_claiming_env() {
-        let dev = [IfacePattern::parse("tap-dev*").unwrap()];
-        let prod = [
-            IfacePattern::parse("tap-prod*").unwrap(),
-            IfacePattern::parse("br-prod").unwrap(),
-        ];
-        let envs = || [(0, &dev[..]), (1, &prod[..])];
-        assert_eq!(env_of(envs(), "tap-dev3"), Some(0));
-        assert_eq!(env_of(envs(), "br-prod"), Some(1));
-        assert_eq!(env_of(envs(), "eth0"), None);
     }
 }
