@@ -53,6 +53,7 @@ use crate::{
 const PASS: i32 = TC_ACT_UNSPEC;
 const DROP: i32 = TC_ACT_SHOT;
 /// `ETH_P_IP` and `ETH_P_IPV6`, in network order as `__sk_buff.protocol` has them.
+const IPPROTO_ICMPV6: u8 = 58;
 const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
 const ETH_P_IPV6_BE: u32 = 0x86DDu16.to_be() as u32;
 
@@ -153,11 +154,25 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ()> {
         // Unreadable as IP although the link layer says it is.
         _ => return Err(()),
     };
-    if let IPPROTO_TCP | IPPROTO_UDP = pkt.proto {
-        let mut h = [0u8; 4];
-        load_into(ctx, l4, &mut h)?;
-        pkt.sport = u16::from_be_bytes([h[0], h[1]]);
-        pkt.dport = u16::from_be_bytes([h[2], h[3]]);
+    match pkt.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let mut h = [0u8; 4];
+            load_into(ctx, l4, &mut h)?;
+            pkt.sport = u16::from_be_bytes([h[0], h[1]]);
+            pkt.dport = u16::from_be_bytes([h[2], h[3]]);
+        }
+        IPPROTO_ICMPV6 => {
+            // Neighbour discovery and multicast listener messages are the
+            // link's own business, as ARP is for IPv4 (which is not IP and
+            // passes): they are link-scoped (a router never forwards them),
+            // and a bridge must carry them for its ports to reach each other.
+            let mut t = [0u8; 1];
+            load_into(ctx, l4, &mut t)?;
+            if matches!(t[0], 130..=137 | 143) {
+                return Ok(false);
+            }
+        }
+        _ => {}
     }
     Ok(true)
 }
@@ -365,10 +380,23 @@ fn try_tc(ctx: &TcContext, ingress: bool) -> Result<i32, ()> {
         Some(l) => l.master,
         None => 0,
     };
-    match back {
+    let back = match back {
         Some(b) if b == in_if || (b != 0 && (b == in_master || (!ingress && b == here.master))) => {
+            b
         }
         _ => return Err(()),
+    };
+    // Bridged: a flow judged where the route said it leaves by the bridge
+    // recorded its reply under the bridge; the reply itself comes in by a
+    // port of it. The source routes back through that bridge (just
+    // checked), so that entry is this packet's.
+    if back != in_if && stale_reply.is_none() {
+        let bridged = TcFlowKey::new(back, pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.proto);
+        if let Some(v) = unsafe { TC_FLOWS.get(&bridged) }
+            && fresh(v, &cfg)
+        {
+            return Ok(verdict(&cfg, v));
+        }
     }
     let (src, dst, dst_port, proto) = match stale_reply {
         Some((fwd_src, fwd_dst)) => (

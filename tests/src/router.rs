@@ -28,7 +28,24 @@ pub struct Host {
     router_ns: String,
     /// The router's end.
     pub ifname: String,
+    v4: IpAddr,
+    v6: IpAddr,
+}
+
+/// A bridge in the router's namespace (`198.18.<index>.1/24`,
+/// `2001:db8:<index>::1/64` on it), deleted on drop (after its hosts).
+pub struct Bridge {
+    router_ns: String,
+    pub name: String,
     pub index: u8,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        if let Err(e) = sys::try_ip(&["-n", &self.router_ns, "link", "del", &self.name]) {
+            eprintln!("envguard-tests: cleanup: {e}");
+        }
+    }
 }
 
 impl Router {
@@ -74,6 +91,93 @@ impl Router {
         &self.wrapper
     }
 
+    /// Adds bridge `name` with the router's addresses of subnet `index` on it.
+    pub fn bridge(&self, name: &str, index: u8) -> Bridge {
+        let r = self.ns.name();
+        sys::ip(&["-n", r, "link", "add", name, "type", "bridge"]);
+        let b = Bridge {
+            router_ns: r.to_owned(),
+            name: name.to_owned(),
+            index,
+        };
+        sys::ip(&[
+            "-n",
+            r,
+            "addr",
+            "add",
+            &format!("198.18.{index}.1/24"),
+            "dev",
+            name,
+        ]);
+        sys::ip(&[
+            "-n",
+            r,
+            "-6",
+            "addr",
+            "add",
+            &format!("2001:db8:{index}::1/64"),
+            "dev",
+            name,
+            "nodad",
+        ]);
+        sys::ip(&["-n", r, "link", "set", name, "up"]);
+        b
+    }
+
+    /// Adds a host on `bridge`'s subnet (`.<octet>`), its veth's router end
+    /// `port` a port of the bridge.
+    pub fn bridged_host(&self, bridge: &Bridge, port: &str, octet: u8) -> Host {
+        let ns = Netns::create("egh");
+        let r = self.ns.name().to_owned();
+        let index = bridge.index;
+        sys::ip(&[
+            "-n",
+            &r,
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        let host = Host {
+            ns,
+            router_ns: r.clone(),
+            ifname: port.to_owned(),
+            v4: format!("198.18.{index}.{octet}").parse().unwrap(),
+            v6: format!("2001:db8:{index}::{octet:x}").parse().unwrap(),
+        };
+        let h = host.ns.name();
+        sys::ip(&["-n", &r, "link", "set", port, "master", &bridge.name]);
+        sys::ip(&[
+            "-n",
+            h,
+            "addr",
+            "add",
+            &format!("{}/24", host.v4),
+            "dev",
+            "eth0",
+        ]);
+        sys::ip(&[
+            "-n",
+            h,
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", host.v6),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        sys::ip(&["-n", &r, "link", "set", port, "up"]);
+        sys::ip(&["-n", h, "link", "set", "eth0", "up"]);
+        host
+    }
+
     /// Adds host `index` behind the router's interface `ifname`.
     pub fn host(&self, index: u8, ifname: &str) -> Host {
         let ns = Netns::create("egh");
@@ -96,7 +200,8 @@ impl Router {
             ns,
             router_ns: r.clone(),
             ifname: ifname.to_owned(),
-            index,
+            v4: format!("198.18.{index}.2").parse().unwrap(),
+            v6: format!("2001:db8:{index}::2").parse().unwrap(),
         };
         let h = host.ns.name();
         sys::ip(&[
@@ -167,8 +272,8 @@ impl Router {
 impl Host {
     pub fn addr(&self, fam: Family) -> IpAddr {
         match fam {
-            Family::V4 => format!("198.18.{}.2", self.index).parse().unwrap(),
-            Family::V6 => format!("2001:db8:{}::2", self.index).parse().unwrap(),
+            Family::V4 => self.v4,
+            Family::V6 => self.v6,
         }
     }
 

@@ -751,3 +751,120 @@ fn flows_into_a_listed_interface_are_judged_at_tc_egress() {
     assert!(world.is_empty(), "world <-> VM is allowed: {world:?}");
     agent.stop();
 }
+
+/// Bridged, not routed: the VM, prod and shared hosts are ports of one
+/// bridge `br20` (the router has an address on it, so it routes that
+/// subnet) and the VM's port `tapdev1` is listed. Frames bridged from the
+/// VM to prod are dropped at `tc_ingress` of the port and reported; the
+/// VM's flows to shared pass both ways (the replies, bridged back from
+/// shared's port, find the flow state the VM's judged request recorded
+/// under the bridge).
+#[test]
+fn bridged_flows_from_a_listed_port() {
+    envguard_tests::sys::require_root();
+    let router = Router::create();
+    let br = router.bridge("br20", 20);
+    let vm = router.bridged_host(&br, "tapdev1", 2);
+    let prod = router.bridged_host(&br, "prodport", 3);
+    let shared = router.bridged_host(&br, "sharedport", 4);
+    let egprobe = PathBuf::from(EGPROBE);
+    let mut servers = Vec::new();
+    for (host, port) in [(&prod, PROD_PORT), (&shared, SHARED_PORT)] {
+        let place = Place {
+            netns: Some(host.ns.name().to_owned()),
+            cgroup: None,
+        };
+        let addrs: Vec<IpAddr> = Family::ALL.iter().map(|&f| host.addr(f)).collect();
+        for proto in [Proto::Tcp, Proto::Udp] {
+            servers.push(Server::spawn(&egprobe, &place, proto, &addrs, port));
+        }
+    }
+    let policy = TempFile::new(
+        "egtc-policy",
+        ".toml",
+        &format!(
+            r#"mode = "enforce"
+
+[envs.dev]
+interfaces = ["tapdev*"]
+
+[envs.prod]
+cidrs = ["{}/32", "{}/128"]
+
+[envs.shared]
+cidrs = ["{}/32", "{}/128"]
+
+[[allow]]
+from = "*"
+to = "shared"
+"#,
+            prod.addr(Family::V4),
+            prod.addr(Family::V6),
+            shared.addr(Family::V4),
+            shared.addr(Family::V6)
+        ),
+    );
+    let cgroups = CgroupTree::create();
+    let pin = PinRoot::new();
+    let agent = Agent::start(
+        policy.path(),
+        &cgroups.rel(""),
+        Mode::Enforce,
+        pin.path(),
+        &AgentOptions {
+            binary: Some(router.agent_binary().to_owned()),
+            envs: Some(vec!["dev".into(), "prod".into(), "shared".into()]),
+            ..AgentOptions::ephemeral()
+        },
+    );
+    let probe = |to: &Host, proto: Proto, fam: Family, port: u16| {
+        Probe {
+            place: Place {
+                netns: Some(vm.ns.name().to_owned()),
+                cgroup: None,
+            },
+            proto,
+            dst: SocketAddr::new(to.addr(fam), port),
+            bind: None,
+            timeout_ms: 1500,
+        }
+        .run(&egprobe)
+    };
+    for fam in Family::ALL {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            let r = probe(&shared, proto, fam, SHARED_PORT);
+            assert!(
+                r.ok,
+                "{fam:?} {} VM -> shared across the bridge: {}",
+                proto.name(),
+                r.raw
+            );
+            let r = probe(&prod, proto, fam, PROD_PORT);
+            assert!(
+                !r.ok,
+                "{fam:?} {} VM -> prod across the bridge must be dropped: {}",
+                proto.name(),
+                r.raw
+            );
+            let v = wait_violation(&agent, &vm, &prod, fam, proto, PROD_PORT);
+            assert_tc_violation(
+                &v,
+                Mode::Enforce,
+                "tapdev1",
+                (&vm, &prod, fam, proto),
+                r.local.map(|a| a.port()),
+            );
+        }
+    }
+    let lines = agent.lines(0..agent.len());
+    let noise: Vec<&Value> = lines
+        .iter()
+        .filter(|v| {
+            v["kind"] == "violation"
+                && (v["destination"]["env"] == "shared" || v["source"]["env"] == "shared")
+        })
+        .collect();
+    assert!(noise.is_empty(), "VM <-> shared is allowed: {noise:?}");
+    agent.stop();
+    drop(servers);
+}
