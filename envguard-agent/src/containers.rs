@@ -359,6 +359,7 @@ mod tests {
             agent_loss_timeout: std::time::Duration::from_secs(30),
             k8s_namespaces: ns.iter().map(|s| (*s).to_owned()).collect(),
             probes: vec![],
+            interfaces: vec![],
             lines: Default::default(),
         }
     }

@@ -29,8 +29,9 @@ mod protocol;
 
 pub use gate::{ControlStatus, Gate, Limits, OpenConnections, Refusal, RefusedCounts, Slot};
 pub use protocol::{
-    Actor, EndpointStatus, ModeReply, ModeRequest, ModeSource, PairDecision, PairStatus,
-    PendingRevert, PolicyFileText, PolicyReply, ReloadReply, Request, Response, Scope, StatusReply,
+    Actor, EndpointStatus, InterfaceStatus, ModeReply, ModeRequest, ModeSource, PairDecision,
+    PairStatus, PendingRevert, PolicyFileText, PolicyReply, ReloadReply, Request, Response, Scope,
+    StatusReply,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/envguard/control.sock";

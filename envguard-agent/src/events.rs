@@ -65,6 +65,9 @@ pub struct Violation<'a> {
     pub verdict: &'static str,
     pub direction: &'static str,
     pub hook: &'static str,
+    /// The interface a tc hook saw the packet on (tc hooks only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
     pub proto: String,
     pub source: Endpoint<'a>,
     pub destination: Endpoint<'a>,
@@ -389,8 +392,19 @@ fn env_from(from: u8) -> &'static str {
         ev::ENV_FROM_CIDR => "cidr",
         ev::ENV_FROM_SOCKET => "socket",
         ev::ENV_FROM_ENDPOINT => "endpoint",
+        ev::ENV_FROM_INTERFACE => "interface",
         _ => "default",
     }
+}
+
+/// Whether a record comes from a tc hook (an interface, no socket).
+fn is_tc(h: u8) -> bool {
+    h == ev::HOOK_TC_INGRESS || h == ev::HOOK_TC_EGRESS
+}
+
+/// An interface's name, or `if<index>` when it is gone and was never seen.
+fn interface_name(ifindex: u32) -> String {
+    crate::interfaces::name_of(ifindex).unwrap_or_else(|| format!("if{ifindex}"))
 }
 
 /// The `hook` of a record: the program named by its event id in the hook table.
@@ -459,6 +473,9 @@ pub struct Rollup<'a> {
     pub verdict: &'static str,
     pub direction: &'static str,
     pub hook: &'static str,
+    /// The interface a tc hook saw the flow on (tc hooks only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
     pub proto: String,
     pub source: Endpoint<'a>,
     pub destination: Endpoint<'a>,
@@ -488,17 +505,22 @@ pub fn rollup<'a>(
         container: None,
     };
     let port = (k.dst_port != 0).then_some(k.dst_port);
-    let (mut source, mut destination) = if egress {
+    // At tc the key holds the interface where a cgroup would be, and the
+    // destination's address whichever the direction.
+    let tc = is_tc(k.hook);
+    let (mut source, mut destination) = if egress || tc {
         (side(k.src_env, None, None), side(k.dst_env, remote, port))
     } else {
         (side(k.src_env, remote, None), side(k.dst_env, None, port))
     };
-    let local = if egress {
-        &mut source
-    } else {
-        &mut destination
-    };
-    local.container = containers.container_of(k.cgroup_id, names).cloned();
+    if !tc {
+        let local = if egress {
+            &mut source
+        } else {
+            &mut destination
+        };
+        local.container = containers.container_of(k.cgroup_id, names).cloned();
+    }
     let time = |ns: u64| rfc3339_ns(sys::boot_ns_to_unix_ns(ns));
     Rollup {
         count,
@@ -513,6 +535,7 @@ pub fn rollup<'a>(
         verdict: verdict_name(k.verdict),
         direction: direction_name(k.direction),
         hook: hook(k.hook),
+        interface: tc.then(|| interface_name(k.cgroup_id as u32)),
         proto: proto_label(k.proto),
         source,
         destination,
@@ -520,8 +543,8 @@ pub fn rollup<'a>(
             pid: None,
             comm: None,
             uid: None,
-            cgroup_id: k.cgroup_id,
-            cgroup: names.path(k.cgroup_id),
+            cgroup_id: if tc { 0 } else { k.cgroup_id },
+            cgroup: if tc { None } else { names.path(k.cgroup_id) },
         },
         probe: None,
     }
@@ -566,6 +589,7 @@ pub fn violation<'a>(
         verdict: verdict_name(e.verdict),
         direction: direction_name(e.direction),
         hook: hook(e.hook),
+        interface: is_tc(e.hook).then(|| interface_name(e.ifindex)),
         proto: proto_label(e.proto),
         source: endpoint(&e.src_addr, e.src_port, e.src_env, e.src_env_from, !egress),
         destination: endpoint(&e.dst_addr, e.dst_port, e.dst_env, e.dst_env_from, egress),

@@ -38,6 +38,10 @@ pub enum Endpoint {
     Cgroup(String),
     /// An env by name: `host`, `world` or a declared env.
     Env(String),
+    /// `iface:NAME`: traffic entering (source) or leaving (destination) the
+    /// host through that interface, as the tc hooks see it: the env whose
+    /// `interfaces` match the name.
+    Interface(String),
 }
 
 impl FromStr for Endpoint {
@@ -47,6 +51,14 @@ impl FromStr for Endpoint {
         let s = s.trim();
         if s.starts_with('/') {
             return normalize_cgroup(s).map(Endpoint::Cgroup);
+        }
+        if let Some(name) = s.strip_prefix("iface:") {
+            return match crate::policy::interfaces::IfacePattern::parse(name)? {
+                crate::policy::interfaces::IfacePattern::Name(n) => Ok(Endpoint::Interface(n)),
+                crate::policy::interfaces::IfacePattern::Prefix(_) => {
+                    Err(format!("{s:?}: name one interface (no `*`)"))
+                }
+            };
         }
         if let Ok(ip) = s.trim_start_matches('[').trim_end_matches(']').parse() {
             return Ok(Endpoint::Ip(ip));
@@ -80,6 +92,7 @@ impl fmt::Display for Endpoint {
             Endpoint::Ip(ip) => write!(f, "{ip}"),
             Endpoint::Cgroup(path) => f.write_str(path),
             Endpoint::Env(name) => f.write_str(name),
+            Endpoint::Interface(name) => write!(f, "iface:{name}"),
         }
     }
 }
@@ -448,6 +461,28 @@ fn resolve(
                 ),
             }
         }
+        Endpoint::Interface(name) => {
+            match compiled.interfaces.iter().find(|(p, _)| p.matches(name)) {
+                Some((pattern, env)) => side(
+                    *env,
+                    "interface",
+                    format!(
+                        "interface {name} matches {pattern} of {}",
+                        compiled.env_name(*env)
+                    ),
+                ),
+                None => {
+                    notes.push(format!(
+                        "no env lists interface {name}: no tc hook is attached to it, and its traffic's env comes from addresses (CIDR)"
+                    ));
+                    side(
+                        envguard_common::policy::ENV_WORLD,
+                        "default",
+                        format!("default: interface {name} is listed by no env → world"),
+                    )
+                }
+            }
+        }
         Endpoint::Ip(ip) => {
             let ip = match ip {
                 IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(*v6), IpAddr::V4),
@@ -517,6 +552,8 @@ fn labelled_event(src: u32, dst: u32, proto: u8, rule: u32) -> ViolationEvent {
         dst_env_from: 0,
         mode: 0,
         rule,
+        ifindex: 0,
+        _pad: 0,
     }
 }
 

@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod explain;
 pub mod history;
+pub mod interfaces;
 pub mod loader;
 pub mod metrics;
 pub mod modes;

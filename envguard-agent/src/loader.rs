@@ -43,8 +43,10 @@ use crate::{
 };
 
 mod attach;
+mod tc;
 
 pub use attach::detach;
+pub use tc::{TcInterface, TcMode};
 
 /// The kernel object, built by build.rs.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envguard-ebpf"));
@@ -156,6 +158,9 @@ pub struct Kernel {
     /// Lost events reported so far, by this agent and its predecessors.
     pub lost_reported: u64,
     dedup_interval_ns: u64,
+    /// Interfaces (and direction: `true` ingress) this agent attached or
+    /// adopted, and how: the poll leaves them alone.
+    tc_attached: std::collections::BTreeMap<(u32, bool), TcMode>,
 }
 
 impl Kernel {
@@ -214,6 +219,7 @@ impl Kernel {
             loads: 0,
             lost_reported: state.lost_reported,
             dedup_interval_ns: opts.dedup_interval.as_nanos() as u64,
+            tc_attached: Default::default(),
         })
     }
 
@@ -398,6 +404,7 @@ impl Kernel {
             )
             .map_err(|e| bpf_err(format!("writing {}", maps::POLICY_META[slot]), e))?;
         }
+        tc::fill_slot(ebpf, slot, compiled)?;
         self.set_config(next)?;
         self.loads += 1;
         self.write_env_names(&compiled.env_names)

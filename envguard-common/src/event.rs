@@ -7,6 +7,9 @@ pub const HOOK_SENDMSG4: u8 = 3;
 pub const HOOK_SENDMSG6: u8 = 4;
 pub const HOOK_SKB_INGRESS: u8 = 5;
 pub const HOOK_SKB_EGRESS: u8 = 6;
+/// tc/tcx on a listed interface: forwarded and bridged packets.
+pub const HOOK_TC_INGRESS: u8 = 7;
+pub const HOOK_TC_EGRESS: u8 = 8;
 
 pub const DIRECTION_EGRESS: u8 = 1;
 pub const DIRECTION_INGRESS: u8 = 2;
@@ -62,6 +65,9 @@ pub const ENV_FROM_SOCKET: u8 = 3;
 /// A container's address: the agent found it in a network namespace whose
 /// processes are all of one env (`ENDPOINTS_V4/V6`).
 pub const ENV_FROM_ENDPOINT: u8 = 4;
+/// The interface the packet entered (source) or leaves (destination) the
+/// host through is listed in the env's `interfaces`.
+pub const ENV_FROM_INTERFACE: u8 = 5;
 
 /// Address families, as in `<sys/socket.h>`.
 pub const AF_INET: u8 = 2;
@@ -101,8 +107,11 @@ pub struct ViolationEvent {
     pub mode: u8,
     /// The deciding rule (`policy::RULE_NONE` when no rule decided).
     pub rule: u32,
+    /// The listed interface a tc hook saw the packet on; 0 for other hooks.
+    pub ifindex: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<ViolationEvent>() == 104);
+const _: () = assert!(core::mem::size_of::<ViolationEvent>() == 112);
 
 /// `DEDUP` key: a violating flow's identity. Repeats of one key within the
 /// dedup interval are counted instead of sent.

@@ -164,3 +164,43 @@ impl SockEnv {
         }
     }
 }
+
+/// `TC_FLOWS` key: a packet's 5-tuple and the interface it entered the host
+/// through (for a packet leaving, `ingress_ifindex`). A forward entry is
+/// keyed by the judged packet's own tuple and interface; the reply entry it
+/// creates by the reversed tuple and the interface the forward packet left
+/// through, so only a packet arriving from the original destination, on the
+/// way back, finds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcFlowKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub ifindex: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<TcFlowKey>() == 44);
+
+impl TcFlowKey {
+    pub const fn new(
+        ifindex: u32,
+        src_addr: [u8; 16],
+        dst_addr: [u8; 16],
+        src_port: u16,
+        dst_port: u16,
+        proto: u8,
+    ) -> Self {
+        Self {
+            src_addr,
+            dst_addr,
+            ifindex,
+            src_port,
+            dst_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}

@@ -38,6 +38,8 @@ mod pod {
     unsafe impl aya::Pod for flow::FlowVerdict {}
     unsafe impl aya::Pod for flow::TupleKey {}
     unsafe impl aya::Pod for flow::SockEnv {}
+    unsafe impl aya::Pod for flow::TcFlowKey {}
+    unsafe impl aya::Pod for policy::IfaceEnv {}
     unsafe impl aya::Pod for event::ViolationEvent {}
     unsafe impl aya::Pod for container::Registration {}
 }

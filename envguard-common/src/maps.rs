@@ -69,8 +69,16 @@ pub const EVENTS: &str = "EVENTS";
 /// `PerCpuArray<u64>` of counters, indexed by `config::Counter`.
 pub const COUNTERS: &str = "COUNTERS";
 
+/// `HashMap<u32 ifindex, IfaceEnv>`: the interfaces listed in envs'
+/// `interfaces` that exist now (the agent adds and removes them as they come
+/// and go).
+pub const IFACE_ENVS: [&str; 2] = ["IFACE_ENVS_A", "IFACE_ENVS_B"];
+/// `LruHashMap<TcFlowKey, FlowVerdict>`: forwarded flows judged at the tc
+/// hooks, and the replies the judged packets let in.
+pub const TC_FLOWS: &str = "TC_FLOWS";
+
 /// Every map, for pinning and removal.
-pub const ALL: [&str; 38] = [
+pub const ALL: [&str; 41] = [
     DEDUP,
     DENY_RULES[0],
     DENY_RULES[1],
@@ -109,6 +117,9 @@ pub const ALL: [&str; 38] = [
     ENDPOINTS_V4[1],
     ENDPOINTS_V6[0],
     ENDPOINTS_V6[1],
+    IFACE_ENVS[0],
+    IFACE_ENVS[1],
+    TC_FLOWS,
 ];
 
 /// Bump when a map's type, key, value or meaning changes: pinned maps of
@@ -141,3 +152,7 @@ pub const MAX_FLOWS: u32 = 65_536;
 pub const MAX_INBOUND_TUPLES: u32 = 16_384;
 /// Size of `EVENTS` in bytes (a power of two multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 22;
+/// Capacity of `IFACE_ENVS`.
+pub const MAX_IFACES: u32 = 4096;
+/// Capacity of `TC_FLOWS` (forward and reply entries: two per flow).
+pub const MAX_TC_FLOWS: u32 = 131_072;

@@ -21,6 +21,17 @@ pub struct EnvValue {
 }
 const _: () = assert!(core::mem::size_of::<EnvValue>() == 4);
 
+/// Value of `IFACE_ENVS`: a listed interface's env, and the bridge it is a
+/// port of (0 if none): a packet entering a bridge port routes back through
+/// the bridge, which the source-address check accepts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IfaceEnv {
+    pub env: u32,
+    pub master: u32,
+}
+const _: () = assert!(core::mem::size_of::<IfaceEnv>() == 8);
+
 /// Data part of a `RULES` key. The trie matches its bytes most significant first,
 /// so a rule for "any port" is a prefix of 64 bits (both envs), a rule for any port
 /// of one protocol is 72 bits, and a port range is split into prefixes of the port.

@@ -5,6 +5,7 @@
 //! its program plus one entry here.
 use crate::event::{
     HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_SKB_EGRESS, HOOK_SKB_INGRESS,
+    HOOK_TC_EGRESS, HOOK_TC_INGRESS,
 };
 
 /// The kernel's program type (`enum bpf_prog_type`, as aya names it).
@@ -14,6 +15,7 @@ pub enum ProgType {
     CgroupSock,
     CgroupSkb,
     RawTracepoint,
+    SchedClassifier,
 }
 
 /// Where a program attaches.
@@ -24,6 +26,8 @@ pub enum Attach {
     Cgroup(u32),
     /// To a raw tracepoint, not to any cgroup (a watch, not a hook of flows).
     RawTracepoint(&'static str),
+    /// To the listed interfaces (tcx, else clsact): `true` for ingress.
+    Tc(bool),
 }
 
 /// `enum bpf_attach_type` values of the cgroup hooks.
@@ -54,6 +58,10 @@ impl Hook {
     pub const fn is_cgroup(&self) -> bool {
         matches!(self.attach, Attach::Cgroup(_))
     }
+
+    pub const fn is_tc(&self) -> bool {
+        matches!(self.attach, Attach::Tc(_))
+    }
 }
 
 pub const CONNECT4: &str = "connect4";
@@ -64,6 +72,8 @@ pub const POST_BIND4: &str = "post_bind4";
 pub const POST_BIND6: &str = "post_bind6";
 pub const SKB_INGRESS: &str = "skb_ingress";
 pub const SKB_EGRESS: &str = "skb_egress";
+pub const TC_INGRESS: &str = "tc_ingress";
+pub const TC_EGRESS: &str = "tc_egress";
 /// Raw tracepoint `cgroup_mkdir`: records a listed cgroup's id as it is created.
 pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
 
@@ -86,7 +96,7 @@ const fn hook(
 /// Every program, in attach order: socket bookkeeping and packet hooks first,
 /// the hooks that refuse calls last, so that by the time a connect() is
 /// judged, every later packet of it will be too; the watch after them.
-pub const HOOKS: [Hook; 9] = [
+pub const HOOKS: [Hook; 11] = [
     hook(
         POST_BIND4,
         ProgType::CgroupSock,
@@ -150,6 +160,20 @@ pub const HOOKS: [Hook; 9] = [
         0,
         "raw_tracepoint cgroup_mkdir",
     ),
+    hook(
+        TC_INGRESS,
+        ProgType::SchedClassifier,
+        Attach::Tc(true),
+        HOOK_TC_INGRESS,
+        "tcx ingress (listed interfaces)",
+    ),
+    hook(
+        TC_EGRESS,
+        ProgType::SchedClassifier,
+        Attach::Tc(false),
+        HOOK_TC_EGRESS,
+        "tcx egress (listed interfaces)",
+    ),
 ];
 
 const fn count_cgroup() -> usize {
@@ -210,7 +234,7 @@ mod tests {
             // Only programs that judge flows report them.
             assert_eq!(
                 a.event_id != 0,
-                a.prog_type != ProgType::CgroupSock && a.is_cgroup()
+                a.prog_type != ProgType::CgroupSock && (a.is_cgroup() || a.is_tc())
             );
             assert_eq!(by_name(a.name), Some(a));
         }

@@ -20,6 +20,7 @@ mod sendmsg;
 mod skb;
 mod sock_addr;
 mod sockenv;
+mod tc;
 
 #[cfg(not(test))]
 #[panic_handler]

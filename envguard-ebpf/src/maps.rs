@@ -11,9 +11,9 @@ use envguard_common::{
     config::{AgentState, CgroupOffsets, Config, EnvLoss, NUM_COUNTERS, PolicyMeta},
     container::Registration,
     event::{DecisionKey, DedupKey, DedupValue},
-    flow::{FlowKey, FlowVerdict, SockEnv, TupleKey},
+    flow::{FlowKey, FlowVerdict, SockEnv, TcFlowKey, TupleKey},
     maps::*,
-    policy::{CgroupPath, EnvName, EnvValue, PairKey, RuleKey, RuleValue},
+    policy::{CgroupPath, EnvName, EnvValue, IfaceEnv, PairKey, RuleKey, RuleValue},
 };
 
 // The policy maps come in two slots (see `envguard_common::maps`).
@@ -166,3 +166,14 @@ pub static ENDPOINTS_V6_A: HashMap<[u8; 16], EnvValue> =
 #[map]
 pub static ENDPOINTS_V6_B: HashMap<[u8; 16], EnvValue> =
     HashMap::with_max_entries(MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+
+// The tc hooks (see `tc.rs`).
+
+#[map]
+pub static IFACE_ENVS_A: HashMap<u32, IfaceEnv> = HashMap::with_max_entries(MAX_IFACES, 0);
+#[map]
+pub static IFACE_ENVS_B: HashMap<u32, IfaceEnv> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+#[map]
+pub static TC_FLOWS: LruHashMap<TcFlowKey, FlowVerdict> =
+    LruHashMap::with_max_entries(MAX_TC_FLOWS, 0);

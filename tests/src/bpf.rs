@@ -157,20 +157,31 @@ pub const LINK_TYPE_CGROUP: u32 = 3;
 /// `BPF_LINK_TYPE_RAW_TRACEPOINT`.
 pub const LINK_TYPE_RAW_TRACEPOINT: u32 = 1;
 
-/// envguard's programs that are not attached to a cgroup: the link pin's name
-/// and its `enum bpf_link_type`.
-pub const WATCHES: [(&str, u32); programs::HOOKS.len() - programs::NUM_CGROUP_HOOKS] = watches();
+/// envguard's watches: programs attached neither to a cgroup nor to an
+/// interface (the tc hooks' links are per interface), by the link pin's
+/// name and its `enum bpf_link_type`.
+pub const WATCHES: [(&str, u32); NUM_WATCHES] = watches();
 
-const fn watches() -> [(&'static str, u32); programs::HOOKS.len() - programs::NUM_CGROUP_HOOKS] {
-    let mut out = [("", 0); programs::HOOKS.len() - programs::NUM_CGROUP_HOOKS];
+const fn count_watches() -> usize {
     let (mut i, mut n) = (0, 0);
     while i < programs::HOOKS.len() {
-        match programs::HOOKS[i].attach {
-            programs::Attach::Cgroup(_) => {}
-            programs::Attach::RawTracepoint(_) => {
-                out[n] = (programs::HOOKS[i].name, LINK_TYPE_RAW_TRACEPOINT);
-                n += 1;
-            }
+        if let programs::Attach::RawTracepoint(_) = programs::HOOKS[i].attach {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+}
+
+const NUM_WATCHES: usize = count_watches();
+
+const fn watches() -> [(&'static str, u32); NUM_WATCHES] {
+    let mut out = [("", 0); NUM_WATCHES];
+    let (mut i, mut n) = (0, 0);
+    while i < programs::HOOKS.len() {
+        if let programs::Attach::RawTracepoint(_) = programs::HOOKS[i].attach {
+            out[n] = (programs::HOOKS[i].name, LINK_TYPE_RAW_TRACEPOINT);
+            n += 1;
         }
         i += 1;
     }
@@ -290,6 +301,25 @@ pub fn fd_by_id(kind: Kind, id: u32) -> io::Result<OwnedFd> {
 
 /// Ids of the programs attached directly to the cgroup `dir` for
 /// `attach_type` (not inherited from ancestors).
+/// `BPF_TCX_INGRESS` and `BPF_TCX_EGRESS`.
+pub const TCX_INGRESS: u32 = 46;
+pub const TCX_EGRESS: u32 = 47;
+
+/// The programs attached to a device of the caller's network namespace
+/// (tcx: `attach_type` [`TCX_INGRESS`] or [`TCX_EGRESS`]).
+pub fn query_ifindex(ifindex: u32, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = [0u32; 64];
+    let mut attr = QueryAttr {
+        target_fd: ifindex,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: 64,
+        ..Default::default()
+    };
+    sys_bpf(BPF_PROG_QUERY, &mut attr)?;
+    Ok(ids[..(attr.prog_cnt as usize).min(64)].to_vec())
+}
+
 pub fn query_cgroup(dir: &Path, attach_type: u32) -> io::Result<Vec<u32>> {
     let f = std::fs::File::open(dir)?;
     let mut ids = [0u32; 64];

@@ -245,7 +245,8 @@ fn listening(pid: u32) -> Option<Vec<PathBuf>> {
                 .ok()
         })
         .collect();
-    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    // The agent's own view: it may run in another network namespace.
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).ok()?;
     // "Num RefCount Protocol Flags Type St Inode Path"; Flags 00010000 is
     // __SO_ACCEPTCON, a listening socket.
     Some(

@@ -18,6 +18,7 @@ pub mod pin;
 pub mod podman;
 pub mod policy;
 pub mod process;
+pub mod router;
 pub mod sinks;
 pub mod sockaddr;
 pub mod sys;

@@ -24,12 +24,15 @@ pub struct ExplainArgs {
     /// Where the flow starts: an IP address (its env by longest-prefix CIDR
     /// match, else world), a cgroup path below the cgroup2 mount such as
     /// /prod.slice/app.service (the env of its deepest listed ancestor, else
-    /// host), or an env name (host, world, or one the policy declares).
-    #[arg(long, value_name = "IP|CGROUP|ENV")]
+    /// host), an env name (host, world, or one the policy declares), or
+    /// iface:NAME, traffic entering the host through that interface (the env
+    /// whose `interfaces` match it).
+    #[arg(long, value_name = "IP|CGROUP|ENV|iface:NAME")]
     pub from: Endpoint,
     /// Where it goes, in the same forms. A cgroup stands for a socket on this
-    /// host that the cgroup's processes bound.
-    #[arg(long, value_name = "IP|CGROUP|ENV")]
+    /// host that the cgroup's processes bound; iface:NAME traffic leaving
+    /// through that interface.
+    #[arg(long, value_name = "IP|CGROUP|ENV|iface:NAME")]
     pub to: Endpoint,
     /// The destination port and protocol: 443/tcp, 53/udp, or icmp / icmpv6.
     #[arg(long, value_name = "PORT/PROTO")]

@@ -93,6 +93,12 @@ pub fn render(s: &StatusReply, colour: bool) -> String {
             if s.adopted { " (adopted)" } else { "" }
         ),
     ];
+    for i in &s.interfaces {
+        head.push(format!(
+            "interface {} (index {}): env {}, tc hooks by {}",
+            i.name, i.ifindex, i.env, i.attach
+        ));
+    }
     for p in &s.pending_reverts {
         head.push(format!(
             "pending   {}: {} until {}, then {}",

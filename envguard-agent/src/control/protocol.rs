@@ -184,6 +184,10 @@ pub struct StatusReply {
     /// and the env they belong to (absent in answers of older agents).
     #[serde(default)]
     pub endpoints: Vec<EndpointStatus>,
+    /// The listed interfaces that exist, with the tc hooks on them (omitted
+    /// when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<InterfaceStatus>,
 }
 
 /// One container endpoint (see the README, "Container endpoints").
@@ -197,6 +201,16 @@ pub struct EndpointStatus {
     pub netns: u64,
     /// Since when it has had this env (RFC 3339).
     pub since: String,
+}
+
+/// One interface the policy lists, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    pub env: String,
+    /// `tcx` (pinned links) or `clsact` (cls_bpf filters).
+    pub attach: String,
 }
 
 /// Where a mode comes from, as `status` names it.
@@ -456,6 +470,7 @@ mod tests {
                 netns: 4026532000,
                 since: "2026-11-23T10:00:01Z".into(),
             }],
+            interfaces: vec![],
         };
         let json = serde_json::to_string(&reply).unwrap();
         assert_eq!(

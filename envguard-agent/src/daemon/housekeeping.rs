@@ -200,8 +200,20 @@ impl Daemon {
         Ok(())
     }
 
+    /// Interfaces that appeared (and match) get their hooks, those gone or
+    /// no longer listed lose them.
+    pub(super) fn sync_tc(&mut self) {
+        match self.kernel.sync_interfaces(&self.compiled) {
+            Ok(t) => self.tc_interfaces = t,
+            Err(e) => log::error!("syncing the tc hooks with the interfaces: {e}"),
+        }
+    }
+
     pub(super) fn housekeeping(&mut self) -> anyhow::Result<()> {
         self.sync_cgroups()?;
+        // A backstop to the link notifications (`serve`): a missed or
+        // overflowed one is caught within a second.
+        self.sync_tc();
         for (path, id) in self.tracker.known() {
             self.names.insert(id, path);
         }

@@ -147,6 +147,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         )
         .context("writing the policy into the kernel")?;
     kernel.attach(&root_dir)?;
+    let tc_interfaces = kernel
+        .sync_interfaces(&compiled)
+        .context("attaching the tc hooks to the listed interfaces")?;
     let mut names = CgroupNames::new(&mount);
     for (path, id) in tracker.known() {
         names.insert(id, path);
@@ -256,6 +259,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         probe_events: BTreeMap::new(),
         containers: registry,
         endpoints,
+        tc_interfaces,
     };
     daemon.drop_orphaned_containers()?;
     daemon.discover_containers();
@@ -368,6 +372,8 @@ struct Daemon {
     containers: crate::containers::Registry,
     /// Container endpoints: what the kernel's active slot holds.
     endpoints: crate::endpoints::Endpoints,
+    /// The listed interfaces with the tc hooks on them.
+    tc_interfaces: Vec<loader::TcInterface>,
 }
 
 impl Daemon {
@@ -382,6 +388,21 @@ impl Daemon {
             mut sigint,
             mut sighup,
         } = signals;
+        // Link changes wake the agent at once; without the subscription the
+        // housekeeping poll still finds new interfaces within a second.
+        let links = match crate::interfaces::LinkEvents::open()
+            // SAFETY: LinkEvents owns its fd, which stays open and the same
+            // for as long as the AsyncFd owns it.
+            .and_then(|l| unsafe {
+                AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            }) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!("no link notifications ({e}): new interfaces are found by the 1 s poll");
+                None
+            }
+        };
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         let mut holders_tick = tokio::time::interval(HOLDERS_PASS);
         let mut history_tick = tokio::time::interval_at(
@@ -397,6 +418,13 @@ impl Daemon {
                     guard.clear_ready();
                 }
                 _ = tick.tick() => self.housekeeping()?,
+                guard = link_change(links.as_ref()) => {
+                    let mut guard = guard.context("waiting for link changes")?;
+                    if guard.get_inner().drain() {
+                        self.sync_tc();
+                    }
+                    guard.clear_ready();
+                }
                 _ = holders_tick.tick() => self.holders_pass()?,
                 _ = history_tick.tick(), if self.history.is_some() => self.sample_history(),
                 Some(call) = calls.recv() => {
@@ -491,6 +519,16 @@ impl Daemon {
                 })
                 .collect(),
         })?)
+    }
+}
+
+/// The next link notification, or never without the subscription.
+async fn link_change(
+    links: Option<&AsyncFd<crate::interfaces::LinkEvents>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, crate::interfaces::LinkEvents>> {
+    match links {
+        Some(l) => l.readable().await,
+        None => std::future::pending().await,
     }
 }
 

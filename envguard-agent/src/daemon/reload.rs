@@ -86,6 +86,10 @@ impl Daemon {
         self.policy = policy;
         self.modes = modes;
         self.compiled = compiled;
+        self.tc_interfaces = self
+            .kernel
+            .sync_interfaces(&self.compiled)
+            .context("attaching the tc hooks to the listed interfaces")?;
         self.tracker = tracker;
         self.drop_orphaned_containers()?;
         // Cgroups may have changed env: every socket is looked at again.

@@ -96,6 +96,20 @@ impl Daemon {
             control: self.gate.status(),
             containers: self.containers.iter().cloned().collect(),
             endpoints: self.endpoint_status(),
+            interfaces: self
+                .tc_interfaces
+                .iter()
+                .map(|i| crate::control::InterfaceStatus {
+                    name: i.name.clone(),
+                    ifindex: i.ifindex,
+                    env: self.compiled.env_name(i.env).to_owned(),
+                    attach: match i.mode {
+                        loader::TcMode::Tcx => "tcx",
+                        loader::TcMode::Clsact => "clsact",
+                    }
+                    .to_owned(),
+                })
+                .collect(),
         })
     }
 

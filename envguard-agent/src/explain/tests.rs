@@ -427,3 +427,34 @@ mode     enforce (global): allowed"
     assert_eq!(v["rule"]["line"], 24);
     assert_eq!(v["mode"]["verdict"], "allowed");
 }
+
+#[test]
+fn interfaces_resolve_to_their_env() {
+    let policy = crate::policy::Policy::parse(
+        std::path::Path::new("p.toml"),
+        "[envs.dev]\ninterfaces = [\"tap-dev*\"]\n[envs.prod]\ncidrs = [\"198.18.10.0/24\"]\n",
+    )
+    .unwrap();
+    let compiled = crate::policy::compile::compile(&policy).unwrap();
+    assert_eq!(
+        "iface:tap-dev3".parse(),
+        Ok(Endpoint::Interface("tap-dev3".into()))
+    );
+    assert!("iface:tap-*".parse::<Endpoint>().is_err());
+    assert!("iface:".parse::<Endpoint>().is_err());
+    let modes = Modes::from_policy(&policy);
+    let e = explain(
+        &policy,
+        &compiled,
+        &Endpoint::Interface("tap-dev3".into()),
+        &Endpoint::Ip("198.18.10.5".parse().unwrap()),
+        PROTO_TCP,
+        5432,
+        &modes,
+    )
+    .unwrap();
+    assert_eq!(e.from.env, "dev");
+    assert_eq!(e.from.env_from, "interface");
+    assert_eq!(e.to.env, "prod");
+    assert_eq!(e.decision, "violation", "{}", e.decision);
+}

@@ -85,7 +85,7 @@ impl Kernel {
         self.heartbeat()
     }
 
-    fn load_program(&mut self, name: &str) -> Result<&mut Program> {
+    pub(super) fn load_program(&mut self, name: &str) -> Result<&mut Program> {
         let verifier_log = self.verifier_log;
         let prog = self
             .ebpf
@@ -94,11 +94,13 @@ impl Kernel {
         if prog.fd().is_ok() {
             return Ok(prog);
         }
+        let started = std::time::Instant::now();
         let res = match prog {
             Program::CgroupSockAddr(p) => p.load(),
             Program::CgroupSkb(p) => p.load(),
             Program::CgroupSock(p) => p.load(),
             Program::RawTracePoint(p) => p.load(),
+            Program::SchedClassifier(p) => p.load(),
             _ => {
                 return Err(bpf_msg(
                     format!("loading {name}"),
@@ -107,6 +109,7 @@ impl Kernel {
             }
         };
         res.map_err(|e| load_error(name, e, verifier_log))?;
+        log::debug!("loaded {name} (verified) in {:?}", started.elapsed());
         Ok(prog)
     }
 

@@ -41,6 +41,8 @@ pub struct Compiled {
     /// Fail mode per env id (`host` and `world`: follow if their default
     /// allows, else keep).
     pub env_loss: Vec<EnvLoss>,
+    /// (interface name or prefix, env id), for the tc hooks.
+    pub interfaces: Vec<(super::interfaces::IfacePattern, u32)>,
 }
 
 impl Compiled {
@@ -129,11 +131,13 @@ pub fn compile_with_ids(policy: &Policy, previous: &[String]) -> Result<Compiled
         .collect();
 
     let mut cgroups = Vec::new();
+    let mut interfaces = Vec::new();
     let mut cidrs_v4 = Vec::new();
     let mut cidrs_v6 = Vec::new();
     for env in &policy.envs {
         let id = id_of(&env.name);
         cgroups.extend(env.cgroups.iter().map(|c| (c.clone(), id)));
+        interfaces.extend(env.interfaces.iter().map(|i| (i.clone(), id)));
         for net in &env.cidrs {
             match net.network() {
                 IpAddr::V4(a) => cidrs_v4.push((u32::from(net.prefix()), a.octets(), id)),
@@ -246,6 +250,7 @@ pub fn compile_with_ids(policy: &Policy, previous: &[String]) -> Result<Compiled
         deny_rules,
         pair_modes,
         env_loss,
+        interfaces,
     })
 }
 

@@ -44,6 +44,8 @@ pub struct EnvFile {
     pub cgroups: Vec<Spanned<String>>,
     #[serde(default)]
     pub cidrs: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub interfaces: Vec<Spanned<String>>,
     pub on_agent_loss: Option<Spanned<String>>,
     pub agent_loss_timeout: Option<Spanned<String>>,
     /// `envguard verify`'s probe targets: `HOST:PORT/PROTO`.
@@ -109,6 +111,7 @@ impl PolicyFile {
                         EnvFile {
                             cgroups: shift_all(e.cgroups, by),
                             cidrs: shift_all(e.cidrs, by),
+                            interfaces: shift_all(e.interfaces, by),
                             on_agent_loss: shift_opt(e.on_agent_loss, by),
                             agent_loss_timeout: shift_opt(e.agent_loss_timeout, by),
                             probes: shift_all(e.probes, by),

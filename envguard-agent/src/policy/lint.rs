@@ -47,7 +47,12 @@ pub fn lint(policy: &Policy) -> Vec<Diagnostic> {
         empty: policy
             .envs
             .iter()
-            .filter(|e| e.cgroups.is_empty() && e.cidrs.is_empty() && e.k8s_namespaces.is_empty())
+            .filter(|e| {
+                e.cgroups.is_empty()
+                    && e.cidrs.is_empty()
+                    && e.k8s_namespaces.is_empty()
+                    && e.interfaces.is_empty()
+            })
             .map(|e| e.name.as_str())
             .collect(),
         out: Vec::new(),

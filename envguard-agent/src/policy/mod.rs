@@ -3,6 +3,7 @@
 //! Everything here is pure: no file system beyond reading the file, no kernel.
 pub mod compile;
 mod file;
+pub mod interfaces;
 pub mod lint;
 pub mod ports;
 pub mod probe;
@@ -79,6 +80,8 @@ pub struct Env {
     /// Normalised: absolute, no trailing slash, relative to the cgroup2 mount.
     pub cgroups: Vec<String>,
     pub cidrs: Vec<IpNetwork>,
+    /// Interfaces whose traffic is this env's (names or `prefix*`).
+    pub interfaces: Vec<interfaces::IfacePattern>,
     pub on_agent_loss: OnLoss,
     pub agent_loss_timeout: Duration,
     /// `envguard verify`'s targets in this env (its database, secrets

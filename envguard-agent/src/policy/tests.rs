@@ -333,3 +333,59 @@ fn probes_parse_and_bad_ones_name_their_line() {
         other => panic!("expected two errors, got {other:?}"),
     }
 }
+
+#[test]
+fn interfaces_parse() {
+    let p = parse(
+        "[envs.dev]\ninterfaces = [\"tap-dev*\"]\n[envs.prod]\ninterfaces = [\"tap-prod*\", \"br-prod\"]\n",
+    )
+    .expect("valid");
+    assert_eq!(p.envs[0].name, "dev");
+    assert_eq!(
+        p.envs[0].interfaces,
+        [interfaces::IfacePattern::Prefix("tap-dev".into())]
+    );
+    assert_eq!(
+        p.envs[1].interfaces,
+        [
+            interfaces::IfacePattern::Prefix("tap-prod".into()),
+            interfaces::IfacePattern::Name("br-prod".into())
+        ]
+    );
+}
+
+#[test]
+fn interface_errors_name_the_line_and_both_envs() {
+    for (text, line, says) in [
+        (
+            "[envs.a]\ninterfaces = [\"tap-*\"]\n[envs.b]\ninterfaces = [\"tap-b1\"]\n",
+            4,
+            "interface tap-b1 in env b overlaps tap-* in env a",
+        ),
+        (
+            "[envs.a]\ninterfaces = [\"br0\"]\n[envs.b]\ninterfaces = [\"br0\"]\n",
+            4,
+            "interface br0 in env b overlaps br0 in env a",
+        ),
+        (
+            "[envs.a]\ninterfaces = [\"br0\", \"br*\"]\n",
+            2,
+            "listed twice in env a",
+        ),
+        ("[envs.a]\ninterfaces = [\"*\"]\n", 2, "every interface"),
+        (
+            "[envs.a]\ninterfaces = [\"t*p\"]\n",
+            2,
+            "only allowed at the end",
+        ),
+        (
+            "[envs.a]\ninterfaces = [\"sixteen-bytes-xx\"]\n",
+            2,
+            "longer than 15 bytes",
+        ),
+    ] {
+        let (l, msg) = error(text);
+        assert_eq!(l, Some(line), "{text}: {msg}");
+        assert!(msg.contains(says), "{text}: {msg}");
+    }
+}

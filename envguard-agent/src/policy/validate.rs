@@ -115,6 +115,7 @@ impl Validator<'_> {
         let mut cidr_owner: HashMap<IpNetwork, String> = HashMap::new();
         let mut cgroup_owner: HashMap<String, String> = HashMap::new();
         let mut ns_owner: HashMap<String, String> = HashMap::new();
+        let mut iface_owner: Vec<(super::interfaces::IfacePattern, String)> = Vec::new();
         for (name, env) in &file.envs {
             let n = name.get_ref();
             if n.is_empty() {
@@ -187,6 +188,32 @@ impl Validator<'_> {
                         cgroup_owner.insert(path.clone(), n.clone());
                         cgroups.push(path);
                         lines.cgroups.push(self.lines.line_of(c.span().start));
+                    }
+                }
+            }
+            let mut interfaces = Vec::new();
+            for i in &env.interfaces {
+                let pat = match super::interfaces::IfacePattern::parse(i.get_ref()) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.at(i, e);
+                        continue;
+                    }
+                };
+                match iface_owner.iter().find(|(p, _)| p.overlaps(&pat)) {
+                    Some((p, owner)) if owner == n => self.at(
+                        i,
+                        format!("interface {pat} is listed twice in env {n} (overlaps {p})"),
+                    ),
+                    Some((p, owner)) => self.at(
+                        i,
+                        format!(
+                            "interface {pat} in env {n} overlaps {p} in env {owner}; an interface belongs to one env"
+                        ),
+                    ),
+                    None => {
+                        iface_owner.push((pat.clone(), n.clone()));
+                        interfaces.push(pat);
                     }
                 }
             }
@@ -268,6 +295,7 @@ impl Validator<'_> {
                 name: n.clone(),
                 cgroups,
                 cidrs,
+                interfaces,
                 on_agent_loss,
                 agent_loss_timeout,
                 probes,

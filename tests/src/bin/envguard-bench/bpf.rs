@@ -280,6 +280,40 @@ pub fn load_empty_skb(expected_attach_type: u32) -> io::Result<OwnedFd> {
     sys_bpf(BPF_PROG_LOAD, &mut a).map(fd_result)
 }
 
+pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+/// `r0 = -1 (TC_ACT_UNSPEC: "next"); exit`: a tc program that passes
+/// every packet on, as envguard's tc programs do for what they let through.
+pub fn load_empty_tc() -> io::Result<OwnedFd> {
+    // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm -1; BPF_JMP | BPF_EXIT.
+    let insns: [u64; 2] = [
+        u64::from(0xb7u8) | (0xffff_ffffu64 << 32),
+        u64::from(0x95u8),
+    ];
+    let license = c"GPL";
+    let mut a = Attr::new();
+    a.u32(0, BPF_PROG_TYPE_SCHED_CLS)
+        .u32(4, insns.len() as u32)
+        .u64(8, ptr(insns.as_ptr()))
+        .u64(16, ptr(license.as_ptr()));
+    a.0[48..48 + 9].copy_from_slice(b"eg_empty\0");
+    sys_bpf(BPF_PROG_LOAD, &mut a).map(fd_result)
+}
+
+/// The programs on a device's tcx hook (`BPF_TCX_INGRESS` 46, `BPF_TCX_EGRESS`
+/// 47), in the caller's network namespace.
+pub fn query_tcx(ifindex: u32, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = [0u32; 64];
+    let mut a = Attr::new();
+    a.u32(0, ifindex)
+        .u32(4, attach_type)
+        .u64(16, ptr(ids.as_mut_ptr()))
+        .u32(24, 64);
+    sys_bpf(BPF_PROG_QUERY, &mut a)?;
+    let n = (a.get_u32(24) as usize).min(64);
+    Ok(ids[..n].to_vec())
+}
+
 /// Attaches `prog` to `cgroup` with a BPF link (multi-attach, like the
 /// agent's); detached when the returned fd is closed.
 pub fn link_cgroup(

@@ -27,6 +27,7 @@ mod policygen;
 mod profile;
 mod report;
 mod sysinfo;
+mod tc;
 mod worker;
 
 use std::panic::AssertUnwindSafe;
@@ -173,12 +174,13 @@ fn main() {
                 }
             };
         type Section = fn(&env::BenchEnv) -> Value;
-        let sections: [(&str, Section); 5] = [
+        let sections: [(&str, Section); 6] = [
             ("test_run", kernel::test_run),
             ("bpf_stats", kernel::bpf_stats),
             ("policy", loadtime::run),
             ("events", events::run),
             ("e2e", e2e::run),
+            ("tc", tc::run),
         ];
         // A development aid: ENVGUARD_BENCH_ONLY=e2e,events runs only those.
         let only = std::env::var("ENVGUARD_BENCH_ONLY").ok();

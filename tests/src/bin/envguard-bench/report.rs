@@ -721,6 +721,7 @@ pub fn tables(r: &Value) -> String {
         s.push_str(&error_line(r, "events").unwrap_or_default());
     }
 
+    s.push_str(&crate::tc::table(r));
     let _ = writeln!(s, "### Targets\n\n| target | measured | |\n|---|---|---|");
     for t in r["targets"].as_array().into_iter().flatten() {
         let _ = writeln!(
