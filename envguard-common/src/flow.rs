@@ -82,7 +82,13 @@ pub struct FlowVerdict {
     /// 1 when the remote side opened the conversation (an inbound connection
     /// or datagram), 0 when this socket did.
     pub inbound: u8,
-    pub _pad: u8,
+    /// 1 when the peer's env came from a socket of this host (`bpf_sk_lookup`
+    /// at connect or sendmsg). Such a decision holds only for packets that
+    /// really stay on the host (the loopback device): the lookup also finds a
+    /// wildcard or `IP_FREEBIND` socket of the caller's own for an address
+    /// that is not local, whose packets then leave the host and are judged
+    /// afresh by their address.
+    pub peer_local: u8,
     /// The pair's envs, for its mode.
     pub src_env: u32,
     pub dst_env: u32,
@@ -103,10 +109,22 @@ impl FlowVerdict {
             decision: decision as u8,
             mode: mode as u8,
             inbound: inbound as u8,
-            _pad: 0,
+            peer_local: 0,
             src_env,
             dst_env,
         }
+    }
+
+    /// The decision with its peer's env taken from a socket of this host.
+    pub const fn with_peer_local(mut self, local: bool) -> Self {
+        self.peer_local = local as u8;
+        self
+    }
+
+    /// Whether the decision holds for a packet that is (`true`) or is not on
+    /// the loopback device.
+    pub const fn holds_on(&self, loopback: bool) -> bool {
+        self.peer_local == 0 || loopback
     }
 
     pub const fn allows(&self) -> bool {

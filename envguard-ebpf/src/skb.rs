@@ -166,17 +166,17 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     // Which way a stale decision kept on the socket said the flow goes:
     // `NO_DECISION` when the socket keeps none.
     let mut kept_inbound = NO_DECISION;
+    let loopback = unsafe { (*raw).ifindex } == LOOPBACK_IFINDEX;
     if !sk.is_null()
         && let Some(s) = sockenv::get(sk.cast())
         && s.flags & SOCK_F_VERDICT != 0
     {
         let cfg = config();
-        if fresh(&s.verdict, &cfg) {
+        if fresh(&s.verdict, &cfg) && s.verdict.holds_on(loopback) {
             return Ok(verdict(&cfg, &s.verdict));
         }
         kept_inbound = s.verdict.inbound;
     }
-    let loopback = unsafe { (*raw).ifindex } == LOOPBACK_IFINDEX;
     let mut pkt = Packet {
         src: [0; 16],
         dst: [0; 16],
@@ -200,7 +200,11 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     let flow = FlowKey::new(cookie, *remote_addr, remote_port, pkt.proto);
     // Also on loopback: a same-host flow judged at connect() follows a mode
     // switch at its next packet, like any other.
-    if let Some(v) = crate::classify::cached(&flow, &cfg) {
+    // A decision taken for a same-host peer does not hold for a packet that
+    // leaves the host: it is judged by its address below, and replaces it.
+    if let Some(v) = crate::classify::cached(&flow, &cfg)
+        && v.holds_on(loopback)
+    {
         keep_on_socket(sk, pkt.proto, &v);
         return Ok(verdict(&cfg, &v));
     }
@@ -347,7 +351,8 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         inbound.unwrap_or(ingress),
         src,
         dst,
-    );
+    )
+    .with_peer_local(remote.from == ENV_FROM_SOCKET);
     if is_tcp && ingress && syn_only && !sk.is_null() {
         // The listener keeps its own cookie in its storage, which the kernel
         // clones into the connections it accepts: that is how they find this.

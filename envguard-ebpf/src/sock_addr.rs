@@ -7,7 +7,10 @@ use aya_ebpf::{
 };
 use envguard_common::{
     config::{Counter, MODE_ENFORCE},
-    event::{AF_INET, AF_INET6, DIRECTION_EGRESS, DedupKey, HOOK_CONNECT4, HOOK_CONNECT6},
+    event::{
+        AF_INET, AF_INET6, DIRECTION_EGRESS, DedupKey, ENV_FROM_SOCKET, HOOK_CONNECT4,
+        HOOK_CONNECT6,
+    },
     flow::{DECISION_ALLOW, FlowKey, FlowVerdict, SOCK_F_ACTIVE, SOCK_F_VERDICT, SockEnv},
 };
 
@@ -73,7 +76,8 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         false,
         local.env,
         remote.env,
-    );
+    )
+    .with_peer_local(remote.from == ENV_FROM_SOCKET);
     if !label(ctx, hook, proto, &local, &verdict) {
         remember(&flow, &verdict);
     }

@@ -13,8 +13,8 @@ use std::{
 };
 
 use envguard_tests::{
-    Client, Lab, Mode, Netns, PolicyExtras, Proto, Site, attack::Attacker, control::assert_fields,
-    event::is_violation, netns::Family, sys,
+    Client, Lab, Mode, Netns, PolicyExtras, Proto, Site, agent::AgentOptions, attack::Attacker,
+    control::assert_fields, event::is_violation, netns::Family, sys,
 };
 use serde_json::{Value, json};
 
@@ -683,4 +683,72 @@ fn cached_allow_to_a_relabelled_socket_does_not_survive() {
         ],
     );
     lab.stop_agent();
+}
+
+// 11. The same-host lookup at connect()/sendmsg() asks the caller's own
+// namespace which socket would receive the destination's address and port.
+// A workload can make it answer with a socket of its own for an address that
+// is not local: a wildcard listener on the port, or one bound to the remote
+// address itself with IP_FREEBIND (no privilege needed). That answer vouches
+// for nothing once the packets leave the host: they are judged again by their
+// address at the packet hook, refused and reported.
+#[test]
+fn own_decoy_socket_does_not_make_a_remote_address_same_host() {
+    for mode in [Mode::Enforce, Mode::Audit] {
+        let mut lab = lab(mode);
+        lab.serve_remote_sites();
+        let attacker = Attacker::new(EGATTACK);
+        // Every attempt its own record: the cases share a flow's key.
+        lab.spawn_agent(&AgentOptions::ephemeral().dedup_interval("0"));
+        let prod_ip = Site::Prod.addr(Family::V4).to_string();
+        for (proto, bind) in [
+            ("tcp", "0.0.0.0"),
+            ("udp", "0.0.0.0"),
+            ("tcp", prod_ip.as_str()),
+            ("udp", prod_ip.as_str()),
+        ] {
+            let what = format!(
+                "{mode:?}: dev {proto} to prod {prod_ip}:9000 with a decoy of its own at {bind}:9000"
+            );
+            let mark = lab.agent().len();
+            let r = attacker.run(
+                &lab.client_place(Client::Dev),
+                Some(NOBODY),
+                &["decoy", proto, bind, &prod_ip, "9000"],
+            );
+            assert_eq!(r["decoy"], "bound", "{what}: {r}");
+            // The socket hook takes the decoy for the destination and lets
+            // the call through; the first packet leaving the host is judged
+            // by its address and dropped: a TCP connect then times out, and
+            // a UDP send fails with EPERM (the kernel's answer to a packet
+            // the cgroup egress hook drops).
+            let outcome = match (mode, proto) {
+                (Mode::Enforce, "tcp") => "timeout",
+                (Mode::Enforce, _) => "refused",
+                (Mode::Audit, _) => "echo",
+            };
+            let verdict = if mode == Mode::Enforce {
+                "denied"
+            } else {
+                "audited"
+            };
+            assert_eq!(r["outcome"], outcome, "{what}: {r}");
+            let (_, v) = violation_after(&lab, mark, &what, |v| {
+                v["destination"]["port"] == 9000 && v["proto"] == proto
+            });
+            assert_fields(
+                &v,
+                &what,
+                &[
+                    ("hook", json!("skb_egress")),
+                    ("verdict", json!(verdict)),
+                    ("source.env", json!("dev")),
+                    ("destination.env", json!("prod")),
+                    ("destination.env_from", json!("cidr")),
+                    ("destination.ip", json!(prod_ip)),
+                ],
+            );
+        }
+        lab.stop_agent();
+    }
 }

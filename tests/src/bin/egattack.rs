@@ -33,6 +33,12 @@
 //!   CGROUP_DIR at the first line on stdin (then prints `{"moved":true}`).
 //! - `udp-hold DST_ADDR DST_PORT`: one UDP socket; for every line on stdin
 //!   sends a datagram from it and prints `{"exchange":O}`.
+//! - `decoy tcp|udp BIND_ADDR DST_ADDR PORT`: binds a socket of its own at
+//!   BIND_ADDR:PORT (a wildcard, or DST_ADDR itself with `IP_FREEBIND`,
+//!   which needs no privilege; TCP: listening), so that a same-host lookup
+//!   of DST_ADDR:PORT finds it, then connects (TCP, exchanging a line) or
+//!   sends a datagram (UDP) to the real DST_ADDR:PORT from another socket;
+//!   prints `{"decoy":"bound"|O,"outcome":O}`.
 //! - `share-listener ADDR PORT CGROUP_DIR`: binds and listens, forks a child
 //!   that moves into CGROUP_DIR holding the same socket; prints
 //!   `{"ready":true,"pid":P,"child":C}`; both stay until killed.
@@ -113,6 +119,7 @@ fn main() {
         ["udp-serve-move", addr, port, dir] => udp_serve_move(sa(addr, port), dir),
         ["udp-hold", addr, port] => udp_hold(sa(addr, port)),
         ["raw-udp", addr, port] => print(json!({"outcome": raw_udp(sa(addr, port))})),
+        ["decoy", proto, bind, dst, port] => decoy(proto, sa(bind, port), sa(dst, port)),
         _ => die(format!("unknown command {args:?} (see the module docs)")),
     }
 }
@@ -213,6 +220,63 @@ fn hijack(dst: SocketAddr) {
     };
     let after = udp_send(dst);
     print(json!({"before": before, "rebind": rebind, "after_rebind": after}));
+}
+
+fn decoy(proto: &str, bind: SocketAddr, dst: SocketAddr) {
+    let ty = match proto {
+        "tcp" => libc::SOCK_STREAM,
+        "udp" => libc::SOCK_DGRAM,
+        _ => die(format!("decoy: protocol {proto}: tcp or udp")),
+    };
+    let family = if bind.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscalls on a descriptor owned at once; valid buffers.
+    let decoy = unsafe {
+        let fd = libc::socket(family, ty | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            die(format!("socket: {}", io::Error::last_os_error()));
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let (level, opt) = if bind.is_ipv4() {
+            (libc::IPPROTO_IP, libc::IP_FREEBIND)
+        } else {
+            (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND)
+        };
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let (storage, len) = envguard_tests::sockaddr::to_sockaddr(bind);
+        if libc::bind(fd.as_raw_fd(), (&raw const storage).cast(), len) != 0
+            || (ty == libc::SOCK_STREAM && libc::listen(fd.as_raw_fd(), 8) != 0)
+        {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(fd)
+        }
+    };
+    let bound = match &decoy {
+        Ok(_) => "bound".to_owned(),
+        Err(e) => outcome(e),
+    };
+    let any: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let o = if ty == libc::SOCK_STREAM {
+        tcp_from(any, dst)
+    } else {
+        udp_send(dst)
+    };
+    print(json!({"decoy": bound, "outcome": o}));
 }
 
 fn udp_serve(addr: SocketAddr) {
