@@ -218,17 +218,28 @@ fn main() {
     results["elapsed_s"] = json!(started.elapsed().as_secs_f64());
     results["leftovers"] = json!(leftovers());
     results["targets"] = json!(report::targets(&results));
+    let dir = if args.quick {
+        args.out.join("target/bench-quick")
+    } else {
+        args.out.clone()
+    };
+    // The run this one replaces, so the report sets the new figures next
+    // to the old ones.
+    if let Some(old) = std::fs::read_to_string(dir.join("bench/results.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+    {
+        results["previous"] = json!({
+            "commit": old["source"]["commit"],
+            "targets": old["targets"],
+        });
+    }
     let tables = report::tables(&results);
     let notes = report::notes(&results);
     println!("\n{tables}\n{notes}");
     println!(
         "End-to-end figures are noisy on this VM (shared, 2 vCPUs): lean on the per-run kernel cost."
     );
-    let dir = if args.quick {
-        args.out.join("target/bench-quick")
-    } else {
-        args.out.clone()
-    };
     if let Err(e) = write_outputs(&dir, &results, &tables, &notes) {
         eprintln!("envguard-bench: cannot write the results: {e}");
         std::process::exit(1);
