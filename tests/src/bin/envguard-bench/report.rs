@@ -78,6 +78,24 @@ fn steady_over_floor(r: &Value) -> Vec<(f64, f64)> {
         .unwrap_or_default()
 }
 
+/// The per-connection program time row.
+const PER_CONNECTION_TARGET: &str =
+    "Program time per new TCP connection ≤ 1.5 µs (all hooks, accounting removed)";
+
+/// envguard's program time per connection of the enforce arm, without the
+/// accounting (the empty program's cost under bpf_stats, per run): (ns, runs).
+fn connection_program_ns(r: &Value) -> Option<(f64, f64)> {
+    let b = &section(r, "e2e")?["enforce_bpf_time_per_op"]["connections"];
+    let ns = f(&b["ns_per_op"])?;
+    let runs = f(&b["runs_per_op"])?;
+    let empty = section(r, "bpf_stats")?["programs"]
+        .as_array()?
+        .iter()
+        .find(|p| p["program"] == "empty (egress)")
+        .and_then(|p| f(&p["ns_per_run"]))?;
+    Some((ns - runs * empty, runs))
+}
+
 /// The established-flow row: the steady state, under real traffic.
 const ESTABLISHED_TARGET: &str = "Established TCP flow, per packet ≤ empty program + 30 ns";
 
@@ -202,6 +220,25 @@ pub fn targets(r: &Value) -> Vec<Value> {
             ),
             met(enf >= 0.97 && enf >= nft),
         );
+        let rr = f(&e["workloads"]["request-response"]["envguard-enforce"]["ratio_median"])
+            .unwrap_or(f64::NAN);
+        let tp = f(&e["workloads"]["throughput"]["envguard-enforce"]["ratio_median"])
+            .unwrap_or(f64::NAN);
+        push(
+            "Request/response ≥ 0.99 × and throughput ≥ 0.98 × no program, envguard enforcing",
+            format!("request/response {rr:.3} ×, throughput {tp:.3} × (medians of the rounds)"),
+            met(rr >= 0.99 && tp >= 0.98),
+        );
+        match connection_program_ns(r) {
+            Some((net, runs)) => push(
+                PER_CONNECTION_TARGET,
+                format!(
+                    "{net:.0} ns in {runs:.0} program runs per connection (bpf_stats, enforce arm, the accounting's own cost taken off)"
+                ),
+                met(net <= 1500.0),
+            ),
+            None => push(PER_CONNECTION_TARGET, nm(), "NOT MEASURED"),
+        }
     } else {
         push(
             "Connection rate, envguard enforcing ≥ 0.97 × no program, and not below the nftables-set arm",
@@ -818,14 +855,12 @@ pub fn notes(r: &Value) -> String {
         let big = cases.last().expect("non-empty");
         let floor = f(&big["empty_steady_ns"]["median"]).unwrap_or(f64::NAN);
         let steady = f(&big["egress_steady_ns"]["median"]).unwrap_or(f64::NAN);
-        let lo = f(&big["egress_loopback_shortcut_ns"]).unwrap_or(f64::NAN);
         let _ = writeln!(
             s,
-            "**Steady state.** A cached packet costs `skb_egress` {:.0} ns over the empty program. With ifindex 1 the program returns right after parsing the headers, before any map lookup, and still costs {:.0} ns over the floor: header parsing is {:.0} % of the steady-state excess, the verdict-cache lookup and the rest {:.0} ns.",
+            "**Steady state without a decision on the socket.** This row is the path of a packet whose socket keeps no decision: UDP datagrams, and every packet of a test run (which has no socket). An established TCP flow finds its decision on its socket and costs +{:.0}/+{:.0} ns under real traffic (the row above it). On this path a cached packet costs `skb_egress` {:.0} ns over the empty program: three header reads (`bpf_skb_load_bytes`), a 32-byte verdict-cache key built from zeroed byte arrays, and its hash lookup.",
+            established_over_floor(r).map_or(f64::NAN, |e| e.0),
+            established_over_floor(r).map_or(f64::NAN, |e| e.1),
             steady - floor,
-            lo - floor,
-            (lo - floor) / (steady - floor) * 100.0,
-            steady - lo
         );
         let p = &big["profile"]["steady"];
         if p.is_array() {
@@ -843,12 +878,12 @@ pub fn notes(r: &Value) -> String {
         }
         let mut fixes = Vec::new();
         if prof_pct(p, |x| x == "bpf_skb_load_bytes") >= 5.0 {
-            fixes.push("read the headers in one go (direct packet access, which cgroup_skb programs have for reading, or one `bpf_skb_load_bytes` of the IP and transport headers instead of one call per field)");
+            fixes.push("read the headers by direct packet access (cgroup_skb programs may read `data`..`data_end`) instead of copying them out");
         }
         if prof_pct(p, |x| x == "bpf:memset") >= 3.0 {
             fixes.push("build the packet and key structures from 4- and 8-byte words rather than zeroed `[u8; 16]` arrays (zeroing them is the `memset` subprogram)");
         }
-        fixes.push("and, the only change that can reach +30 ns, keep a connected socket's verdict in socket-local storage (`bpf_sk_storage_get` on the packet's socket) and check it before parsing anything: for an established TCP flow that is one lookup and no header read");
+        fixes.push("keep a connected UDP socket's decision on the socket as a TCP socket's is kept (one storage lookup, no header read); an unconnected UDP socket talks to many peers, so its datagrams keep needing the per-peer key");
         let _ = writeln!(
             s,
             "What would change it, in the kernel programs: {}.\n",
@@ -903,17 +938,51 @@ pub fn notes(r: &Value) -> String {
         let net = ns - runs * prog_ns("empty (egress)");
         let measured = f(&e["workloads"]["connections"]["envguard-enforce"]["ratio_median"])
             .unwrap_or(f64::NAN);
+        let predicted = cpu / (cpu + net);
+        let verdict = if predicted >= 0.97 {
+            format!(
+                "that predicts {predicted:.3}×, inside the 3 % budget; the measured median is {measured:.3}× with rounds from {:.2} to {:.2}: on this shared VM the end-to-end rate is noise-bound, not program-bound",
+                f(&e["workloads"]["connections"]["envguard-enforce"]["ratio_min"])
+                    .unwrap_or(f64::NAN),
+                f(&e["workloads"]["connections"]["envguard-enforce"]["ratio_max"])
+                    .unwrap_or(f64::NAN),
+            )
+        } else {
+            format!(
+                "that alone predicts {predicted:.3}× (measured: {measured:.3}×), so the 3 % budget is spent before any noise"
+            )
+        };
         let _ = writeln!(
             s,
-            "**Connection rate.** The enforce arm runs {runs:.0} envguard programs per connection, {net:.0} ns in all once the accounting's own cost is taken off (bpf_stats), against {:.1} µs of CPU per connection with no program: that alone predicts {:.3}× (measured: {measured:.3}×), so the 3 % budget is spent before any noise. Per run under traffic (1b, accounting included): connect4 {:.0} ns, post_bind4 {:.0} ns, skb_egress {:.0} ns, skb_ingress {:.0} ns, against {:.0} ns for an empty program. 0.97 needs roughly {:.0} ns per connection or less: the steady-state fixes above (most of the runs are packet hooks), and a cheaper connect4 (a new socket always classifies: cgroup walk, CIDR and rule lookups, cache insert) and post_bind (it labels every bound socket).\n",
+            "**Connection rate.** The enforce arm runs {runs:.0} envguard programs per connection, {net:.0} ns in all once the accounting's own cost is taken off (bpf_stats), against {:.1} µs of CPU per connection with no program: {verdict}. Per run under traffic (1b, accounting included): connect4 {:.0} ns, post_bind4 {:.0} ns, skb_egress {:.0} ns, skb_ingress {:.0} ns, against {:.0} ns for an empty program.\n",
             cpu / 1e3,
-            cpu / (cpu + net),
             prog_ns("connect4"),
             prog_ns("post_bind4"),
             prog_ns("skb_egress"),
             prog_ns("skb_ingress"),
             prog_ns("empty (egress)"),
-            cpu * 0.03 / 0.97,
+        );
+    }
+
+    if missed(PER_CONNECTION_TARGET)
+        && let Some((net, _)) = connection_program_ns(r)
+        && let Some(b) = section(r, "bpf_stats")
+    {
+        let prog_ns = |name: &str| {
+            b["programs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["program"] == name)
+                .and_then(|p| f(&p["ns_per_run"]))
+                .unwrap_or(f64::NAN)
+        };
+        let empty = prog_ns("empty (egress)");
+        let _ = writeln!(
+            s,
+            "**Program time per connection.** {net:.0} ns against 1 500. Two programs make most of it (per run in section 1b's traffic, the empty program's cost under bpf_stats taken off): `post_bind4` ({:.0} ns) creates the socket's storage (an allocation in the kernel) and walks its cgroup's listed ancestors, for every bound socket, since any bound socket may become a same-host destination; `connect4` ({:.0} ns) does the cgroup walk again, asks the kernel for a same-host socket (`bpf_sk_lookup_tcp`), looks the remote address up (endpoint, host and CIDR maps), takes the decision (deny and allow rule tries), and counts it. The packets of the connection find the decision on the socket. What would close it: a per-cgroup env cache (cgroup id → env, checked against the policy generation) in place of the ancestor walk in both programs, and creating the storage at `post_bind` only for sockets that can receive (a listening TCP socket or a UDP socket; a TCP socket bound before connect() could be labelled by connect4 instead) — the second needs a hook at listen(), which cgroup programs do not have (a `sock_ops` program does).\n",
+            prog_ns("post_bind4") - empty,
+            prog_ns("connect4") - empty,
         );
     }
 

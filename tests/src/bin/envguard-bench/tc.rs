@@ -237,7 +237,7 @@ pub fn table(r: &Value) -> String {
          | established flow (mean of {} runs, median of 5 calls) | {:.0} | {:.0} | +{:.0} |\n\
          | first packet of a flow (median of {} single runs) | {:.0} | {:.0} | +{:.0} |\n\n\
          Forwarded TCP, one stream, {} s per round, {} rounds interleaved (median): through the listed interface {:.2} Gbit/s, through an unlisted one (no program) {:.2} Gbit/s.\n\n\
-         Verifier: tc_ingress {} instructions processed ({} xlated), tc_egress {} ({} xlated).\n",
+         Verifier: tc_ingress {} instructions processed ({} xlated), tc_egress {} ({} xlated).\n\n",
         t["repeat"],
         g(&tr["empty_steady_ns"]),
         g(&tr["tc_ingress_steady_ns"]),
