@@ -500,30 +500,60 @@ mod tests {
         }
     }
 
+    /// A memory sink and a sink stuck on its first line, fanned out to.
+    struct StuckPair {
+        fanout: Fanout,
+        fast: Arc<Mutex<Vec<String>>>,
+        stuck_got: Arc<Mutex<Vec<String>>>,
+        /// Says when the stuck sink hangs on its first line.
+        blocked_rx: mpsc::Receiver<()>,
+        /// Lets it go on.
+        release_tx: Sender<()>,
+    }
+
+    impl StuckPair {
+        fn new(queue: usize) -> Self {
+            let fast = Arc::new(Mutex::new(Vec::new()));
+            let stuck_got = Arc::new(Mutex::new(Vec::new()));
+            let (blocked_tx, blocked_rx) = mpsc::channel();
+            let (release_tx, release_rx) = mpsc::channel();
+            let fanout = Fanout::with_sinks(
+                vec![
+                    ("memory".to_owned(), Box::new(Memory(fast.clone()))),
+                    (
+                        "stuck".to_owned(),
+                        Box::new(Stuck {
+                            blocked: blocked_tx,
+                            release: release_rx,
+                            got: stuck_got.clone(),
+                            first: true,
+                        }),
+                    ),
+                ],
+                queue,
+            )
+            .unwrap();
+            Self {
+                fanout,
+                fast,
+                stuck_got,
+                blocked_rx,
+                release_tx,
+            }
+        }
+    }
+
     #[test]
     fn a_stuck_sink_loses_exactly_what_overflows_its_queue_and_nobody_waits() {
         const QUEUE: usize = 8;
         const MORE: usize = 100;
-        let fast = Arc::new(Mutex::new(Vec::new()));
-        let stuck_got = Arc::new(Mutex::new(Vec::new()));
-        let (blocked_tx, blocked_rx) = mpsc::channel();
-        let (release_tx, release_rx) = mpsc::channel();
-        let fanout = Fanout::with_sinks(
-            vec![
-                ("memory".to_owned(), Box::new(Memory(fast.clone()))),
-                (
-                    "stuck".to_owned(),
-                    Box::new(Stuck {
-                        blocked: blocked_tx,
-                        release: release_rx,
-                        got: stuck_got.clone(),
-                        first: true,
-                    }),
-                ),
-            ],
-            QUEUE,
-        )
-        .unwrap();
+        let StuckPair {
+            fanout,
+            fast,
+            stuck_got,
+            blocked_rx,
+            release_tx,
+        } = StuckPair::new(QUEUE);
         fanout.send("line 0");
         // The stuck sink has taken line 0 off its queue and hangs on it.
         blocked_rx.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -559,26 +589,13 @@ mod tests {
     #[test]
     fn a_batch_is_cut_at_the_queue_bound_and_the_rest_counted() {
         const QUEUE: usize = 8;
-        let fast = Arc::new(Mutex::new(Vec::new()));
-        let stuck_got = Arc::new(Mutex::new(Vec::new()));
-        let (blocked_tx, blocked_rx) = mpsc::channel();
-        let (release_tx, release_rx) = mpsc::channel();
-        let fanout = Fanout::with_sinks(
-            vec![
-                ("memory".to_owned(), Box::new(Memory(fast.clone()))),
-                (
-                    "stuck".to_owned(),
-                    Box::new(Stuck {
-                        blocked: blocked_tx,
-                        release: release_rx,
-                        got: stuck_got.clone(),
-                        first: true,
-                    }),
-                ),
-            ],
-            QUEUE,
-        )
-        .unwrap();
+        let StuckPair {
+            fanout,
+            fast,
+            stuck_got,
+            blocked_rx,
+            release_tx,
+        } = StuckPair::new(QUEUE);
         fanout.send("line 0");
         blocked_rx.recv_timeout(Duration::from_secs(10)).unwrap();
         let mut lines = Lines::default();
