@@ -434,11 +434,45 @@ fn addresses_in(pid: i32, inode: u64) -> std::io::Result<Vec<IpAddr>> {
             "pid {pid} is in another network namespace now"
         )));
     }
+    // Only a namespace of the agent's own user namespace speaks for its
+    // addresses: making one takes root, and so does wiring it to the host,
+    // which is what container runtimes do. Anyone may make a user namespace
+    // and a network namespace in it, and put any address there, e.g. prod's
+    // database's, or a prod container's: such a claim would make that
+    // address theirs (or a conflict, refused to its owner's peers).
+    if owner_userns(&ns)? != own_userns()? {
+        return Err(std::io::Error::other(
+            "the namespace belongs to another user namespace: its addresses are not the host's to give",
+        ));
+    }
     // SAFETY: plain syscall on an fd we own.
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     dump_addresses()
+}
+
+/// `NS_GET_USERNS` (`_IO(0xb7, 0x1)`): an fd of the user namespace that owns
+/// a namespace.
+const NS_GET_USERNS: libc::c_ulong = 0xb701;
+
+/// The inode of the user namespace that owns the namespace `ns`.
+fn owner_userns(ns: &fs::File) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: plain ioctl on an fd we own; the result is a new fd we own.
+    let fd = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_USERNS) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let owner = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok(owner.metadata()?.ino())
+}
+
+/// The inode of the agent's own user namespace.
+fn own_userns() -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(fs::metadata("/proc/self/ns/user")?.ino())
 }
 
 const RTM_NEWADDR: u16 = 20;

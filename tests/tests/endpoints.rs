@@ -24,12 +24,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use envguard_tests::{
-    AgentOptions, CgroupTree, Family, Lab, Mode, Netns, Place, PolicyExtras, Probe, Proto, Server,
-    sys,
+    AgentOptions, CgroupTree, Client, Family, Lab, Mode, Netns, Place, PolicyExtras, Probe, Proto,
+    Server, Site, attack::Attacker, sys,
 };
 use serde_json::Value;
 
 const EGPROBE: &str = env!("CARGO_BIN_EXE_egprobe");
+const EGATTACK: &str = env!("CARGO_BIN_EXE_egattack");
+const NOBODY: u32 = 65534;
 const PORT: u16 = 9000;
 const KEEPER_PORT: u16 = 9001;
 /// Learning or forgetting an endpoint takes one holder pass (500 ms) plus
@@ -610,4 +612,66 @@ fn a_reload_keeps_the_endpoints_in_force() {
     drop(sp);
     drop(lab);
     drop(outside);
+}
+
+/// An unprivileged dev workload makes a user and network namespace of its
+/// own (no privilege needed) and puts addresses on it that it does not own:
+/// prod's remote address (which it would then reach as "dev"), and a prod
+/// container's address (which would turn into a conflict, refused to prod's
+/// own peers). Only namespaces of the agent's user namespace, which only root
+/// makes and wires, claim addresses: these claim nothing.
+#[test]
+fn a_namespace_of_an_unprivileged_user_namespace_claims_nothing() {
+    let (mut lab, _outside) = lab_with_outside(Mode::Enforce);
+    lab.serve_remote_sites();
+    let mut sp = Spaces::new();
+    let pair = prod_and_dev(&lab, &mut sp);
+    let container = addr(Family::V4, pair.net, 1);
+    wait_endpoint(&lab, container, Some("prod"));
+    let remote = Site::Prod.addr(Family::V4);
+    let attacker = Attacker::new(EGATTACK);
+    let dev = lab.client_place(Client::Dev);
+    let claims: Vec<_> = [remote, container]
+        .iter()
+        .map(|a| {
+            let c = attacker.interactive(&dev, Some(NOBODY), &["claim", &a.to_string()]);
+            assert_eq!(
+                c.next(),
+                serde_json::json!({"claimed": a.to_string()}),
+                "the attacker's namespace holds {a}"
+            );
+            c
+        })
+        .collect();
+    // A pass after the claims: an address added to a real dev namespace
+    // now shows up.
+    let late = addr(Family::V4, pair.net, 3);
+    add_addr(&pair.d, &pair.d_if, late);
+    wait_endpoint(&lab, late, Some("dev"));
+    assert_eq!(
+        endpoint(&lab, remote),
+        None,
+        "prod's remote address must not become an endpoint"
+    );
+    assert_eq!(
+        endpoint(&lab, container).map(|e| e["env"].clone()),
+        Some(serde_json::json!("prod")),
+        "the prod container's address stays prod's, not a conflict"
+    );
+    assert!(
+        !lab.agent()
+            .lines(0..lab.agent().len())
+            .iter()
+            .any(|v| v["kind"] == "endpoint_conflict"),
+        "no endpoint_conflict"
+    );
+    // And dev is still refused prod's remote address, judged by its CIDR.
+    let from = mark(&lab);
+    let r = probe(&dev, remote, 3000);
+    assert!(r.is_refused(), "dev -> prod {remote}: {}", r.raw);
+    let v = violation(&lab, from, "connect", remote);
+    assert_side(&v, "source", "dev", "cgroup");
+    assert_side(&v, "destination", "prod", "cidr");
+    drop(claims);
+    lab.stop_agent();
 }

@@ -39,6 +39,10 @@
 //!   of DST_ADDR:PORT finds it, then connects (TCP, exchanging a line) or
 //!   sends a datagram (UDP) to the real DST_ADDR:PORT from another socket;
 //!   prints `{"decoy":"bound"|O,"outcome":O}`.
+//! - `claim ADDR`: enters a user and network namespace of its own (no
+//!   privilege needed where unprivileged user namespaces are allowed), puts
+//!   ADDR on its loopback device and prints `{"claimed":ADDR}`, then holds
+//!   until stdin closes: a namespace that claims an address it does not own.
 //! - `share-listener ADDR PORT CGROUP_DIR`: binds and listens, forks a child
 //!   that moves into CGROUP_DIR holding the same socket; prints
 //!   `{"ready":true,"pid":P,"child":C}`; both stay until killed.
@@ -120,6 +124,7 @@ fn main() {
         ["udp-hold", addr, port] => udp_hold(sa(addr, port)),
         ["raw-udp", addr, port] => print(json!({"outcome": raw_udp(sa(addr, port))})),
         ["decoy", proto, bind, dst, port] => decoy(proto, sa(bind, port), sa(dst, port)),
+        ["claim", addr] => claim(sa(addr, "0").ip()),
         _ => die(format!("unknown command {args:?} (see the module docs)")),
     }
 }
@@ -277,6 +282,86 @@ fn decoy(proto: &str, bind: SocketAddr, dst: SocketAddr) {
         udp_send(dst)
     };
     print(json!({"decoy": bound, "outcome": o}));
+}
+
+fn claim(addr: IpAddr) {
+    // SAFETY: plain syscall; this process is single-threaded.
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) } != 0 {
+        die(format!(
+            "unshare(CLONE_NEWUSER | CLONE_NEWNET): {} (unprivileged user namespaces must be allowed for this test)",
+            io::Error::last_os_error()
+        ));
+    }
+    const RTM_NEWLINK: u16 = 16;
+    const RTM_NEWADDR: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    const NLM_F_CREATE: u16 = 0x400;
+    const NLM_F_EXCL: u16 = 0x200;
+    const IFA_ADDRESS: u16 = 1;
+    const IFA_LOCAL: u16 = 2;
+    // SAFETY: plain syscall; the fd is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        die(format!("netlink socket: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let request = |kind: u16, flags: u16, body: &[u8]| {
+        let mut m = Vec::with_capacity(16 + body.len());
+        m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | flags).to_ne_bytes());
+        m.extend_from_slice(&1u32.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(body);
+        // SAFETY: valid buffers of their lengths.
+        if unsafe { libc::send(sock.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) } < 0 {
+            die(format!("netlink send: {}", io::Error::last_os_error()));
+        }
+        let mut buf = [0u8; 1024];
+        // SAFETY: valid buffer.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        // The ack: NLMSG_ERROR with error 0.
+        let errno = if n >= 20 {
+            i32::from_ne_bytes(buf[16..20].try_into().expect("4 bytes"))
+        } else {
+            -libc::EIO
+        };
+        if errno != 0 {
+            die(format!(
+                "netlink request {kind}: {}",
+                io::Error::from_raw_os_error(-errno)
+            ));
+        }
+    };
+    // Loopback (index 1) up: ifinfomsg with IFF_UP in flags and change.
+    let mut link = Vec::new();
+    link.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    link.extend_from_slice(&1i32.to_ne_bytes());
+    link.extend_from_slice(&(libc::IFF_UP as u32).to_ne_bytes());
+    link.extend_from_slice(&(libc::IFF_UP as u32).to_ne_bytes());
+    request(RTM_NEWLINK, 0, &link);
+    let (family, bytes, prefix) = match addr {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec(), 32u8),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec(), 128u8),
+    };
+    let mut body = vec![family, prefix, 0, 0];
+    body.extend_from_slice(&1u32.to_ne_bytes());
+    for kind in [IFA_LOCAL, IFA_ADDRESS] {
+        body.extend_from_slice(&((4 + bytes.len()) as u16).to_ne_bytes());
+        body.extend_from_slice(&kind.to_ne_bytes());
+        body.extend_from_slice(&bytes);
+    }
+    request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, &body);
+    print(json!({"claimed": addr.to_string()}));
+    for _ in io::stdin().lock().lines() {}
 }
 
 fn udp_serve(addr: SocketAddr) {
