@@ -77,8 +77,12 @@ pub enum Claim {
     K8sNamespace(String),
 }
 
-/// The env claim of a container: its env annotation (`env_key`) wins over
-/// its pod namespace (`ns_key`); `None` for a container with neither.
+/// The env claim of a container: its pod namespace (`ns_key`) wins over its
+/// env annotation (`env_key`); `None` for a container with neither. On
+/// Kubernetes a pod's annotations are written by whoever may create pods in
+/// its namespace, so a dev team could annotate its pod `envguard.env=prod`;
+/// the namespace is the orchestrator's word, and the operator's mapping
+/// (`k8s_namespaces`) decides.
 pub fn claim(annotations: &BTreeMap<String, String>, env_key: &str, ns_key: &str) -> Option<Claim> {
     let get = |k: &str| {
         annotations
@@ -86,10 +90,10 @@ pub fn claim(annotations: &BTreeMap<String, String>, env_key: &str, ns_key: &str
             .map(|v| v.trim())
             .filter(|v| !v.is_empty())
     };
-    if let Some(env) = get(env_key) {
-        return Some(Claim::Env(env.to_owned()));
+    if let Some(ns) = get(ns_key) {
+        return Some(Claim::K8sNamespace(ns.to_owned()));
     }
-    get(ns_key).map(|ns| Claim::K8sNamespace(ns.to_owned()))
+    get(env_key).map(|env| Claim::Env(env.to_owned()))
 }
 
 /// A name for the container: the one its runtime or orchestrator gave it,
@@ -375,14 +379,14 @@ mod tests {
         assert_eq!(state.pid, Some(692));
         assert_eq!(state.id, "abc");
         let a = state.annotations();
-        // The env annotation beats the namespace.
+        // The pod's namespace beats the env annotation its authors wrote.
         assert_eq!(
             claim(&a, DEFAULT_ENV_KEY, K8S_NAMESPACE_KEY),
-            Some(Claim::Env("dev".into()))
+            Some(Claim::K8sNamespace("prod-x".into()))
         );
         assert_eq!(
-            claim(&a, "team.example/env", K8S_NAMESPACE_KEY),
-            Some(Claim::K8sNamespace("prod-x".into()))
+            claim(&a, DEFAULT_ENV_KEY, "no.such/namespace-key"),
+            Some(Claim::Env("dev".into()))
         );
         assert_eq!(
             claim(&BTreeMap::new(), DEFAULT_ENV_KEY, K8S_NAMESPACE_KEY),

@@ -404,6 +404,9 @@ fn k8s_namespace_maps_through_the_policy() {
                 &net.name,
                 "--annotation",
                 "io.kubernetes.pod.namespace=prod-x",
+                // Written by the pod's authors: the namespace decides, not this.
+                "--annotation",
+                "envguard.env=dev",
             ],
             &["/bin/busybox", "nc", "-w", "2", &dev_ip, "8080"],
         ),
