@@ -450,7 +450,8 @@ fn k8s_namespace_maps_through_the_policy() {
 /// on production-network labelled prod; an app on dev-network labelled dev
 /// is refused at connect, and the violation names both sides' envs, the
 /// app container and its process; an app on production-network labelled
-/// prod reaches the database. The policy has env names and allow rules
+/// prod reaches the database; with the pair switched to audit, a dev app
+/// reaches it too and is reported. The policy has env names and allow rules
 /// only: no CIDRs, no cgroups. (The database's env comes from its
 /// address: the endpoints feature.)
 #[test]
@@ -586,6 +587,53 @@ fn scenario_a_dev_app_cannot_reach_the_prod_database() {
     );
     assert_eq!(v["process"]["comm"], "busybox", "{v}");
     assert!(v["process"]["pid"].as_u64().is_some_and(|p| p > 0), "{v}");
+
+    // Audit mode for the pair: the same flow goes through, and is reported.
+    agent
+        .cli(&["mode", "audit", "--from", "dev", "--to", "prod"], None)
+        .assert_ok("mode audit dev -> prod");
+    let from = agent.len();
+    let audited_app = pod.container("dev-app-audited");
+    let out = output(
+        &mut pod.run_cmd(
+            &[
+                "--name",
+                &audited_app.name,
+                "--network",
+                &dev_net.name,
+                "--annotation",
+                "envguard.env=dev",
+            ],
+            &["/bin/busybox", "nc", "-w", "3", &db_ip, "5432"],
+        ),
+        "podman run (dev app, audit)",
+    );
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("db-ok"),
+        "in audit mode the dev app reaches the database: {} {:?} {:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    let (_, v) = agent.wait_for(
+        "the audited dev -> prod database flow",
+        EVENT_TIMEOUT,
+        |v| {
+            v["kind"] == "violation"
+                && v["destination"]["ip"] == db_ip.as_str()
+                && v["seq"].as_u64().is_some_and(|s| s as usize >= from)
+        },
+    );
+    assert_eq!(v["verdict"], "audited", "{v}");
+    assert_eq!(v["mode"], "audit", "{v}");
+    assert_eq!(v["source"]["env"], "dev", "{v}");
+    assert_eq!(
+        v["source"]["container"]["id"],
+        audited_app.id().as_str(),
+        "{v}"
+    );
+    assert_eq!(v["destination"]["env"], "prod", "{v}");
+    assert_eq!(v["destination"]["env_from"], "endpoint", "{v}");
     agent.stop();
 }
 
