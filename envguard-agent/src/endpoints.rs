@@ -454,7 +454,7 @@ fn addresses_in(pid: i32, inode: u64) -> std::io::Result<Vec<IpAddr>> {
 
 /// `NS_GET_USERNS` (`_IO(0xb7, 0x1)`): an fd of the user namespace that owns
 /// a namespace.
-const NS_GET_USERNS: libc::c_ulong = 0xb701;
+const NS_GET_USERNS: libc::Ioctl = 0xb701;
 
 /// The inode of the user namespace that owns the namespace `ns`.
 fn owner_userns(ns: &fs::File) -> std::io::Result<u64> {
