@@ -118,10 +118,15 @@ pub fn resolve(namespaces: &[Namespace], cgroup_envs: &HashMap<u64, u32>) -> Res
             .map(|(&e, &p)| (e, p))
             .collect();
         let has_host = by_env.contains_key(&ENV_HOST);
+        // Only a namespace of exactly one env claims: one shared with `host`
+        // processes or with another env's is host-like (as the agent's own
+        // namespace is), and its addresses stay whatever the CIDRs say.
+        // Making it conflicted instead would let whoever joins a namespace
+        // turn its addresses into refusals for everyone, and every such
+        // change would make every cached verdict stale.
         let claimants = match declared.len() {
-            0 => continue,
-            1 if has_host => continue,
-            _ => declared,
+            1 if !has_host => declared,
+            _ => continue,
         };
         for a in ns.addrs.iter().filter(|a| eligible(a)) {
             let c = claims.entry(*a).or_default();

@@ -387,7 +387,7 @@ fn audit_dev_to_prod_endpoint_is_reported_and_connects() {
 }
 
 #[test]
-fn a_namespace_of_host_and_prod_processes_claims_nothing_and_of_two_envs_is_a_conflict() {
+fn a_namespace_of_host_and_prod_processes_or_of_two_envs_claims_nothing() {
     let (lab, _outside) = lab_with_outside(Mode::Enforce);
     let mut sp = Spaces::new();
     let pair = prod_and_dev(&lab, &mut sp);
@@ -424,39 +424,28 @@ fn a_namespace_of_host_and_prod_processes_claims_nothing_and_of_two_envs_is_a_co
             "dev's connect() to {a} was reported although {a} is no endpoint"
         );
     }
-    // A dev process joins too: two envs in one namespace claim its addresses
-    // as a conflict.
+    // A dev process joins too: a namespace of two envs is host-like as
+    // well, no conflict. An address added to D afterwards showing up proves
+    // a pass saw the join.
     let from = mark(&lab);
     sp.keep(&dev_in(&lab, &pair.p));
+    let late = addr(Family::V4, pair.net, 3);
+    add_addr(&pair.d, &pair.d_if, late);
+    wait_endpoint(&lab, late, Some("dev"));
     for &a in &dst {
-        wait_endpoint(&lab, a, Some("endpoint-conflict"));
-        let (_, rec) =
-            lab.agent()
-                .wait_for(&format!("endpoint_conflict for {a}"), EVENT_TIMEOUT, |v| {
-                    v["kind"] == "endpoint_conflict"
-                        && v["address"] == a.to_string()
-                        && v["seq"].as_u64().unwrap_or(0) as usize >= from
-                });
-        let mut envs: Vec<&str> = rec["envs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(Value::as_str)
-            .collect();
-        envs.sort();
-        assert_eq!(envs, ["dev", "prod"], "{rec}");
         assert_eq!(
-            rec["netns"],
-            serde_json::json!([netns_inode(sp.servers[pair.prod_server].pid())]),
-            "{rec}"
+            endpoint(&lab, a),
+            None,
+            "{a} claimed by a namespace of two envs"
         );
-        assert_eq!(rec["env"], "endpoint-conflict", "{rec}");
-        let from = mark(&lab);
-        let r = probe(&dev_in(&lab, &pair.d), a, 3000);
-        assert!(r.is_refused(), "dev -> conflicted {a}: {}", r.raw);
-        let v = violation(&lab, from, "connect", a);
-        assert_side(&v, "destination", "endpoint-conflict", "endpoint");
     }
+    assert!(
+        !lab.agent()
+            .lines(from..lab.agent().len())
+            .iter()
+            .any(|v| v["kind"] == "endpoint_conflict"),
+        "a namespace of two envs is no conflict"
+    );
 }
 
 #[test]
