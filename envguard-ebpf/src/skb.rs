@@ -287,10 +287,20 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         }
         // Which way the conversation goes. A datagram and a SYN go the way
         // they travel: a reply is let through only by the state its socket
-        // recorded when it sent (the verdict cache), never because its ports
-        // look like one. Within a TCP connection, the socket says who opened it.
-        let inbound = if !is_tcp || syn_only {
+        // recorded when it sent (the verdict cache, written by these programs
+        // only), never because its ports look like one. Within a TCP
+        // connection, the socket says who opened it.
+        let inbound = if syn_only {
             Some(ingress)
+        } else if !is_tcp {
+            // The state recorded when one side spoke first still says who
+            // did after the policy changed under the flow (the decision is
+            // stale, the direction is not): a reply to a datagram this
+            // socket sent stays a reply, judged the way the flow goes.
+            match unsafe { FLOW_VERDICTS.get(&flow) } {
+                Some(old) => Some(old.inbound != 0),
+                None => Some(ingress),
+            }
         } else if labelled && active {
             Some(false)
         } else if labelled && listener != 0 {
