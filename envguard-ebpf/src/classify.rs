@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use envguard_common::{
-    config::{Config, Counter, EnvLoss, MAX_CGROUP_LEVEL, MODE_AUDIT, PolicyMeta},
+    config::{Config, Counter, EnvLoss, MAX_CGROUP_LEVEL, MODE_AUDIT, MODE_ENFORCE, PolicyMeta},
     decide::{self as shared, ModeLookup, RuleLookup},
     event::{
         DecisionKey, ENV_FROM_CGROUP, ENV_FROM_CIDR, ENV_FROM_DEFAULT, ENV_FROM_ENDPOINT,
@@ -60,6 +60,20 @@ pub fn config() -> Config {
     match CONFIG.get(0) {
         Some(c) => *c,
         None => Config::new(0, MODE_AUDIT),
+    }
+}
+
+/// The verdict of a packet hook on a packet it could not judge (headers it
+/// cannot read, a spoofed source): counted, then `drop` in enforce mode and
+/// `pass` in audit mode. Enforce promises that nothing unjudged crosses envs;
+/// audit promises never to break traffic.
+#[inline(always)]
+pub fn unjudgeable(drop: i32, pass: i32) -> i32 {
+    count(Counter::Unparsable);
+    if config().mode == MODE_ENFORCE {
+        drop
+    } else {
+        pass
     }
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use envguard_common::{
-    config::{Config, Counter, MODE_ENFORCE},
+    config::{Config, MODE_ENFORCE},
     event::{
         AF_INET, AF_INET6, DIRECTION_EGRESS, DIRECTION_INGRESS, DedupKey, ENV_FROM_DEFAULT,
         ENV_FROM_SOCKET, HOOK_SKB_EGRESS, HOOK_SKB_INGRESS,
@@ -19,8 +19,8 @@ use envguard_common::{
 
 use crate::{
     classify::{
-        Side, cidr_env, config, count, count_decision, decide, fresh, local_peer_env, mode_of,
-        policy, remember, skb_local_env, verdict_of,
+        Side, cidr_env, config, count_decision, decide, fresh, local_peer_env, mode_of, policy,
+        remember, skb_local_env, unjudgeable, verdict_of,
     },
     event::{emit, set_sides},
     ipv6::upper_layer,
@@ -54,12 +54,7 @@ pub fn skb_egress(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn fallback() -> i32 {
-    count(Counter::Unparsable);
-    if config().mode == MODE_ENFORCE {
-        DROP
-    } else {
-        PASS
-    }
+    unjudgeable(DROP, PASS)
 }
 
 /// What the program reads of a packet. `src` and `dst` are adjacent, in

@@ -40,7 +40,7 @@ use envguard_common::{
 use crate::{
     classify::{
         Policy, Side, cidr_env, config, count, count_decision, decide, fresh, mode_of, policy,
-        verdict_of,
+        unjudgeable, verdict_of,
     },
     event::emit,
     ipv6::upper_layer,
@@ -75,12 +75,7 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn fallback() -> i32 {
-    count(Counter::Unparsable);
-    if config().mode == MODE_ENFORCE {
-        DROP
-    } else {
-        PASS
-    }
+    unjudgeable(DROP, PASS)
 }
 
 /// What the program reads of a packet.
