@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use envguard_tests::podman::{Pod, now_unix_ns, output, unix_ns};
+use envguard_tests::podman::{Container, Pod, now_unix_ns, output, unix_ns};
 use envguard_tests::{Agent, AgentOptions, CgroupTree, Mode, PinRoot, TempFile};
 use serde_json::Value;
 
@@ -46,6 +46,27 @@ fn violation_to(agent: &Agent, ip: &str) -> Value {
             v["kind"] == "violation" && v["destination"]["ip"] == ip
         })
         .1
+}
+
+/// `podman run --name C --network NETWORK [--annotation A]... [-d] COMMAND`,
+/// waited for; `what` names it in a failure.
+fn run_in(
+    pod: &Pod,
+    c: &Container,
+    network: &str,
+    annotations: &[&str],
+    detach: bool,
+    command: &[&str],
+    what: &str,
+) -> std::process::Output {
+    let mut extra = vec!["--name", c.name.as_str(), "--network", network];
+    for a in annotations {
+        extra.extend(["--annotation", a]);
+    }
+    if detach {
+        extra.push("-d");
+    }
+    output(&mut pod.run_cmd(&extra, command), what)
 }
 
 fn stderr(o: &std::process::Output) -> String {
@@ -100,18 +121,13 @@ fn annotated_container_is_in_its_env_from_its_first_packet() {
     let net = pod.network("dev", 0);
     let app = pod.container("app");
     let started = now_unix_ns();
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &app.name,
-                "--network",
-                &net.name,
-                "--annotation",
-                "envguard.env=dev",
-            ],
-            &["/bin/busybox", "nc", "-w", "2", &prod_ip, "5432"],
-        ),
+    let out = run_in(
+        &pod,
+        &app,
+        &net.name,
+        &["envguard.env=dev"],
+        false,
+        &["/bin/busybox", "nc", "-w", "2", &prod_ip, "5432"],
         "podman run",
     );
     assert_eperm(&out, "the dev container's first connect to prod");
@@ -143,18 +159,13 @@ fn annotated_container_is_in_its_env_from_its_first_packet() {
     );
     // The same over IPv6, from a second container's first packet.
     let app6 = pod.container("app6");
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &app6.name,
-                "--network",
-                &net.name,
-                "--annotation",
-                "envguard.env=dev",
-            ],
-            &["/bin/busybox", "nc", "-w", "2", &prod_ip6, "5432"],
-        ),
+    let out = run_in(
+        &pod,
+        &app6,
+        &net.name,
+        &["envguard.env=dev"],
+        false,
+        &["/bin/busybox", "nc", "-w", "2", &prod_ip6, "5432"],
         "podman run",
     );
     assert_eperm(&out, "the dev container's first connect to prod over IPv6");
@@ -176,11 +187,13 @@ fn annotated_container_is_in_its_env_from_its_first_packet() {
     // An unannotated container is left alone: host, allowed to prod by the
     // defaults, and not registered.
     let plain = pod.container("plain");
-    let out = output(
-        &mut pod.run_cmd(
-            &["--name", &plain.name, "--network", &net.name],
-            &["/bin/busybox", "nc", "-w", "1", &prod_ip, "5432"],
-        ),
+    let out = run_in(
+        &pod,
+        &plain,
+        &net.name,
+        &[],
+        false,
+        &["/bin/busybox", "nc", "-w", "1", &prod_ip, "5432"],
         "podman run",
     );
     assert!(
@@ -207,18 +220,13 @@ fn no_agent_fails_closed_unless_fail_open_and_the_agent_finds_it_later() {
     let prod_ip = pod.block.net(3, 10).to_string();
     install_hook(&pod, &pin, &[]);
     let refused = pod.container("refused");
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &refused.name,
-                "--network",
-                "none",
-                "--annotation",
-                "envguard.env=dev",
-            ],
-            &["/bin/busybox", "true"],
-        ),
+    let out = run_in(
+        &pod,
+        &refused,
+        "none",
+        &["envguard.env=dev"],
+        false,
+        &["/bin/busybox", "true"],
         "podman run",
     );
     assert!(
@@ -233,11 +241,13 @@ fn no_agent_fails_closed_unless_fail_open_and_the_agent_finds_it_later() {
     );
     // Unannotated containers start whatever the agent does.
     let plain = pod.container("plain");
-    let out = output(
-        &mut pod.run_cmd(
-            &["--name", &plain.name, "--network", "none"],
-            &["/bin/busybox", "true"],
-        ),
+    let out = run_in(
+        &pod,
+        &plain,
+        "none",
+        &[],
+        false,
+        &["/bin/busybox", "true"],
         "podman run",
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -245,19 +255,13 @@ fn no_agent_fails_closed_unless_fail_open_and_the_agent_finds_it_later() {
     install_hook(&pod, &pin, &["--fail-open"]);
     let net = pod.network("dev", 0);
     let early = pod.container("early");
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &early.name,
-                "--network",
-                &net.name,
-                "--annotation",
-                "envguard.env=dev",
-                "-d",
-            ],
-            &["/bin/busybox", "sleep", "600"],
-        ),
+    let out = run_in(
+        &pod,
+        &early,
+        &net.name,
+        &["envguard.env=dev"],
+        true,
+        &["/bin/busybox", "sleep", "600"],
         "podman run",
     );
     assert!(
@@ -306,19 +310,13 @@ fn registration_survives_restart_and_goes_with_the_container() {
     install_hook(&pod, &pin, &[]);
     let net = pod.network("dev", 0);
     let app = pod.container("app");
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &app.name,
-                "--network",
-                &net.name,
-                "--annotation",
-                "envguard.env=dev",
-                "-d",
-            ],
-            &["/bin/busybox", "sleep", "600"],
-        ),
+    let out = run_in(
+        &pod,
+        &app,
+        &net.name,
+        &["envguard.env=dev"],
+        true,
+        &["/bin/busybox", "sleep", "600"],
         "podman run",
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -395,21 +393,15 @@ fn k8s_namespace_maps_through_the_policy() {
     install_hook(&pod, &pin, &[]);
     let net = pod.network("k8s", 0);
     let app = pod.container("api");
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &app.name,
-                "--network",
-                &net.name,
-                "--annotation",
-                "io.kubernetes.pod.namespace=prod-x",
-                // Written by the pod's authors: the namespace decides, not this.
-                "--annotation",
-                "envguard.env=dev",
-            ],
-            &["/bin/busybox", "nc", "-w", "2", &dev_ip, "8080"],
-        ),
+    // The env annotation is written by the pod's authors: the namespace
+    // decides, not it.
+    let out = run_in(
+        &pod,
+        &app,
+        &net.name,
+        &["io.kubernetes.pod.namespace=prod-x", "envguard.env=dev"],
+        false,
+        &["/bin/busybox", "nc", "-w", "2", &dev_ip, "8080"],
         "podman run",
     );
     assert_eperm(&out, "the prod-x container's connect to dev");
@@ -420,18 +412,13 @@ fn k8s_namespace_maps_through_the_policy() {
     assert_eq!(v["source"]["container"]["id"], app.id().as_str(), "{v}");
 
     let stray = pod.container("stray");
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &stray.name,
-                "--network",
-                "none",
-                "--annotation",
-                "io.kubernetes.pod.namespace=kube-system",
-            ],
-            &["/bin/busybox", "true"],
-        ),
+    let out = run_in(
+        &pod,
+        &stray,
+        "none",
+        &["io.kubernetes.pod.namespace=kube-system"],
+        false,
+        &["/bin/busybox", "true"],
         "podman run",
     );
     assert!(
@@ -469,24 +456,18 @@ fn scenario_a_dev_app_cannot_reach_the_prod_database() {
     let dev_net = pod.network("dev-network", 0);
     let prod_net = pod.network("production-network", 1);
     let db = pod.container("database");
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &db.name,
-                "--network",
-                &prod_net.name,
-                "--annotation",
-                "envguard.env=prod",
-                "-d",
-            ],
-            &[
-                "/bin/busybox",
-                "sh",
-                "-c",
-                "/bin/busybox nc -ll -p 5432 -e /bin/busybox echo db-ok",
-            ],
-        ),
+    let out = run_in(
+        &pod,
+        &db,
+        &prod_net.name,
+        &["envguard.env=prod"],
+        true,
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "/bin/busybox nc -ll -p 5432 -e /bin/busybox echo db-ok",
+        ],
         "podman run (database)",
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -528,18 +509,13 @@ fn scenario_a_dev_app_cannot_reach_the_prod_database() {
     }
 
     let prod_app = pod.container("prod-app");
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &prod_app.name,
-                "--network",
-                &prod_net.name,
-                "--annotation",
-                "envguard.env=prod",
-            ],
-            &["/bin/busybox", "nc", "-w", "3", &db_ip, "5432"],
-        ),
+    let out = run_in(
+        &pod,
+        &prod_app,
+        &prod_net.name,
+        &["envguard.env=prod"],
+        false,
+        &["/bin/busybox", "nc", "-w", "3", &db_ip, "5432"],
         "podman run (prod app)",
     );
     assert!(
@@ -551,18 +527,13 @@ fn scenario_a_dev_app_cannot_reach_the_prod_database() {
     );
 
     let dev_app = pod.container("dev-app");
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &dev_app.name,
-                "--network",
-                &dev_net.name,
-                "--annotation",
-                "envguard.env=dev",
-            ],
-            &["/bin/busybox", "nc", "-w", "3", &db_ip, "5432"],
-        ),
+    let out = run_in(
+        &pod,
+        &dev_app,
+        &dev_net.name,
+        &["envguard.env=dev"],
+        false,
+        &["/bin/busybox", "nc", "-w", "3", &db_ip, "5432"],
         "podman run (dev app)",
     );
     assert_eperm(&out, "the dev app connecting to the prod database");
@@ -594,18 +565,13 @@ fn scenario_a_dev_app_cannot_reach_the_prod_database() {
         .assert_ok("mode audit dev -> prod");
     let from = agent.len();
     let audited_app = pod.container("dev-app-audited");
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &audited_app.name,
-                "--network",
-                &dev_net.name,
-                "--annotation",
-                "envguard.env=dev",
-            ],
-            &["/bin/busybox", "nc", "-w", "3", &db_ip, "5432"],
-        ),
+    let out = run_in(
+        &pod,
+        &audited_app,
+        &dev_net.name,
+        &["envguard.env=dev"],
+        false,
+        &["/bin/busybox", "nc", "-w", "3", &db_ip, "5432"],
         "podman run (dev app, audit)",
     );
     assert!(
@@ -770,28 +736,22 @@ fn a_same_host_peer_container_is_named() {
     let agent = start_agent(&policy, &tree, &pin, AgentOptions::ephemeral());
     install_hook(&pod, &pin, &[]);
     let db = pod.container("db");
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &db.name,
-                "--network",
-                "none",
-                "--annotation",
-                "envguard.env=prod",
-                "-d",
-            ],
-            &[
-                "/bin/busybox",
-                "nc",
-                "-ll",
-                "-p",
-                "5432",
-                "-e",
-                "/bin/busybox",
-                "true",
-            ],
-        ),
+    let out = run_in(
+        &pod,
+        &db,
+        "none",
+        &["envguard.env=prod"],
+        true,
+        &[
+            "/bin/busybox",
+            "nc",
+            "-ll",
+            "-p",
+            "5432",
+            "-e",
+            "/bin/busybox",
+            "true",
+        ],
         "podman run (db)",
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -809,18 +769,13 @@ fn a_same_host_peer_container_is_named() {
         );
     }
     let app = pod.container("app");
-    let out = output(
-        &mut pod.run_cmd(
-            &[
-                "--name",
-                &app.name,
-                "--network",
-                &format!("container:{}", db.name),
-                "--annotation",
-                "envguard.env=dev",
-            ],
-            &["/bin/busybox", "nc", "-w", "2", "127.0.0.1", "5432"],
-        ),
+    let out = run_in(
+        &pod,
+        &app,
+        &format!("container:{}", db.name),
+        &["envguard.env=dev"],
+        false,
+        &["/bin/busybox", "nc", "-w", "2", "127.0.0.1", "5432"],
         "podman run (app)",
     );
     assert_eperm(
