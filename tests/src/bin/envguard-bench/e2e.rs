@@ -296,25 +296,63 @@ pub fn run(env: &BenchEnv) -> Value {
     ] {
         let progs = crate::bpf::programs_at(&env.cg.abs("enforce"))
             .unwrap_or_else(|e| panic!("listing the enforce agent's programs: {e}"));
-        let snap = || -> (u64, u64) {
-            progs.iter().fold((0, 0), |(t, c), p| {
-                let i = crate::bpf::prog_info(&p.fd).expect("program info");
-                (t + i.run_time_ns, c + i.run_cnt)
-            })
+        // Per program: (name, run time, runs).
+        let snap = || -> Vec<(String, u64, u64)> {
+            progs
+                .iter()
+                .map(|p| {
+                    let i = crate::bpf::prog_info(&p.fd).expect("program info");
+                    (p.name.clone(), i.run_time_ns, i.run_cnt)
+                })
+                .collect()
         };
         let guard = crate::bpf::enable_stats().expect("kernel.bpf_stats_enabled");
-        let (t0, c0) = snap();
+        let before = snap();
         let (ops, _) = client_run(&place("envguard-enforce"), job, port, ms.min(1_000));
-        let (t1, c1) = snap();
+        let after = snap();
         drop(guard);
+        let ops = ops.max(1.0);
+        let mut per_program = serde_json::Map::new();
+        let (mut t, mut c) = (0u64, 0u64);
+        for ((name, t0, c0), (_, t1, c1)) in before.iter().zip(&after) {
+            t += t1 - t0;
+            c += c1 - c0;
+            if c1 > c0 {
+                per_program.insert(
+                    name.clone(),
+                    json!({"ns_per_op": (t1 - t0) as f64 / ops, "runs_per_op": (c1 - c0) as f64 / ops}),
+                );
+            }
+        }
         bpf_per_op.insert(
             w.to_owned(),
             json!({
-                "ns_per_op": (t1 - t0) as f64 / ops.max(1.0),
-                "runs_per_op": (c1 - c0) as f64 / ops.max(1.0),
+                "ns_per_op": t as f64 / ops,
+                "runs_per_op": c as f64 / ops,
+                "programs": per_program,
             }),
         );
     }
+    // Where connect4's time goes in the connection workload (its client
+    // connects without bind(): connect4 creates the socket's storage), and
+    // what freeing that storage costs when the socket goes.
+    let connect_profile = if env.quick {
+        json!("not profiled in a quick run")
+    } else {
+        let w = Worker::spawn(
+            &place("envguard-enforce"),
+            json!({"job": "crr_client", "addr": SERVER, "port": CRR_PORT, "ms": 3_000}),
+        );
+        let p = crate::profile::callees(
+            w.pid(),
+            2,
+            &env.tmp.path().join("perf-connect.data"),
+            "connect4",
+            &["bpf_sk_storage_free", "bpf_sk_storage_get"],
+        );
+        let _ = w.result(Duration::from_secs(60));
+        p
+    };
     let agent_lines = |a: &BenchAgent| {
         let (n, first) = a.events();
         json!({"count": n, "first": first})
@@ -367,6 +405,7 @@ pub fn run(env: &BenchEnv) -> Value {
         "disallowed_connect_per_arm": probes,
         "agent_records_during_run": agent_events,
         "enforce_bpf_time_per_op": bpf_per_op,
+        "connect4_profile": connect_profile,
         "load1_per_round": loads,
         "cpu_steal_frac_median": median(&all_steal),
         "cpu_steal_frac_max": max(&all_steal),

@@ -627,6 +627,27 @@ pub fn tables(r: &Value) -> String {
                     _ => String::new(),
                 }
             );
+            if let Some(progs) = b["programs"].as_object() {
+                let mut rows: Vec<(&String, f64, f64)> = progs
+                    .iter()
+                    .filter_map(|(name, v)| {
+                        Some((name, f(&v["ns_per_op"])?, f(&v["runs_per_op"])?))
+                    })
+                    .collect();
+                rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let list: Vec<String> = rows
+                    .iter()
+                    .map(|(name, ns, runs)| format!("{name} {ns:.0} ns in {runs:.1} runs"))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "Per program and operation (accounting included): {}.\n",
+                    list.join(", ")
+                );
+            }
+        }
+        if let Some(text) = connect_profile_text(&e["connect4_profile"]) {
+            let _ = writeln!(s, "{text}\n");
         }
         for w in WORKLOADS {
             let unit = e["units"][w].as_str().unwrap_or("");
@@ -966,23 +987,50 @@ pub fn notes(r: &Value) -> String {
 
     if missed(PER_CONNECTION_TARGET)
         && let Some((net, _)) = connection_program_ns(r)
-        && let Some(b) = section(r, "bpf_stats")
+        && let Some(e) = section(r, "e2e")
     {
-        let prog_ns = |name: &str| {
-            b["programs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|p| p["program"] == name)
-                .and_then(|p| f(&p["ns_per_run"]))
-                .unwrap_or(f64::NAN)
+        let progs = &e["enforce_bpf_time_per_op"]["connections"]["programs"];
+        let empty = section(r, "bpf_stats")
+            .and_then(|b| b["programs"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .find(|p| p["program"] == "empty (egress)")
+            .and_then(|p| f(&p["ns_per_run"]))
+            .unwrap_or(f64::NAN);
+        let connect = f(&progs["connect4"]["ns_per_op"]).unwrap_or(f64::NAN) - empty;
+        let prof = &e["connect4_profile"];
+        let storage = prof["callees"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["symbol"] == "bpf_sk_storage_get")
+            .and_then(|c| f(&c["pct"]));
+        let freeing = prof["extra_pct"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["symbol"] == "bpf_sk_storage_free")
+            .and_then(|c| f(&c["pct"]));
+        let storage_text = match storage {
+            Some(pct) => format!(
+                "By the profile above, {pct:.0} % of `connect4` is creating that storage (`bpf_sk_storage_get` with `F_CREATE`: two kernel allocations, charged to the map's memory cgroup), about {:.0} ns; without it the connection would take about {:.0} ns of program time, inside the target.{}",
+                connect * pct / 100.0,
+                net - connect * pct / 100.0,
+                freeing.map_or(String::new(), |fr| format!(
+                    " Freeing it when the socket goes (`bpf_sk_storage_free`, outside program time) takes another {fr:.1} % of the client's CPU."
+                )),
+            ),
+            None => "No profile of `connect4` was taken in this run.".to_owned(),
         };
-        let empty = prog_ns("empty (egress)");
         let _ = writeln!(
             s,
-            "**Program time per connection.** {net:.0} ns against 1 500. Two programs make most of it (per run in section 1b's traffic, the empty program's cost under bpf_stats taken off): `post_bind4` ({:.0} ns) creates the socket's storage (an allocation in the kernel) and walks its cgroup's listed ancestors, for every bound socket, since any bound socket may become a same-host destination; `connect4` ({:.0} ns) does the cgroup walk again, asks the kernel for a same-host socket (`bpf_sk_lookup_tcp`), looks the remote address up (endpoint, host and CIDR maps), takes the decision (deny and allow rule tries), and counts it. The packets of the connection find the decision on the socket. What would close it: a per-cgroup env cache (cgroup id → env, checked against the policy generation) in place of the ancestor walk in both programs, and creating the storage at `post_bind` only for sockets that can receive (a listening TCP socket or a UDP socket; a TCP socket bound before connect() could be labelled by connect4 instead) — the second needs a hook at listen(), which cgroup programs do not have (a `sock_ops` program does).\n",
-            prog_ns("post_bind4") - empty,
-            prog_ns("connect4") - empty,
+            "**Program time per connection.** {net:.0} ns against 1 500, and `connect4` is {connect:.0} ns of it (accounting taken off); the connection's packets find the decision on the socket at {:.0}–{:.0} ns each. `connect4` judges the destination (cgroup walk, same-host socket lookup, endpoint, host and CIDR maps, the rule tries), counts the decision and, for a client that did not bind() first, creates the socket's storage to keep the decision where its packets find it. {storage_text} What would close it: keep a connecting socket's decision in a preallocated map keyed by its socket cookie, and create the storage only for sockets that can be destinations (bound ones, which `post_bind` already labels). Why it is not done: the storage lives and dies with the socket, and nothing another socket does can remove it. A cookie-keyed LRU can be flushed by a workload that opens connections, and a flow whose entry was flushed is re-judged without knowing which side opened it (the rule for connections older than the agent: allowed if either direction is), which lets an audited connection survive a switch to enforce where the reverse direction is allowed. A map whose entries are deleted at close needs a `sock_release` program and a hand-off for the packets a socket still sends after close() (its FIN or RST), which spends most of the saving. Making this safe needs the agent's socket scan to move such decisions onto the socket within a pass and a strict rule for an unlabelled socket after the agent's first pass; that is a change to the security model, to be made with its own attack tests.\n",
+            f(&progs["skb_egress"]["ns_per_op"]).unwrap_or(f64::NAN)
+                / f(&progs["skb_egress"]["runs_per_op"]).unwrap_or(f64::NAN)
+                - empty,
+            f(&progs["skb_ingress"]["ns_per_op"]).unwrap_or(f64::NAN)
+                / f(&progs["skb_ingress"]["runs_per_op"]).unwrap_or(f64::NAN)
+                - empty,
         );
     }
 
@@ -1087,4 +1135,37 @@ pub fn notes(r: &Value) -> String {
         );
     }
     s
+}
+
+/// The connect4 profile of the connection workload as a sentence.
+fn connect_profile_text(p: &Value) -> Option<String> {
+    if let Some(why) = p.as_str() {
+        return Some(format!(
+            "Profile of `connect4` in the connection workload: {why}."
+        ));
+    }
+    let callees: Vec<String> = p["callees"]
+        .as_array()?
+        .iter()
+        .filter_map(|c| Some(format!("{} {:.1} %", c["symbol"].as_str()?, f(&c["pct"])?)))
+        .collect();
+    let extra: Vec<String> = p["extra_pct"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            Some(format!(
+                "`{}` {:.1} %",
+                c["symbol"].as_str()?,
+                f(&c["pct"])?
+            ))
+        })
+        .collect();
+    Some(format!(
+        "Profile of `connect4` in the connection workload (enforce arm, `perf record -g -e cpu-clock` of the client for 2 s, {} samples): `connect4` is {:.1} % of the client's samples; each of its samples goes to the function it called, or to its own code: {}. Share of the client's samples under {}.",
+        p["samples"],
+        f(&p["program_pct"])?,
+        callees.join(", "),
+        extra.join(", "),
+    ))
 }
