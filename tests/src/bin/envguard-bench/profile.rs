@@ -204,7 +204,7 @@ fn attribute(text: &str, prog: &str, extra: &[&str]) -> Value {
         }
     };
     let mut rows: Vec<(String, u64)> = by_callee.into_iter().collect();
-    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
     json!({
         "samples": total,
         "program_pct": pct(in_prog, total),
