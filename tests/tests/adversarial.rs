@@ -752,3 +752,220 @@ fn own_decoy_socket_does_not_make_a_remote_address_same_host() {
         lab.stop_agent();
     }
 }
+
+/// Whether `CONN_VERDICTS` (the kernel's table of connecting sockets'
+/// decisions, keyed by socket cookie) has an entry for `cookie`.
+fn conn_entry(lab: &Lab, cookie: u64) -> bool {
+    let m = lab.pin_root().map("CONN_VERDICTS");
+    envguard_tests::bpf::map_lookup(&m, &cookie.to_ne_bytes(), 16)
+        .unwrap_or_else(|e| panic!("looking cookie {cookie} up in CONN_VERDICTS: {e}"))
+        .is_some()
+}
+
+/// `flow::SockEnv::flags`: the storage says the socket opened its connection,
+/// and holds its decision.
+const SOCK_F_ACTIVE: u32 = 2;
+const SOCK_F_VERDICT: u32 = 4;
+
+/// The flags of the storage (`SOCK_ENVS`) of the socket `tcp-hold-away`
+/// printed (`pid`, `fd`), read through a duplicate of its fd.
+fn sock_env_flags(lab: &Lab, held: &Value) -> u32 {
+    let pid = held["pid"].as_i64().expect("pid") as i32;
+    let fd = held["fd"].as_i64().expect("fd") as i32;
+    // SAFETY: plain syscalls; each result is a new fd we own.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    let pidfd =
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd as i32) };
+    let sock = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_getfd,
+            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            fd,
+            0,
+        )
+    };
+    assert!(
+        sock >= 0,
+        "pidfd_getfd({pid}, {fd}): {}",
+        std::io::Error::last_os_error()
+    );
+    let sock =
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(sock as i32) };
+    let m = lab.pin_root().map("SOCK_ENVS");
+    let key = std::os::fd::AsRawFd::as_raw_fd(&sock).to_ne_bytes();
+    let value = envguard_tests::bpf::map_lookup(&m, &key, 40)
+        .unwrap_or_else(|e| panic!("reading the socket's storage: {e}"))
+        .unwrap_or_else(|| panic!("the socket (pid {pid}, fd {fd}) has no storage"));
+    u32::from_ne_bytes(value[20..24].try_into().expect("4 bytes"))
+}
+
+/// Opens connections from dev (to a dev server on 127.0.0.1:`port`: allowed,
+/// same env) until the kernel's LRU of connecting sockets' decisions has let
+/// `cookie`'s entry go (15 s at most).
+fn flush_conn_verdicts(lab: &mut Lab, port: u16, cookie: u64) {
+    lab.serve(
+        &lab.client_place(Client::Dev),
+        Proto::Tcp,
+        &[LOCALHOST],
+        port,
+    );
+    let flood = lab.connect_loop(Client::Dev, SocketAddr::new(LOCALHOST, port), 2000);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while conn_entry(lab, cookie) {
+        assert!(
+            Instant::now() < deadline,
+            "15 s of connections from dev did not push cookie {cookie} out of CONN_VERDICTS (64 entries)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(flood);
+}
+
+/// A dev connection to a prod server on 127.0.0.1:`port`, held by a process
+/// that then left the agent's tree (so no holder pass moves its decision onto
+/// the socket), whose decision is still in `CONN_VERDICTS`; its cookie.
+fn held_away_with_entry(
+    lab: &mut Lab,
+    attacker: &Attacker,
+    away: &envguard_tests::CgroupTree,
+    port: u16,
+) -> (envguard_tests::attack::Interactive, u64) {
+    lab.serve(
+        &lab.client_place(Client::Prod),
+        Proto::Tcp,
+        &[LOCALHOST],
+        port,
+    );
+    // A holder pass (every 500 ms) that runs between the connect and the move
+    // moves the decision onto the socket: then try again with a new one.
+    for _ in 0..5 {
+        let hold = attacker.interactive(
+            &lab.client_place(Client::Dev),
+            None,
+            &[
+                "tcp-hold-away",
+                "127.0.0.1",
+                &port.to_string(),
+                &away.abs("").display().to_string(),
+            ],
+        );
+        let first = hold.next();
+        assert_eq!(first["connected"], "echo", "audit lets it connect: {first}");
+        let cookie = first["cookie"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no cookie in {first}"));
+        if conn_entry(lab, cookie) {
+            return (hold, cookie);
+        }
+    }
+    panic!(
+        "five connections in a row had their decision moved onto the socket before their holder left"
+    );
+}
+
+// 12. The kernel keeps a connecting TCP client's decision in an LRU keyed by
+// its socket's cookie. A workload that pushes its own audited connection out
+// of it (by opening connections) must not get a connection that survives a
+// switch to enforce: a TCP socket with neither storage nor an entry is judged
+// as the side that opened it — not "either way", which the reverse rule
+// (prod -> dev, every port) would allow.
+#[test]
+fn flushed_connect_decision_still_cut_after_enforce() {
+    let mut lab = Lab::with_policy(
+        EGPROBE,
+        Mode::Audit,
+        &PolicyExtras {
+            allow: "[[allow]]\nfrom = \"prod\"\nto = \"dev\"\nports = [\"1-65535/tcp\"]\n".into(),
+            ..Default::default()
+        },
+    );
+    let away = envguard_tests::CgroupTree::create();
+    let attacker = Attacker::new(EGATTACK);
+    lab.spawn_agent(&AgentOptions {
+        flow_cache_entries: Some(64),
+        ..AgentOptions::ephemeral()
+    });
+    let (mut hold, cookie) = held_away_with_entry(&mut lab, &attacker, &away, 7431);
+    flush_conn_verdicts(&mut lab, 7432, cookie);
+    let mark = lab.agent().len();
+    lab.cli(&["mode", "enforce", "--from", "dev", "--to", "prod"])
+        .assert_ok("mode enforce dev -> prod");
+    hold.send("x");
+    assert_eq!(
+        hold.next(),
+        json!({"exchange": "timeout"}),
+        "an audited dev -> prod connection whose kernel entry was pushed out must still stop once the pair enforces"
+    );
+    assert_cut_and_reported(&lab, mark, 7431, "the flushed connection, now denied");
+    lab.stop_agent();
+}
+
+// 13. The holder pass moves a connecting client's decision from the LRU onto
+// its socket, where nothing evicts it, keeping who opened the connection: the
+// moved decision still follows a switch to enforce.
+#[test]
+fn connect_decision_moved_onto_its_socket_keeps_its_direction() {
+    let mut lab = Lab::with_policy(
+        EGPROBE,
+        Mode::Audit,
+        &PolicyExtras {
+            allow: "[[allow]]\nfrom = \"prod\"\nto = \"dev\"\nports = [\"1-65535/tcp\"]\n".into(),
+            ..Default::default()
+        },
+    );
+    let attacker = Attacker::new(EGATTACK);
+    // The default capacity: an LRU this small (64) lets entries go early.
+    lab.start_agent();
+    lab.serve(
+        &lab.client_place(Client::Prod),
+        Proto::Tcp,
+        &[LOCALHOST],
+        7433,
+    );
+    // Held below the agent's tree: the next holder pass finds it.
+    let mut hold = attacker.interactive(
+        &lab.client_place(Client::Dev),
+        None,
+        &[
+            "tcp-hold-away",
+            "127.0.0.1",
+            "7433",
+            &lab.cg.abs("dev").display().to_string(),
+        ],
+    );
+    let first = hold.next();
+    assert_eq!(first["connected"], "echo", "audit lets it connect: {first}");
+    let cookie = first["cookie"].as_u64().expect("cookie");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while conn_entry(&lab, cookie) {
+        assert!(
+            Instant::now() < deadline,
+            "the holder pass (every 500 ms) did not move cookie {cookie}'s decision onto its socket within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Moved, not merely let go: the socket's own storage has the decision,
+    // marked as the side that opened the connection.
+    let flags = sock_env_flags(&lab, &first);
+    assert_eq!(
+        flags & (SOCK_F_ACTIVE | SOCK_F_VERDICT),
+        SOCK_F_ACTIVE | SOCK_F_VERDICT,
+        "the socket's storage must keep its decision and who opened it (flags {flags:#x})"
+    );
+    let mark = lab.agent().len();
+    lab.cli(&["mode", "enforce", "--from", "dev", "--to", "prod"])
+        .assert_ok("mode enforce dev -> prod");
+    hold.send("x");
+    assert_eq!(
+        hold.next(),
+        json!({"exchange": "timeout"}),
+        "a connection whose decision moved onto its socket must stop once the pair enforces"
+    );
+    assert_cut_and_reported(&lab, mark, 7433, "the moved connection, now denied");
+    lab.stop_agent();
+}
