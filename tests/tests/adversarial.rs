@@ -866,7 +866,7 @@ fn held_away_with_entry(
     );
 }
 
-/// Attack 12: the kernel keeps a connecting TCP client's decision in an LRU keyed
+/// 12. The kernel keeps a connecting TCP client's decision in an LRU keyed
 /// by its socket's cookie. A workload that pushes its own audited connection
 /// out of it (by opening connections) must not get a connection that
 /// survives a switch to enforce: a TCP socket with neither storage nor an
