@@ -826,19 +826,21 @@ fn flush_conn_verdicts(lab: &mut Lab, port: u16, cookie: u64) {
     drop(flood);
 }
 
-/// A dev connection to a prod server at `dst`:`port` (started at `server`),
-/// held by a process that then left the agent's tree (so no holder pass
-/// moves its decision onto the socket), whose decision is still in
-/// `CONN_VERDICTS`; its cookie.
+/// A dev connection to a prod server on 127.0.0.1:`port`, held by a process
+/// that then left the agent's tree (so no holder pass moves its decision onto
+/// the socket), whose decision is still in `CONN_VERDICTS`; its cookie.
 fn held_away_with_entry(
     lab: &mut Lab,
     attacker: &Attacker,
     away: &envguard_tests::CgroupTree,
-    server: &envguard_tests::Place,
-    dst: IpAddr,
     port: u16,
 ) -> (envguard_tests::attack::Interactive, u64) {
-    lab.serve(server, Proto::Tcp, &[dst], port);
+    lab.serve(
+        &lab.client_place(Client::Prod),
+        Proto::Tcp,
+        &[LOCALHOST],
+        port,
+    );
     // A holder pass (every 500 ms) that runs between the connect and the move
     // moves the decision onto the socket: then try again with a new one.
     for _ in 0..5 {
@@ -847,7 +849,7 @@ fn held_away_with_entry(
             None,
             &[
                 "tcp-hold-away",
-                &dst.to_string(),
+                "127.0.0.1",
                 &port.to_string(),
                 &away.abs("").display().to_string(),
             ],
@@ -866,15 +868,14 @@ fn held_away_with_entry(
     );
 }
 
-/// 12. The kernel keeps a connecting TCP client's decision in an LRU keyed
-/// by its socket's cookie. A workload that pushes its own audited connection
-/// out of it (by opening connections) must not get a connection that
-/// survives a switch to enforce: a TCP socket with neither storage nor an
-/// entry is judged as the side that opened it — not "either way", which the
-/// reverse rule (prod -> dev, every TCP port) would allow. Same host
-/// (`remote: false`: the loopback path, prod's socket) and through the veth
-/// (prod's CIDR, IPv6).
-fn flushed_connect_decision(remote: bool) {
+// 12. The kernel keeps a connecting TCP client's decision in an LRU keyed by
+// its socket's cookie. A workload that pushes its own audited connection out
+// of it (by opening connections) must not get a connection that survives a
+// switch to enforce: a TCP socket with neither storage nor an entry is judged
+// as the side that opened it — not "either way", which the reverse rule
+// (prod -> dev, every port) would allow.
+#[test]
+fn flushed_connect_decision_still_cut_after_enforce() {
     let mut lab = Lab::with_policy(
         EGPROBE,
         Mode::Audit,
@@ -889,13 +890,7 @@ fn flushed_connect_decision(remote: bool) {
         flow_cache_entries: Some(64),
         ..AgentOptions::ephemeral()
     });
-    let (server, dst, env_from) = if remote {
-        (lab.remote_place(), Site::Prod.addr(Family::V6), "cidr")
-    } else {
-        (lab.client_place(Client::Prod), LOCALHOST, "socket")
-    };
-    let port = 7431;
-    let (mut hold, cookie) = held_away_with_entry(&mut lab, &attacker, &away, &server, dst, port);
+    let (mut hold, cookie) = held_away_with_entry(&mut lab, &attacker, &away, 7431);
     flush_conn_verdicts(&mut lab, 7432, cookie);
     let mark = lab.agent().len();
     lab.cli(&["mode", "enforce", "--from", "dev", "--to", "prod"])
@@ -904,38 +899,10 @@ fn flushed_connect_decision(remote: bool) {
     assert_eq!(
         hold.next(),
         json!({"exchange": "timeout"}),
-        "an audited dev -> prod connection to {dst} whose kernel entry was pushed out must still stop once the pair enforces"
+        "an audited dev -> prod connection whose kernel entry was pushed out must still stop once the pair enforces"
     );
-    let (_, v) = violation_after(&lab, mark, "the flushed connection", |v| {
-        v["destination"]["port"] == port && v["mode"] == "enforce"
-    });
-    assert_fields(
-        &v,
-        "the flushed connection, now denied",
-        &[
-            ("verdict", json!("denied")),
-            ("mode", json!("enforce")),
-            ("source.env", json!("dev")),
-            ("destination.env", json!("prod")),
-            ("destination.env_from", json!(env_from)),
-            ("destination.ip", json!(dst.to_string())),
-        ],
-    );
-    assert!(
-        matches!(v["hook"].as_str(), Some("skb_egress" | "skb_ingress")),
-        "judged again at a packet hook: {v}"
-    );
+    assert_cut_and_reported(&lab, mark, 7431, "the flushed connection, now denied");
     lab.stop_agent();
-}
-
-#[test]
-fn flushed_connect_decision_still_cut_after_enforce_same_host() {
-    flushed_connect_decision(false);
-}
-
-#[test]
-fn flushed_connect_decision_still_cut_after_enforce_remote() {
-    flushed_connect_decision(true);
 }
 
 // 13. The holder pass moves a connecting client's decision from the LRU onto

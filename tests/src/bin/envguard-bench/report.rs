@@ -1013,24 +1013,24 @@ pub fn notes(r: &Value) -> String {
             .and_then(|c| f(&c["pct"]));
         let storage_text = match storage {
             Some(pct) => format!(
-                "By the profile above, {pct:.0} % of `connect4` is socket storage (`bpf_sk_storage_get`), about {:.0} ns.{}",
+                "By the profile above, {pct:.0} % of `connect4` is creating that storage (`bpf_sk_storage_get` with `F_CREATE`: two kernel allocations, charged to the map's memory cgroup), about {:.0} ns; without it the connection would take about {:.0} ns of program time, inside the target.{}",
                 connect * pct / 100.0,
+                net - connect * pct / 100.0,
                 freeing.map_or(String::new(), |fr| format!(
-                    " Freeing storage when a socket goes (`bpf_sk_storage_free`, outside program time) takes {fr:.1} % of the client's CPU."
+                    " Freeing it when the socket goes (`bpf_sk_storage_free`, outside program time) takes another {fr:.1} % of the client's CPU."
                 )),
             ),
             None => "No profile of `connect4` was taken in this run.".to_owned(),
         };
-        let per_packet = |name: &str| {
-            f(&progs[name]["ns_per_op"]).unwrap_or(f64::NAN)
-                / f(&progs[name]["runs_per_op"]).unwrap_or(f64::NAN)
-                - empty
-        };
         let _ = writeln!(
             s,
-            "**Program time per connection.** {net:.0} ns against 1 500, and `connect4` is {connect:.0} ns of it (accounting taken off); the connection's packets cost {:.0} ns (egress) and {:.0} ns (ingress) each. `connect4` judges the destination (cgroup walk, same-host socket lookup, endpoint, host and CIDR maps, the rule tries), counts the decision and keeps it where the connection's packets find it: on the socket when it has storage (it bound first), else in `CONN_VERDICTS` under its cookie (one preallocated LRU entry; creating a socket's storage is two kernel allocations). {storage_text} What would close the rest: one lookup per remote address and env pair in place of the endpoint, host, CIDR and rule lookups (a decision cache checked against the policy generation and the agent's heartbeat), and a per-cgroup env cache in place of the ancestor walk.\n",
-            per_packet("skb_egress"),
-            per_packet("skb_ingress"),
+            "**Program time per connection.** {net:.0} ns against 1 500, and `connect4` is {connect:.0} ns of it (accounting taken off); the connection's packets find the decision on the socket at {:.0}–{:.0} ns each. `connect4` judges the destination (cgroup walk, same-host socket lookup, endpoint, host and CIDR maps, the rule tries), counts the decision and, for a client that did not bind() first, creates the socket's storage to keep the decision where its packets find it. {storage_text} What would close it: keep a connecting socket's decision in a preallocated map keyed by its socket cookie, and create the storage only for sockets that can be destinations (bound ones, which `post_bind` already labels). Why it is not done: the storage lives and dies with the socket, and nothing another socket does can remove it. A cookie-keyed LRU can be flushed by a workload that opens connections, and a flow whose entry was flushed is re-judged without knowing which side opened it (the rule for connections older than the agent: allowed if either direction is), which lets an audited connection survive a switch to enforce where the reverse direction is allowed. A map whose entries are deleted at close needs a `sock_release` program and a hand-off for the packets a socket still sends after close() (its FIN or RST), which spends most of the saving. Making this safe needs the agent's socket scan to move such decisions onto the socket within a pass and a strict rule for an unlabelled socket after the agent's first pass; that is a change to the security model, to be made with its own attack tests.\n",
+            f(&progs["skb_egress"]["ns_per_op"]).unwrap_or(f64::NAN)
+                / f(&progs["skb_egress"]["runs_per_op"]).unwrap_or(f64::NAN)
+                - empty,
+            f(&progs["skb_ingress"]["ns_per_op"]).unwrap_or(f64::NAN)
+                / f(&progs["skb_ingress"]["runs_per_op"]).unwrap_or(f64::NAN)
+                - empty,
         );
     }
 
