@@ -29,7 +29,7 @@ use envguard_common::{
     config::{AgentState, Config, Counter, EnvLoss, PolicyMeta},
     container::Registration,
     event::{DecisionKey, DedupKey, DedupValue},
-    flow::{FlowVerdict, SockEnv},
+    flow::SockEnv,
     maps,
     policy::{CgroupPath, EnvName, EnvValue, MAX_ENV_NAME, PairKey, RuleValue},
     programs,
@@ -116,9 +116,7 @@ fn layout_name(opts: &Options) -> Result<String> {
     for (name, m) in defs {
         let max_entries = match name.as_str() {
             maps::EVENTS => opts.ringbuf_bytes.unwrap_or(m.max_entries()),
-            maps::FLOW_VERDICTS | maps::CONN_VERDICTS => {
-                opts.flow_cache_entries.unwrap_or(m.max_entries())
-            }
+            maps::FLOW_VERDICTS => opts.flow_cache_entries.unwrap_or(m.max_entries()),
             _ => m.max_entries(),
         };
         bytes.extend(name.as_bytes());
@@ -160,9 +158,6 @@ pub struct Kernel {
     /// Lost events reported so far, by this agent and its predecessors.
     pub lost_reported: u64,
     dedup_interval_ns: u64,
-    /// `AgentState::sockets_labelled`: an agent's first socket pass after
-    /// attaching has labelled every socket older than the programs.
-    sockets_labelled: u64,
     /// Interfaces (and direction: `true` ingress) this agent attached or
     /// adopted, and how: the poll leaves them alone.
     tc_attached: std::collections::BTreeMap<(u32, bool), TcMode>,
@@ -195,7 +190,6 @@ impl Kernel {
         }
         if let Some(n) = opts.flow_cache_entries {
             loader.map_max_entries(maps::FLOW_VERDICTS, n);
-            loader.map_max_entries(maps::CONN_VERDICTS, n);
         }
         if opts.verifier_log {
             loader.verifier_log_level(VerifierLogLevel::VERBOSE | VerifierLogLevel::STATS);
@@ -225,10 +219,6 @@ impl Kernel {
             loads: 0,
             lost_reported: state.lost_reported,
             dedup_interval_ns: opts.dedup_interval.as_nanos() as u64,
-            // Kept from the maps: programs that ran before this agent were
-            // labelling sockets all along once an earlier agent's first pass
-            // was done; fresh maps start at 0.
-            sockets_labelled: state.sockets_labelled,
             tc_attached: Default::default(),
         })
     }
@@ -626,7 +616,6 @@ impl Kernel {
             cgroup_id: self.cgroup_id,
             lost_reported: self.lost_reported,
             dedup_interval_ns: self.dedup_interval_ns,
-            sockets_labelled: self.sockets_labelled,
         };
         let mut m: Array<_, AgentState> = map(&mut self.ebpf, maps::AGENT_STATE)?;
         m.set(0, state, 0)
@@ -648,35 +637,6 @@ impl Kernel {
             .get(&(which as u32), 0)
             .map_err(|e| bpf_err(format!("reading {}", maps::COUNTERS), e))?;
         Ok(values.iter().sum())
-    }
-
-    /// Whether an agent's first socket pass after attaching is done.
-    pub fn sockets_labelled(&self) -> bool {
-        self.sockets_labelled != 0
-    }
-
-    /// Records that every socket older than the programs has its label: from
-    /// now on the kernel judges a TCP socket with neither storage nor a
-    /// `CONN_VERDICTS` entry as the side that opened its connection.
-    pub fn set_sockets_labelled(&mut self) -> Result<()> {
-        self.sockets_labelled = 1;
-        self.heartbeat()
-    }
-
-    /// The decision `connect4/6` kept in `CONN_VERDICTS` for the socket of
-    /// this cookie, if it is still there.
-    pub fn conn_verdict(&mut self, cookie: u64) -> Option<FlowVerdict> {
-        let m: HashMap<_, u64, FlowVerdict> = map(&mut self.ebpf, maps::CONN_VERDICTS).ok()?;
-        m.get(&cookie, 0).ok()
-    }
-
-    /// Removes a `CONN_VERDICTS` entry (its decision is on its socket now).
-    pub fn forget_conn_verdict(&mut self, cookie: u64) -> Result<()> {
-        let mut m: HashMap<_, u64, FlowVerdict> = map(&mut self.ebpf, maps::CONN_VERDICTS)?;
-        match m.remove(&cookie) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(bpf_err(format!("deleting from {}", maps::CONN_VERDICTS), e)),
-        }
     }
 
     /// A socket's env as the kernel keeps it on the socket, if it has one.

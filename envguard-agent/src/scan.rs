@@ -19,7 +19,7 @@ use std::{
 };
 
 use envguard_common::{
-    flow::{SOCK_F_ACTIVE, SOCK_F_HOLDER, SockEnv},
+    flow::{SOCK_F_HOLDER, SockEnv},
     policy::ENV_HOST,
 };
 
@@ -46,9 +46,6 @@ pub struct Shared {
 pub struct Pass {
     /// Sockets whose env was written.
     pub relabeled: usize,
-    /// Connecting sockets whose decision moved from `CONN_VERDICTS` onto the
-    /// socket, with the env they had.
-    pub moved: usize,
     /// Sockets newly found shared between envs (each reported once while it stays so).
     pub shared: Vec<Shared>,
 }
@@ -160,10 +157,9 @@ impl Holders {
         }
         self.seen = next;
         log::debug!(
-            "holder pass: {} sockets, {} relabelled, {} decisions moved onto their socket, in {} µs",
+            "holder pass: {} sockets, {} relabelled, in {} µs",
             self.seen.len(),
             out.relabeled,
-            out.moved,
             started.elapsed().as_micros()
         );
         out
@@ -218,35 +214,11 @@ fn relabel(
     let holder = held.iter().find(|h| h.env == wanted).unwrap_or(first);
     let cgroup_id = sys::cgroup_id(&sys::cgroup_dir(mount, &holder.cgroup)).unwrap_or(0);
     let listening = sockopt::<i32>(&sock, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1);
-    // A TCP client that connect()ed with no storage keeps its decision in
-    // `CONN_VERDICTS` (an LRU): it moves onto the socket here, where nothing
-    // evicts it and its packets find it first.
-    let kept = if current.is_none() && proto == IPPROTO_TCP && !listening {
-        kernel.conn_verdict(cookie)
-    } else {
-        None
-    };
-    let value = match (current, kept) {
-        (Some(c), _) => SockEnv::new(wanted, cgroup_id, c.origin_cookie, c.flags | SOCK_F_HOLDER),
-        (None, Some(v)) => {
-            SockEnv::new(wanted, cgroup_id, 0, SOCK_F_HOLDER | SOCK_F_ACTIVE).with_verdict(v)
-        }
-        // A connected TCP socket the kernel has no decision for, once every
-        // socket older than the programs was labelled by the first pass: a
-        // client whose `CONN_VERDICTS` entry the LRU let go (an accepted
-        // connection has its listener's storage). It opened its connection;
-        // labelling it otherwise would let its flows be judged either way.
-        (None, None)
-            if proto == IPPROTO_TCP
-                && !listening
-                && kernel.sockets_labelled()
-                && connected(&sock) =>
-        {
-            SockEnv::new(wanted, cgroup_id, 0, SOCK_F_HOLDER | SOCK_F_ACTIVE)
-        }
+    let value = match current {
+        Some(c) => SockEnv::new(wanted, cgroup_id, c.origin_cookie, c.flags | SOCK_F_HOLDER),
         // Older than the agent: a bound socket (a listener or a UDP socket)
         // is its own origin, as the kernel would have made it.
-        (None, None) => SockEnv::new(
+        None => SockEnv::new(
             wanted,
             cgroup_id,
             if listening || proto == IPPROTO_UDP {
@@ -259,21 +231,7 @@ fn relabel(
     };
     match kernel.set_sock_env(&sock, &value) {
         Ok(()) => {
-            match kept {
-                Some(v) => {
-                    if let Err(e) = kernel.forget_conn_verdict(cookie) {
-                        log::warn!("socket (cookie {cookie}): {e}");
-                    }
-                    // Its env as connect() found it: nothing was judged
-                    // with another one, so no cached decision is stale.
-                    if v.src_env == wanted {
-                        out.moved += 1;
-                    } else {
-                        out.relabeled += 1;
-                    }
-                }
-                None => out.relabeled += 1,
-            }
+            out.relabeled += 1;
             Some((wanted, cookie))
         }
         Err(e) => {
@@ -311,14 +269,6 @@ fn socket_fds(pid: i32) -> Vec<(i32, u64)> {
             Some((e.file_name().to_str()?.parse().ok()?, inode))
         })
         .collect()
-}
-
-/// Whether a socket has a peer (a connected or connecting TCP socket).
-fn connected(sock: &OwnedFd) -> bool {
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `addr` is a valid buffer of `len` bytes.
-    unsafe { libc::getpeername(sock.as_raw_fd(), (&raw mut addr).cast(), &mut len) == 0 }
 }
 
 fn pidfd_open(pid: i32) -> Option<OwnedFd> {

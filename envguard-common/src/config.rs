@@ -157,14 +157,8 @@ pub struct AgentState {
     /// Repeats of a violation within this long of its last record are only
     /// counted (in `DEDUP`), not sent; 0 sends every one.
     pub dedup_interval_ns: u64,
-    /// Non-zero once an agent's first socket pass after attaching has given
-    /// every socket older than the programs its label. Until then a TCP
-    /// socket with no storage and no `CONN_VERDICTS` entry may be one of
-    /// those, and is judged either way; afterwards it can only be a client
-    /// whose entry the LRU let go, and is judged as the side that opened it.
-    pub sockets_labelled: u64,
 }
-const _: () = assert!(core::mem::size_of::<AgentState>() == 48);
+const _: () = assert!(core::mem::size_of::<AgentState>() == 40);
 
 /// The single entry of `MKDIR_OFFSETS`: where the `cgroup_mkdir` watch finds
 /// what it reads in the kernel's structures, from the running kernel's BTF

@@ -181,13 +181,6 @@ impl SockEnv {
             verdict: FlowVerdict::new(0, 0, 0, false, 0, 0),
         }
     }
-
-    /// The same with a decision for the socket's one peer.
-    pub const fn with_verdict(mut self, verdict: FlowVerdict) -> Self {
-        self.verdict = verdict;
-        self.flags |= SOCK_F_VERDICT;
-        self
-    }
 }
 
 /// `TC_FLOWS` key: a packet's 5-tuple and the interface it entered the host

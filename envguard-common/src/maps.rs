@@ -53,15 +53,6 @@ pub const FLOW_VERDICTS: &str = "FLOW_VERDICTS";
 /// `LruHashMap<TupleKey, FlowVerdict>`: inbound TCP decisions taken on a listener,
 /// adopted by the accepted socket so the connection is judged (and reported) once.
 pub const INBOUND_TUPLES: &str = "INBOUND_TUPLES";
-/// `LruHashMap<u64 socket cookie, FlowVerdict>`: the decision of a TCP socket
-/// that connect()ed with no storage of its own (a client that did not bind()
-/// first), where its packets find it by the socket's cookie. Creating a
-/// socket's storage is two kernel allocations, half of what connect4 costs;
-/// this is one preallocated entry. The agent's socket pass moves a decision
-/// that is still here onto its socket. An entry the LRU let go is no loss of
-/// enforcement: a storage-less socket the kernel did not see start before
-/// the agent's first pass is judged as the side that opened its connection.
-pub const CONN_VERDICTS: &str = "CONN_VERDICTS";
 /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`, cloned into accepted
 /// sockets) of `flow::SockEnv`: each socket's env.
 pub const SOCK_ENVS: &str = "SOCK_ENVS";
@@ -87,8 +78,7 @@ pub const IFACE_ENVS: [&str; 2] = ["IFACE_ENVS_A", "IFACE_ENVS_B"];
 pub const TC_FLOWS: &str = "TC_FLOWS";
 
 /// Every map, for pinning and removal.
-pub const ALL: [&str; 42] = [
-    CONN_VERDICTS,
+pub const ALL: [&str; 41] = [
     DEDUP,
     DENY_RULES[0],
     DENY_RULES[1],
@@ -134,7 +124,7 @@ pub const ALL: [&str; 42] = [
 
 /// Bump when a map's type, key, value or meaning changes: pinned maps of
 /// another layout are never adopted, only replaced.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Number of env ids (`host`, `world` and the declared envs).
 pub const MAX_ENVS: u32 = 1024;

@@ -100,10 +100,6 @@ pub static DECISIONS: PerCpuHashMap<DecisionKey, u64> =
 pub static FLOW_VERDICTS: LruHashMap<FlowKey, FlowVerdict> =
     LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
-/// Sized like `FLOW_VERDICTS` (the agent's `--flow-cache-entries` sets both).
-#[map]
-pub static CONN_VERDICTS: LruHashMap<u64, FlowVerdict> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
-
 #[map]
 pub static INBOUND_TUPLES: LruHashMap<TupleKey, FlowVerdict> =
     LruHashMap::with_max_entries(MAX_INBOUND_TUPLES, 0);

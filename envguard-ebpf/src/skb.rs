@@ -2,7 +2,7 @@
 //! flows the sock_addr hooks did not see start (accepted connections, sockets
 //! older than the agent). A flow is classified once and its decision cached.
 use aya_ebpf::{
-    bindings::{BPF_TCP_CLOSE, BPF_TCP_LISTEN, bpf_sock},
+    bindings::{BPF_TCP_LISTEN, bpf_sock},
     helpers::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_cgroup_id, generated},
     macros::cgroup_skb,
     programs::SkBuffContext,
@@ -24,7 +24,7 @@ use crate::{
     },
     event::{emit, set_sides},
     ipv6::upper_layer,
-    maps::{AGENT_STATE, CONN_VERDICTS, FLOW_VERDICTS, INBOUND_TUPLES},
+    maps::{FLOW_VERDICTS, INBOUND_TUPLES},
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4},
     sockenv,
 };
@@ -162,40 +162,15 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     // `NO_DECISION` when the socket keeps none.
     let mut kept_inbound = NO_DECISION;
     let loopback = unsafe { (*raw).ifindex } == LOOPBACK_IFINDEX;
-    // The socket's storage, if it has any (read once, as plain scalars).
-    let mut stored = false;
-    // A client that connect()ed with no storage: its decision is in
-    // `CONN_VERDICTS`, under the socket's cookie.
-    let mut conn = false;
-    // The storage says this socket opened its connection (`SOCK_F_ACTIVE`).
-    let mut opened = false;
-    // Read only where needed: an established flow with storage never needs it.
-    let mut cookie = 0;
-    if !sk.is_null() {
-        match sockenv::get(sk.cast()) {
-            Some(s) => {
-                stored = true;
-                opened = s.flags & SOCK_F_ACTIVE != 0;
-                if s.flags & SOCK_F_VERDICT != 0 {
-                    let cfg = config();
-                    if fresh(&s.verdict, &cfg) && s.verdict.holds_on(loopback) {
-                        return Ok(verdict(&cfg, &s.verdict));
-                    }
-                    kept_inbound = s.verdict.inbound;
-                }
-            }
-            None => {
-                cookie = unsafe { bpf_get_socket_cookie(raw.cast()) };
-                if let Some(v) = unsafe { CONN_VERDICTS.get(&cookie) } {
-                    conn = true;
-                    let cfg = config();
-                    if fresh(v, &cfg) && v.holds_on(loopback) {
-                        return Ok(verdict(&cfg, v));
-                    }
-                    kept_inbound = v.inbound;
-                }
-            }
+    if !sk.is_null()
+        && let Some(s) = sockenv::get(sk.cast())
+        && s.flags & SOCK_F_VERDICT != 0
+    {
+        let cfg = config();
+        if fresh(&s.verdict, &cfg) && s.verdict.holds_on(loopback) {
+            return Ok(verdict(&cfg, &s.verdict));
         }
+        kept_inbound = s.verdict.inbound;
     }
     let mut pkt = Packet {
         src: [0; 16],
@@ -216,31 +191,19 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         (&pkt.src, pkt.sport, &pkt.dst, pkt.dport)
     };
     let cfg = config();
-    if cookie == 0 {
-        // A socket's cookie is never 0 (the kernel's counter starts at 1).
-        cookie = unsafe { bpf_get_socket_cookie(raw.cast()) };
-    }
+    let cookie = unsafe { bpf_get_socket_cookie(raw.cast()) };
     let flow = FlowKey::new(cookie, *remote_addr, remote_port, pkt.proto);
     // Also on loopback: a same-host flow judged at connect() follows a mode
     // switch at its next packet, like any other.
     // A decision taken for a same-host peer does not hold for a packet that
     // leaves the host: it is judged by its address below, and replaces it.
-    let is_tcp = pkt.proto == IPPROTO_TCP;
-    // Whether this socket opened its connection: `connect4/6` kept its
-    // decision, or its storage says so, or it is a TCP socket with neither
-    // storage nor an entry in `CONN_VERDICTS` once the agent has labelled
-    // every socket older than its programs: a client whose entry the LRU let
-    // go (an accepted socket has its listener's storage). Before that pass it
-    // may be a connection older than envguard, judged either way.
-    let client = conn
-        || (is_tcp && opened)
-        || (is_tcp && !stored && sockets_labelled() && connection_socket(sk));
     if let Some(v) = crate::classify::cached(&flow, &cfg)
         && v.holds_on(loopback)
     {
-        keep_on_socket(sk, pkt.proto, cookie, client, &v);
+        keep_on_socket(sk, pkt.proto, &v);
         return Ok(verdict(&cfg, &v));
     }
+    let is_tcp = pkt.proto == IPPROTO_TCP;
     let p = policy(cfg);
     // Same-host traffic crosses the loopback device; the sender's connect or
     // sendmsg hook judged it with the receiving socket's env, and reported
@@ -255,8 +218,6 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         // the cache.
         let inbound = if kept_inbound != NO_DECISION {
             kept_inbound != 0
-        } else if client {
-            false
         } else {
             match unsafe { FLOW_VERDICTS.get(&flow) } {
                 Some(old) => old.inbound != 0,
@@ -316,7 +277,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         {
             let v = *v;
             remember(&flow, &v);
-            keep_on_socket(sk, pkt.proto, cookie, client, &v);
+            keep_on_socket(sk, pkt.proto, &v);
             return Ok(verdict(&cfg, &v));
         }
         // Which way the conversation goes. A datagram and a SYN go the way
@@ -335,7 +296,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
                 Some(old) => Some(old.inbound != 0),
                 None => Some(ingress),
             }
-        } else if (labelled && active) || client {
+        } else if labelled && active {
             Some(false)
         } else if labelled && listener != 0 {
             Some(true)
@@ -411,7 +372,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     }
     remember(&flow, &v);
     if !syn_only {
-        keep_on_socket(sk, pkt.proto, cookie, client, &v);
+        keep_on_socket(sk, pkt.proto, &v);
     }
     if quiet {
         return Ok(verdict(&cfg, &v));
@@ -458,10 +419,9 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
 }
 
 /// Keeps a TCP socket's decision on the socket, where its next packets find
-/// it first; a client's with no storage in `CONN_VERDICTS`. Not for a
-/// listener: its packets come from many peers.
+/// it first. Not for a listener: its packets come from many peers.
 #[inline(always)]
-fn keep_on_socket(sk: *mut bpf_sock, proto: u8, cookie: u64, client: bool, v: &FlowVerdict) {
+fn keep_on_socket(sk: *mut bpf_sock, proto: u8, v: &FlowVerdict) {
     if proto != IPPROTO_TCP || sk.is_null() {
         return;
     }
@@ -472,32 +432,7 @@ fn keep_on_socket(sk: *mut bpf_sock, proto: u8, cookie: u64, client: bool, v: &F
     if let Some(s) = sockenv::get(full.cast()) {
         s.verdict = *v;
         s.flags |= SOCK_F_VERDICT;
-    } else if client {
-        let _ = CONN_VERDICTS.insert(&cookie, v, 0);
     }
-}
-
-/// Whether `sk` is a full socket of a connection: not a listener, nor a
-/// request or time-wait socket, nor a closed one (its last reset, or a
-/// socket that never connected, such as BPF_PROG_TEST_RUN's).
-#[inline(always)]
-fn connection_socket(sk: *mut bpf_sock) -> bool {
-    if sk.is_null() {
-        return false;
-    }
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return false;
-    }
-    let state = unsafe { (*full).state };
-    state != BPF_TCP_LISTEN && state != BPF_TCP_CLOSE
-}
-
-/// Whether an agent's first socket pass has labelled every socket older
-/// than the programs (`AgentState::sockets_labelled`).
-#[inline(always)]
-fn sockets_labelled() -> bool {
-    AGENT_STATE.get(0).is_some_and(|s| s.sockets_labelled != 0)
 }
 
 /// What a decision means for this packet, in the flow's pair's current mode.

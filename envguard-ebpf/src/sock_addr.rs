@@ -20,7 +20,6 @@ use crate::{
         local_peer_env, mode_of, policy, remember, verdict_of,
     },
     event::{emit, set_sides},
-    maps::CONN_VERDICTS,
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4, read_v6_words, unmapped_v4},
     sockenv,
 };
@@ -79,8 +78,7 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
         remote.env,
     )
     .with_peer_local(remote.from == ENV_FROM_SOCKET);
-    let refused = decision.decision != DECISION_ALLOW && mode == MODE_ENFORCE;
-    if !label(ctx, hook, proto, cookie, refused, &local, &verdict) {
+    if !label(ctx, hook, proto, &local, &verdict) {
         remember(&flow, &verdict);
     }
     count_decision(
@@ -119,43 +117,14 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
 /// socket (a UDP client's) is judged by it when it is the destination; marks a
 /// connecting TCP socket as the side that opened its connection, and gives it
 /// its decision, which its packets then find on the socket. Returns whether
-/// the decision is kept for the socket (else it goes to the verdict cache).
-///
-/// A connecting TCP socket with no storage yet (a client that did not bind()
-/// first) keeps its decision in `CONN_VERDICTS` under its cookie instead:
-/// creating the storage is two kernel allocations, and a client is never a
-/// same-host destination that needs its env on it (its peer finds it by the
-/// connection's tuple, judged by the decision kept here). A refused connect()
-/// keeps nothing: no packet of it follows.
+/// the decision is kept on the socket (else it goes to the verdict cache).
 #[inline(always)]
-fn label(
-    ctx: &SockAddrContext,
-    hook: u8,
-    proto: u8,
-    cookie: u64,
-    refused: bool,
-    local: &Side,
-    verdict: &FlowVerdict,
-) -> bool {
+fn label(ctx: &SockAddrContext, hook: u8, proto: u8, local: &Side, verdict: &FlowVerdict) -> bool {
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     if sk.is_null() {
         return false;
     }
     let connecting = proto == IPPROTO_TCP && (hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6);
-    if connecting {
-        if let Some(s) = sockenv::get(sk.cast()) {
-            s.flags |= SOCK_F_ACTIVE | SOCK_F_VERDICT;
-            s.verdict = *verdict;
-            return true;
-        }
-        if refused {
-            return true;
-        }
-        if CONN_VERDICTS.insert(&cookie, verdict, 0).is_ok() {
-            return true;
-        }
-        // No room (the LRU could not take it): the socket's own storage.
-    }
     let flags = if connecting { SOCK_F_ACTIVE } else { 0 };
     let init = SockEnv::new(local.env, unsafe { bpf_get_current_cgroup_id() }, 0, flags);
     match sockenv::get_or_create(sk.cast(), &init) {

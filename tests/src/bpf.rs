@@ -14,7 +14,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 // enum bpf_cmd
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
 const BPF_MAP_GET_NEXT_ID: libc::c_long = 12;
@@ -111,34 +110,6 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         ..Default::default()
     };
     sys_bpf(BPF_OBJ_GET, &mut attr).map(owned_fd)
-}
-
-/// `union bpf_attr` for the map element commands.
-#[repr(C)]
-#[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-/// The value of `key` in a map (`value_len` bytes), or `None` when the map
-/// has no such key.
-pub fn map_lookup(fd: &OwnedFd, key: &[u8], value_len: usize) -> io::Result<Option<Vec<u8>>> {
-    let mut value = vec![0u8; value_len];
-    let mut attr = ElemAttr {
-        map_fd: u32::try_from(fd.as_raw_fd()).expect("fd is non-negative"),
-        key: key.as_ptr() as u64,
-        value: value.as_mut_ptr() as u64,
-        ..Default::default()
-    };
-    match sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-        Ok(_) => Ok(Some(value)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
 }
 
 /// An info struct, zero-filled beyond what the kernel writes; `prepare` may

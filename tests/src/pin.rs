@@ -73,20 +73,6 @@ impl PinRoot {
         dirs
     }
 
-    /// Opens one of the agent's pinned maps (of its only layout).
-    pub fn map(&self, name: &str) -> std::os::fd::OwnedFd {
-        let dirs = self.layout_dirs();
-        let [dir] = dirs.as_slice() else {
-            panic!(
-                "expected one layout directory in {}, found {dirs:?}",
-                self.path.display()
-            );
-        };
-        let path = dir.join("maps").join(name);
-        bpf::obj_get(&path)
-            .unwrap_or_else(|e| panic!("opening the pinned map {}: {e}", path.display()))
-    }
-
     /// Reads what the agent pinned, with every cross-check the contract
     /// allows: exactly one layout directory; one link pin per program, each
     /// a cgroup link attached to `cgroup_id` with the program's attach

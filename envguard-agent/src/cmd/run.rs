@@ -55,9 +55,8 @@ pub struct RunArgs {
     /// least 4096). Changing it replaces the pinned maps.
     #[arg(long, value_name = "BYTES")]
     pub ringbuf_bytes: Option<u32>,
-    /// Capacity of the kernel's per-flow verdict cache and of its table of
-    /// connecting TCP clients' decisions (LRUs: a flow evicted from either is
-    /// classified again). Changing it replaces the pinned maps.
+    /// Capacity of the kernel's per-flow verdict cache (an LRU: a flow evicted
+    /// from it is classified again). Changing it replaces the pinned maps.
     #[arg(long, value_name = "N")]
     pub flow_cache_entries: Option<u32>,
     /// Repeats of one violating flow within this long of its last record are

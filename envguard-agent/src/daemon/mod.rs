@@ -172,10 +172,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         &mut names,
         &mut |_, _| {},
     );
-    // Every socket older than the programs has its label now.
-    kernel
-        .set_sockets_labelled()
-        .context("recording the first socket pass")?;
     log::info!(
         "{} {} ({}) in {} mode at {} in {} ms; {} sockets labelled with their holders' env",
         if kernel.adopted() {

@@ -22,11 +22,6 @@
 //!   it and resets the connection; prints `{"ready":true,"pid":P}`.
 //! - `tcp-hold DST_ADDR DST_PORT`: connects, prints `{"connected":O}`, then
 //!   for every line on stdin sends a line and prints `{"exchange":O}`.
-//! - `tcp-hold-away DST_ADDR DST_PORT CGROUP_DIR`: as `tcp-hold`, but moves
-//!   itself into CGROUP_DIR (out of the agent's tree: no holder pass sees
-//!   the socket again) after the first exchange, then prints
-//!   `{"connected":O,"cookie":C,"pid":P,"fd":F}` (C: the socket's cookie; F:
-//!   its fd in process P).
 //! - `listen-then-move ADDR PORT CGROUP_DIR`: binds and listens as where it
 //!   started, then moves itself into CGROUP_DIR; prints `{"ready":true,
 //!   "pid":P}` after the move and echoes lines on accepted connections.
@@ -123,7 +118,6 @@ fn main() {
         }
         ["tcp-serve-close", addr, port] => tcp_serve_close(sa(addr, port)),
         ["tcp-hold", addr, port] => tcp_hold(sa(addr, port)),
-        ["tcp-hold-away", addr, port, dir] => tcp_hold_away(sa(addr, port), dir),
         ["listen-then-move", addr, port, dir] => listen_then_move(sa(addr, port), dir),
         ["share-listener", addr, port, dir] => share_listener(sa(addr, port), dir),
         ["udp-serve-move", addr, port, dir] => udp_serve_move(sa(addr, port), dir),
@@ -481,42 +475,6 @@ fn tcp_hold(dst: SocketAddr) {
         }
     };
     print(json!({"connected": line_exchange(&mut stream)}));
-    for line in io::stdin().lock().lines() {
-        if line.is_err() {
-            break;
-        }
-        print(json!({"exchange": line_exchange(&mut stream)}));
-    }
-}
-
-fn tcp_hold_away(dst: SocketAddr, dir: &str) {
-    let mut stream = match TcpStream::connect_timeout(&dst, TIMEOUT) {
-        Ok(s) => s,
-        Err(e) => {
-            print(json!({"connected": outcome(&e)}));
-            return;
-        }
-    };
-    let mut cookie = 0u64;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` is a valid buffer of `len` bytes.
-    let r = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        die(format!("SO_COOKIE: {}", io::Error::last_os_error()));
-    }
-    let connected = line_exchange(&mut stream);
-    join_cgroup(std::path::Path::new(dir));
-    print(
-        json!({"connected": connected, "cookie": cookie, "pid": std::process::id(), "fd": stream.as_raw_fd()}),
-    );
     for line in io::stdin().lock().lines() {
         if line.is_err() {
             break;
