@@ -103,18 +103,45 @@ pub fn agent_loss<L: RuleLookup>(l: &L, src: u32, dst: u32) -> Option<Decision> 
     if heartbeat == 0 {
         return None;
     }
+    // Each env's fail mode and timeout as plain scalars (no mode: keep): the
+    // BPF verifier refuses code that reads an absent value's fields, which
+    // an `Option` of the whole record lets the compiler emit.
+    let (src_mode, src_timeout) = match l.env_loss(src) {
+        Some(x) => (x.mode, x.timeout_ns),
+        None => (ON_LOSS_KEEP, 0),
+    };
+    let (dst_mode, dst_timeout) = if src == dst {
+        (src_mode, src_timeout)
+    } else {
+        match l.env_loss(dst) {
+            Some(x) => (x.mode, x.timeout_ns),
+            None => (ON_LOSS_KEEP, 0),
+        }
+    };
+    // Only `open` and `closed` ever trigger anything, and only they depend
+    // on the heartbeat's age: without them, no clock read (most flows).
+    let timed = |mode: u32| mode == ON_LOSS_OPEN || mode == ON_LOSS_CLOSED;
+    if !timed(src_mode) && !timed(dst_mode) {
+        return None;
+    }
     let age = l.now_ns().saturating_sub(heartbeat);
     // The fail mode an env is in at this age: keep until its own timeout
     // passed; a follower (host/world) is one at any age.
-    let state = |env: u32| -> u32 {
-        match l.env_loss(env) {
-            Some(loss) if loss.mode == ON_LOSS_FOLLOW => ON_LOSS_FOLLOW,
-            Some(loss) if age > loss.timeout_ns => loss.mode,
-            _ => ON_LOSS_KEEP,
+    let state = |mode: u32, timeout: u64| -> u32 {
+        if mode == ON_LOSS_FOLLOW {
+            ON_LOSS_FOLLOW
+        } else if timed(mode) && age > timeout {
+            mode
+        } else {
+            ON_LOSS_KEEP
         }
     };
-    let a = state(src);
-    let b = if src == dst { a } else { state(dst) };
+    let a = state(src_mode, src_timeout);
+    let b = if src == dst {
+        a
+    } else {
+        state(dst_mode, dst_timeout)
+    };
     let open = if src == dst {
         a == ON_LOSS_OPEN
     } else {

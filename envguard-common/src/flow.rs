@@ -29,6 +29,66 @@ impl FlowKey {
     }
 }
 
+/// `DECIDE_CACHE` key: what a decision of the socket hooks depends on once
+/// the caller's env is known and the destination is not a socket of this
+/// host — the remote address, port and protocol. Everything else the
+/// decision reads is the policy in force (the generation in the value) or
+/// the agent's heartbeat (checked at every use).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecideKey {
+    /// IPv4 addresses are stored as IPv4-mapped IPv6 addresses.
+    pub remote_addr: [u8; 16],
+    pub src_env: u32,
+    /// Host byte order.
+    pub remote_port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<DecideKey>() == 24);
+
+impl DecideKey {
+    pub const fn new(src_env: u32, remote_addr: [u8; 16], remote_port: u16, proto: u8) -> Self {
+        Self {
+            remote_addr,
+            src_env,
+            remote_port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// `DECIDE_CACHE` value: the remote side's env and how it was found, and the
+/// policy's decision, under the policy generation they were taken in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecideValue {
+    pub generation: u32,
+    pub dst_env: u32,
+    /// The deciding rule id, as in events.
+    pub rule: u32,
+    /// `DECISION_*`.
+    pub decision: u8,
+    /// `event::ENV_FROM_*` of `dst_env`.
+    pub from: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<DecideValue>() == 16);
+
+impl DecideValue {
+    pub const fn new(generation: u32, dst_env: u32, from: u8, decision: u32, rule: u32) -> Self {
+        Self {
+            generation,
+            dst_env,
+            rule,
+            decision: decision as u8,
+            from,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// `INBOUND_TUPLES` key: a TCP connection by its addresses, as seen locally,
 /// and the listener that judged its SYN. The listener's cookie is what an
 /// attacker cannot share: a listener of the same addresses in another network

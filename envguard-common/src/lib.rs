@@ -36,6 +36,8 @@ mod pod {
     unsafe impl aya::Pod for event::DedupValue {}
     unsafe impl aya::Pod for flow::FlowKey {}
     unsafe impl aya::Pod for flow::FlowVerdict {}
+    unsafe impl aya::Pod for flow::DecideKey {}
+    unsafe impl aya::Pod for flow::DecideValue {}
     unsafe impl aya::Pod for flow::TupleKey {}
     unsafe impl aya::Pod for flow::SockEnv {}
     unsafe impl aya::Pod for flow::TcFlowKey {}

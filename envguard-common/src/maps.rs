@@ -50,6 +50,14 @@ pub const DECISIONS: &str = "DECISIONS";
 pub const DEDUP: &str = "DEDUP";
 /// `LruHashMap<FlowKey, FlowVerdict>`: per-socket, per-peer verdict cache.
 pub const FLOW_VERDICTS: &str = "FLOW_VERDICTS";
+/// `LruHashMap<DecideKey, DecideValue>`: the socket hooks' decisions by
+/// (caller's env, remote address, port, protocol), for destinations that
+/// are not sockets of this host: a connection to a destination judged before
+/// skips the endpoint, host and CIDR lookups and the rule tries. Stale under
+/// another policy generation (every change of what decides a remote env:
+/// reload, endpoints, holders); the agent-loss fail modes are checked at every
+/// use, and a decision they made is never kept.
+pub const DECIDE_CACHE: &str = "DECIDE_CACHE";
 /// `LruHashMap<TupleKey, FlowVerdict>`: inbound TCP decisions taken on a listener,
 /// adopted by the accepted socket so the connection is judged (and reported) once.
 pub const INBOUND_TUPLES: &str = "INBOUND_TUPLES";
@@ -78,7 +86,8 @@ pub const IFACE_ENVS: [&str; 2] = ["IFACE_ENVS_A", "IFACE_ENVS_B"];
 pub const TC_FLOWS: &str = "TC_FLOWS";
 
 /// Every map, for pinning and removal.
-pub const ALL: [&str; 41] = [
+pub const ALL: [&str; 42] = [
+    DECIDE_CACHE,
     DEDUP,
     DENY_RULES[0],
     DENY_RULES[1],
@@ -124,7 +133,7 @@ pub const ALL: [&str; 41] = [
 
 /// Bump when a map's type, key, value or meaning changes: pinned maps of
 /// another layout are never adopted, only replaced.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Number of env ids (`host`, `world` and the declared envs).
 pub const MAX_ENVS: u32 = 1024;
@@ -150,6 +159,8 @@ pub const MAX_ENDPOINTS: u32 = 16_384;
 pub const MAX_FLOWS: u32 = 65_536;
 /// Capacity of `INBOUND_TUPLES`.
 pub const MAX_INBOUND_TUPLES: u32 = 16_384;
+/// Capacity of `DECIDE_CACHE` (an LRU).
+pub const MAX_DECIDE_KEYS: u32 = 16_384;
 /// Size of `EVENTS` in bytes (a power of two multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 22;
 /// Capacity of `IFACE_ENVS`.

@@ -14,17 +14,20 @@ use envguard_common::{
         DecisionKey, ENV_FROM_CGROUP, ENV_FROM_CIDR, ENV_FROM_DEFAULT, ENV_FROM_ENDPOINT,
         ENV_FROM_SOCKET,
     },
-    flow::{FlowKey, FlowVerdict},
-    policy::{ENV_HOST, ENV_WORLD, PairKey, RULE_PREFIX_PORT, RuleKey},
+    flow::{DecideKey, DecideValue, FlowKey, FlowVerdict},
+    policy::{
+        ENV_HOST, ENV_WORLD, PairKey, RULE_AGENT_LOSS_CLOSED, RULE_AGENT_LOSS_OPEN,
+        RULE_PREFIX_PORT, RuleKey,
+    },
 };
 
 use crate::{
     maps::{
         AGENT_STATE, CGROUP_ENVS_A, CGROUP_ENVS_B, CIDR_ENVS_V4_A, CIDR_ENVS_V4_B, CIDR_ENVS_V6_A,
         CIDR_ENVS_V6_B, CIDR_HOSTS_V4_A, CIDR_HOSTS_V4_B, CIDR_HOSTS_V6_A, CIDR_HOSTS_V6_B, CONFIG,
-        COUNTERS, DECISIONS, DENY_RULES_A, DENY_RULES_B, ENDPOINTS_V4_A, ENDPOINTS_V4_B,
-        ENDPOINTS_V6_A, ENDPOINTS_V6_B, ENV_LOSS_A, ENV_LOSS_B, FLOW_VERDICTS, PAIR_MODES_A,
-        PAIR_MODES_B, POLICY_META_A, POLICY_META_B, RULES_A, RULES_B,
+        COUNTERS, DECIDE_CACHE, DECISIONS, DENY_RULES_A, DENY_RULES_B, ENDPOINTS_V4_A,
+        ENDPOINTS_V4_B, ENDPOINTS_V6_A, ENDPOINTS_V6_B, ENV_LOSS_A, ENV_LOSS_B, FLOW_VERDICTS,
+        PAIR_MODES_A, PAIR_MODES_B, POLICY_META_A, POLICY_META_B, RULES_A, RULES_B,
     },
     net::{IPPROTO_TCP, IPPROTO_UDP, unmapped_v4, v6_words},
 };
@@ -237,6 +240,51 @@ pub fn cidr_env(p: &Policy, addr: &[u8; 16]) -> Side {
             cgroup_id: 0,
         },
     }
+}
+
+/// The remote side of a flow from env `src` to `addr` (not a socket of this
+/// host) and the decision for it, from `DECIDE_CACHE` when it holds one of
+/// this policy generation, else looked up (`cidr_env`, `decide`) and kept
+/// there. The agent-loss fail modes depend on the time, not on the flow:
+/// they are checked at every use, and a decision they made is not kept.
+#[inline(always)]
+pub fn remote_decision(
+    p: &Policy,
+    src: u32,
+    addr: &[u8; 16],
+    proto: u8,
+    port: u16,
+) -> (Side, Decision) {
+    let key = DecideKey::new(src, *addr, port, proto);
+    if let Some(c) = unsafe { DECIDE_CACHE.get(&key) }
+        && c.generation == p.cfg.generation
+    {
+        let remote = Side {
+            env: c.dst_env,
+            from: c.from,
+            cgroup_id: 0,
+        };
+        let kept = Decision {
+            decision: c.decision as u32,
+            rule: c.rule,
+        };
+        let decision = shared::agent_loss(&Slot(p.slot_b()), src, remote.env).unwrap_or(kept);
+        return (remote, decision);
+    }
+    let remote = cidr_env(p, addr);
+    let decision = decide(p, src, remote.env, proto, port);
+    if decision.rule != RULE_AGENT_LOSS_OPEN && decision.rule != RULE_AGENT_LOSS_CLOSED {
+        let v = DecideValue::new(
+            p.cfg.generation,
+            remote.env,
+            remote.from,
+            decision.decision,
+            decision.rule,
+        );
+        // Full or not, the decision stands; the cache only saves lookups.
+        let _ = DECIDE_CACHE.insert(&key, &v, 0);
+    }
+    (remote, decision)
 }
 
 /// The env of a destination on this host, if a local socket would receive

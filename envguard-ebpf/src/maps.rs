@@ -11,7 +11,7 @@ use envguard_common::{
     config::{AgentState, CgroupOffsets, Config, EnvLoss, NUM_COUNTERS, PolicyMeta},
     container::Registration,
     event::{DecisionKey, DedupKey, DedupValue},
-    flow::{FlowKey, FlowVerdict, SockEnv, TcFlowKey, TupleKey},
+    flow::{DecideKey, DecideValue, FlowKey, FlowVerdict, SockEnv, TcFlowKey, TupleKey},
     maps::*,
     policy::{CgroupPath, EnvName, EnvValue, IfaceEnv, PairKey, RuleKey, RuleValue},
 };
@@ -99,6 +99,10 @@ pub static DECISIONS: PerCpuHashMap<DecisionKey, u64> =
 #[map]
 pub static FLOW_VERDICTS: LruHashMap<FlowKey, FlowVerdict> =
     LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+#[map]
+pub static DECIDE_CACHE: LruHashMap<DecideKey, DecideValue> =
+    LruHashMap::with_max_entries(MAX_DECIDE_KEYS, 0);
 
 #[map]
 pub static INBOUND_TUPLES: LruHashMap<TupleKey, FlowVerdict> =

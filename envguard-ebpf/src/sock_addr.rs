@@ -16,8 +16,8 @@ use envguard_common::{
 
 use crate::{
     classify::{
-        Decision, Side, cached, cidr_env, config, count, count_decision, decide, local_env,
-        local_peer_env, mode_of, policy, remember, verdict_of,
+        Decision, Side, cached, config, count, count_decision, decide, local_env, local_peer_env,
+        mode_of, policy, remember, remote_decision, verdict_of,
     },
     event::{emit, set_sides},
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4, read_v6_words, unmapped_v4},
@@ -48,12 +48,16 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let remote_port = u16::from_be(unsafe { core::ptr::read_volatile(&(*sa).user_port) } as u16);
 
     let cfg = config();
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let flow = FlowKey::new(cookie, remote_addr, remote_port, proto);
     // A TCP socket connects once: there is no earlier verdict of its own to
-    // find, and its decision is kept on the socket (`label`), not in the cache.
+    // find, and its decision is kept on the socket (`label`), not in the
+    // cache, which needs the socket's cookie only if that fails.
+    let cookie = if proto == IPPROTO_TCP {
+        0
+    } else {
+        unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
+    };
     if proto != IPPROTO_TCP
-        && let Some(v) = cached(&flow, &cfg)
+        && let Some(v) = cached(&FlowKey::new(cookie, remote_addr, remote_port, proto), &cfg)
         && v.allows()
     {
         return ALLOW;
@@ -62,12 +66,11 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let local = local_env(&p, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     });
-    let remote = match local_peer_env(ctx.sock_addr.cast(), None, &remote_addr, remote_port, proto)
-    {
-        Some(peer) => peer,
-        None => cidr_env(&p, &remote_addr),
-    };
-    let decision = decide(&p, local.env, remote.env, proto, remote_port);
+    let (remote, decision) =
+        match local_peer_env(ctx.sock_addr.cast(), None, &remote_addr, remote_port, proto) {
+            Some(peer) => (peer, decide(&p, local.env, peer.env, proto, remote_port)),
+            None => remote_decision(&p, local.env, &remote_addr, proto, remote_port),
+        };
     let mode = mode_of(&cfg, local.env, remote.env);
     let verdict = FlowVerdict::new(
         cfg.generation,
@@ -79,7 +82,15 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     )
     .with_peer_local(remote.from == ENV_FROM_SOCKET);
     if !label(ctx, hook, proto, &local, &verdict) {
-        remember(&flow, &verdict);
+        let cookie = if cookie == 0 {
+            unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
+        } else {
+            cookie
+        };
+        remember(
+            &FlowKey::new(cookie, remote_addr, remote_port, proto),
+            &verdict,
+        );
     }
     count_decision(
         local.env,
