@@ -1013,7 +1013,7 @@ pub fn notes(r: &Value) -> String {
             .and_then(|c| f(&c["pct"]));
         let storage_text = match storage {
             Some(pct) => format!(
-                "By the profile above, {pct:.0} % of `connect4` is creating that storage (`bpf_sk_storage_get` with `F_CREATE`: two kernel allocations, charged to the map's memory cgroup), about {:.0} ns; without it the connection would take about {:.0} ns of program time, inside the target.{}",
+                "By the profile above, {pct:.0} % of `connect4` is creating that storage (`bpf_sk_storage_get` with `F_CREATE`: two kernel allocations, charged to the map's memory cgroup, under two locks), about {:.0} ns; without it the connection would take about {:.0} ns of program time.{}",
                 connect * pct / 100.0,
                 net - connect * pct / 100.0,
                 freeing.map_or(String::new(), |fr| format!(
@@ -1022,15 +1022,16 @@ pub fn notes(r: &Value) -> String {
             ),
             None => "No profile of `connect4` was taken in this run.".to_owned(),
         };
+        let per_packet = |name: &str| {
+            f(&progs[name]["ns_per_op"]).unwrap_or(f64::NAN)
+                / f(&progs[name]["runs_per_op"]).unwrap_or(f64::NAN)
+                - empty
+        };
         let _ = writeln!(
             s,
-            "**Program time per connection.** {net:.0} ns against 1 500, and `connect4` is {connect:.0} ns of it (accounting taken off); the connection's packets find the decision on the socket at {:.0}–{:.0} ns each. `connect4` judges the destination (cgroup walk, same-host socket lookup, endpoint, host and CIDR maps, the rule tries), counts the decision and, for a client that did not bind() first, creates the socket's storage to keep the decision where its packets find it. {storage_text} What would close it: keep a connecting socket's decision in a preallocated map keyed by its socket cookie, and create the storage only for sockets that can be destinations (bound ones, which `post_bind` already labels). Why it is not done: the storage lives and dies with the socket, and nothing another socket does can remove it. A cookie-keyed LRU can be flushed by a workload that opens connections, and a flow whose entry was flushed is re-judged without knowing which side opened it (the rule for connections older than the agent: allowed if either direction is), which lets an audited connection survive a switch to enforce where the reverse direction is allowed. A map whose entries are deleted at close needs a `sock_release` program and a hand-off for the packets a socket still sends after close() (its FIN or RST), which spends most of the saving. Making this safe needs the agent's socket scan to move such decisions onto the socket within a pass and a strict rule for an unlabelled socket after the agent's first pass; that is a change to the security model, to be made with its own attack tests.\n",
-            f(&progs["skb_egress"]["ns_per_op"]).unwrap_or(f64::NAN)
-                / f(&progs["skb_egress"]["runs_per_op"]).unwrap_or(f64::NAN)
-                - empty,
-            f(&progs["skb_ingress"]["ns_per_op"]).unwrap_or(f64::NAN)
-                / f(&progs["skb_ingress"]["runs_per_op"]).unwrap_or(f64::NAN)
-                - empty,
+            "**Program time per connection.** {net:.0} ns against 1 500, and `connect4` is {connect:.0} ns of it (accounting taken off); each of the connection's packets costs {:.0} ns (egress) and {:.0} ns (ingress) and finds the decision on the socket. `connect4` judges the destination (cgroup walk, same-host socket lookup, then one `DECIDE_CACHE` lookup for a destination judged before, else the endpoint, host and CIDR maps and the rule tries), counts the decision and, for a client that did not bind() first, creates the socket's storage to keep the decision where its packets find it. {storage_text} Keeping the decision off the socket was built and measured (commit 6b415cf, reverted): an LRU keyed by the socket's cookie cost more, 3050 ns per connection against 2363 in the run before it, because an insert into a full LRU evicts (44 % of `connect4`) and every packet of a client without storage pays a cookie lookup; and it is safe against a workload that flushes the LRU only with a stricter rule for unlabelled sockets. What would close the rest: a per-socket slot that needs no allocation, which these program types do not have (socket storage is the only per-socket map), or fewer program runs per connection.\n",
+            per_packet("skb_egress"),
+            per_packet("skb_ingress"),
         );
     }
 
