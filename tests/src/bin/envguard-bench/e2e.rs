@@ -353,6 +353,26 @@ pub fn run(env: &BenchEnv) -> Value {
         let _ = w.result(Duration::from_secs(60));
         p
     };
+    // Where an established flow's packet time goes: `skb_egress` under the
+    // request/response workload (one connection, its decision on its socket),
+    // run in the client's context as it sends.
+    let established_profile = if env.quick {
+        json!("not profiled in a quick run")
+    } else {
+        let w = Worker::spawn(
+            &place("envguard-enforce"),
+            json!({"job": "rr_client", "addr": SERVER, "port": RR_PORT, "ms": 3_000}),
+        );
+        let p = crate::profile::callees(
+            w.pid(),
+            2,
+            &env.tmp.path().join("perf-established.data"),
+            "skb_egress",
+            &[],
+        );
+        let _ = w.result(Duration::from_secs(60));
+        p
+    };
     let agent_lines = |a: &BenchAgent| {
         let (n, first) = a.events();
         json!({"count": n, "first": first})
@@ -406,6 +426,7 @@ pub fn run(env: &BenchEnv) -> Value {
         "agent_records_during_run": agent_events,
         "enforce_bpf_time_per_op": bpf_per_op,
         "connect4_profile": connect_profile,
+        "skb_egress_rr_profile": established_profile,
         "load1_per_round": loads,
         "cpu_steal_frac_median": median(&all_steal),
         "cpu_steal_frac_max": max(&all_steal),
