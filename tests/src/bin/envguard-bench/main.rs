@@ -427,6 +427,7 @@ these alone.
 | memory | {mem} MiB |
 | date | {date} |
 | load average (1, 5, 15 min) | {load0} at start, {load1} at the end |
+| mitigations (calls and returns) | {mitigations} |
 | envguard | {version}, commit {commit}{dirty} |
 | run time | {elapsed:.0} s |
 
@@ -559,6 +560,14 @@ sender's start to the last record written; agent CPU from
         date = m["date"].as_str().unwrap_or("?"),
         load0 = r["load"]["start"].as_str().unwrap_or("?"),
         load1 = r["load"]["end"].as_str().unwrap_or("?"),
+        mitigations = match &m["mitigations"] {
+            Value::Object(v) => v
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.as_str().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join("; "),
+            _ => "not recorded".to_owned(),
+        },
         version = r["agent"]["version"].as_str().unwrap_or("?"),
         elapsed = r["elapsed_s"].as_f64().unwrap_or(0.0),
     )

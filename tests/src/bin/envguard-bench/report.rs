@@ -1006,9 +1006,15 @@ pub fn notes(r: &Value) -> String {
             ),
             _ => String::new(),
         };
+        let mitigations = match r["machine"]["mitigations"]["spec_rstack_overflow"].as_str() {
+            Some(m) if m != "unknown" && m != "Not affected" => format!(
+                " On this machine every return from a function pays the speculative-return mitigation (`{m}`; see Machine), so a helper call costs tens of nanoseconds whatever it does."
+            ),
+            _ => String::new(),
+        };
         let _ = writeln!(
             s,
-            "**Established flow.** A packet of an established TCP flow costs `skb_egress` +{egress:.0} ns and `skb_ingress` +{ingress:.0} ns over the empty program on the same packets (bpf_stats). That path is one helper call and about 30 BPF instructions: the socket's storage (`bpf_sk_storage_get`, no allocation), the configuration (an array lookup the verifier inlines), the decision's generation, and for a violation its pair's mode.{shares} Nothing but the storage read is left to take out of it; the same path measured +19/+16 ns in the full run at bench commit 1a22161 on this VM, so this row is within this shared machine's spread rather than the program's.\n"
+            "**Established flow.** A packet of an established TCP flow costs `skb_egress` +{egress:.0} ns and `skb_ingress` +{ingress:.0} ns over the empty program on the same packets (bpf_stats). That path is one helper call and about 30 BPF instructions: the socket's storage (`bpf_sk_storage_get`, no allocation), the configuration (an array lookup the verifier inlines), the decision's generation, and for a violation its pair's mode.{shares} Nothing but the storage read is left to take out of it, and it is the only way these programs reach a socket's storage.{mitigations} The same path measured +19/+16 ns in the full run at bench commit 1a22161 on this VM.\n"
         );
     }
 

@@ -155,5 +155,21 @@ pub fn machine() -> Value {
         "mem_total_mib": mem_total_mib(),
         "date": utc_now(),
         "loadavg_at_start": loadavg(),
+        "mitigations": mitigations(),
+    })
+}
+
+/// The kernel's speculative-execution mitigations that tax every call and
+/// return (helper calls, the programs' own dispatch): what
+/// `/sys/devices/system/cpu/vulnerabilities/` says of them.
+pub fn mitigations() -> Value {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/devices/system/cpu/vulnerabilities/{name}"))
+            .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
+    };
+    json!({
+        "spectre_v2": read("spectre_v2"),
+        "spec_rstack_overflow": read("spec_rstack_overflow"),
+        "retbleed": read("retbleed"),
     })
 }
