@@ -140,6 +140,14 @@ impl EnvLoss {
     }
 }
 
+/// Pending bytes in the `EVENTS` ring buffer from which a new record wakes
+/// the agent (below it, records wait for the agent's drain timer,
+/// `EVENTS_DRAIN_INTERVAL_MS`): one wake-up per batch instead of per record.
+pub const EVENTS_WAKEUP_BYTES: u64 = 64 * 1024;
+/// How often the agent drains the ring buffer without being woken: the
+/// longest a record waits below `EVENTS_WAKEUP_BYTES`.
+pub const EVENTS_DRAIN_INTERVAL_MS: u64 = 10;
+
 /// The single entry of `AGENT_STATE`, written by the agent only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,10 @@
 //! Violation records into the ring buffer.
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated};
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated},
+};
 use envguard_common::{
-    config::{Counter, MODE_ENFORCE},
+    config::{Counter, EVENTS_WAKEUP_BYTES as WAKEUP_BYTES, MODE_ENFORCE},
     event::{
         DIRECTION_EGRESS, DedupKey, DedupValue, VERDICT_AUDITED, VERDICT_DENIED, ViolationEvent,
     },
@@ -49,7 +52,15 @@ pub fn emit(mode: u32, in_task: bool, dedup: &DedupKey, fill: impl FnOnce(&mut V
         unsafe { generated::bpf_get_current_comm((&raw mut ev.comm).cast(), 16) };
     }
     fill(ev);
-    entry.submit(0);
+    // The agent is woken once a batch is pending, not for every record (a
+    // wake-up per record was most of its CPU in a flood); it also drains
+    // the ring on a short timer, which bounds how long a lone record waits.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags as u64);
 }
 
 /// Whether this violation repeats one reported less than the dedup interval

@@ -405,6 +405,12 @@ impl Daemon {
         };
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         let mut holders_tick = tokio::time::interval(HOLDERS_PASS);
+        // The kernel wakes the agent only once a batch of records is pending;
+        // this drain bounds how long fewer records wait.
+        let mut events_tick = tokio::time::interval(std::time::Duration::from_millis(
+            envguard_common::config::EVENTS_DRAIN_INTERVAL_MS,
+        ));
+        events_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut history_tick = tokio::time::interval_at(
             Instant::now() + self.settings.history_interval,
             self.settings.history_interval,
@@ -417,6 +423,7 @@ impl Daemon {
                     self.drain(guard.get_inner_mut())?;
                     guard.clear_ready();
                 }
+                _ = events_tick.tick() => self.drain(ring.get_mut())?,
                 _ = tick.tick() => self.housekeeping()?,
                 guard = link_change(links.as_ref()) => {
                     let mut guard = guard.context("waiting for link changes")?;
