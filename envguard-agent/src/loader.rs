@@ -158,6 +158,8 @@ pub struct Kernel {
     /// Lost events reported so far, by this agent and its predecessors.
     pub lost_reported: u64,
     dedup_interval_ns: u64,
+    /// `AgentState::events_wakeup_bytes`.
+    events_wakeup_bytes: u64,
     /// Interfaces (and direction: `true` ingress) this agent attached or
     /// adopted, and how: the poll leaves them alone.
     tc_attached: std::collections::BTreeMap<(u32, bool), TcMode>,
@@ -219,6 +221,9 @@ impl Kernel {
             loads: 0,
             lost_reported: state.lost_reported,
             dedup_interval_ns: opts.dedup_interval.as_nanos() as u64,
+            events_wakeup_bytes: envguard_common::config::events_wakeup_bytes(u64::from(
+                opts.ringbuf_bytes.unwrap_or(maps::EVENTS_BYTES),
+            )),
             tc_attached: Default::default(),
         })
     }
@@ -616,6 +621,7 @@ impl Kernel {
             cgroup_id: self.cgroup_id,
             lost_reported: self.lost_reported,
             dedup_interval_ns: self.dedup_interval_ns,
+            events_wakeup_bytes: self.events_wakeup_bytes,
         };
         let mut m: Array<_, AgentState> = map(&mut self.ebpf, maps::AGENT_STATE)?;
         m.set(0, state, 0)

@@ -143,9 +143,17 @@ impl EnvLoss {
 /// Pending bytes in the `EVENTS` ring buffer from which a new record wakes
 /// the agent (below it, records wait for the agent's drain timer,
 /// `EVENTS_DRAIN_INTERVAL_MS`): one wake-up per batch instead of per record.
-pub const EVENTS_WAKEUP_BYTES: u64 = 64 * 1024;
+/// An eighth of a smaller ring, so that it never fills unwoken.
+pub const fn events_wakeup_bytes(ring_bytes: u64) -> u64 {
+    let eighth = ring_bytes / 8;
+    if eighth < 64 * 1024 {
+        eighth
+    } else {
+        64 * 1024
+    }
+}
 /// How often the agent drains the ring buffer without being woken: the
-/// longest a record waits below `EVENTS_WAKEUP_BYTES`.
+/// longest a record waits below `events_wakeup_bytes`.
 pub const EVENTS_DRAIN_INTERVAL_MS: u64 = 10;
 
 /// The single entry of `AGENT_STATE`, written by the agent only.
@@ -165,8 +173,11 @@ pub struct AgentState {
     /// Repeats of a violation within this long of its last record are only
     /// counted (in `DEDUP`), not sent; 0 sends every one.
     pub dedup_interval_ns: u64,
+    /// `events_wakeup_bytes` of the ring buffer's size; 0 (no agent has said
+    /// yet): every record may wake the agent, as the kernel decides.
+    pub events_wakeup_bytes: u64,
 }
-const _: () = assert!(core::mem::size_of::<AgentState>() == 40);
+const _: () = assert!(core::mem::size_of::<AgentState>() == 48);
 
 /// The single entry of `MKDIR_OFFSETS`: where the `cgroup_mkdir` watch finds
 /// what it reads in the kernel's structures, from the running kernel's BTF

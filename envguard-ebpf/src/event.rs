@@ -4,7 +4,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated},
 };
 use envguard_common::{
-    config::{Counter, EVENTS_WAKEUP_BYTES as WAKEUP_BYTES, MODE_ENFORCE},
+    config::{Counter, MODE_ENFORCE},
     event::{
         DIRECTION_EGRESS, DedupKey, DedupValue, VERDICT_AUDITED, VERDICT_DENIED, ViolationEvent,
     },
@@ -55,12 +55,19 @@ pub fn emit(mode: u32, in_task: bool, dedup: &DedupKey, fill: impl FnOnce(&mut V
     // The agent is woken once a batch is pending, not for every record (a
     // wake-up per record was most of its CPU in a flood); it also drains
     // the ring on a short timer, which bounds how long a lone record waits.
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
+    // Until an agent has said how much a batch is, the kernel decides.
+    let batch = match AGENT_STATE.get(0) {
+        Some(s) => s.events_wakeup_bytes,
+        None => 0,
     };
-    entry.submit(flags as u64);
+    let flags = if batch == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= batch {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    };
+    entry.submit(flags);
 }
 
 /// Whether this violation repeats one reported less than the dedup interval
