@@ -333,46 +333,34 @@ pub fn run(env: &BenchEnv) -> Value {
             }),
         );
     }
+    // A call-graph profile of one program while the enforce arm's client
+    // runs `job` for 3 s (2 s sampled).
+    let profile_of = |job: &str, port: u16, prog: &str, extra: &[&str]| {
+        if env.quick {
+            return json!("not profiled in a quick run");
+        }
+        let w = Worker::spawn(
+            &place("envguard-enforce"),
+            json!({"job": job, "addr": SERVER, "port": port, "ms": 3_000}),
+        );
+        let data = env.tmp.path().join(format!("perf-{prog}.data"));
+        let p = crate::profile::callees(w.pid(), 2, &data, prog, extra);
+        let _ = w.result(Duration::from_secs(60));
+        p
+    };
     // Where connect4's time goes in the connection workload (its client
     // connects without bind(): connect4 creates the socket's storage), and
     // what freeing that storage costs when the socket goes.
-    let connect_profile = if env.quick {
-        json!("not profiled in a quick run")
-    } else {
-        let w = Worker::spawn(
-            &place("envguard-enforce"),
-            json!({"job": "crr_client", "addr": SERVER, "port": CRR_PORT, "ms": 3_000}),
-        );
-        let p = crate::profile::callees(
-            w.pid(),
-            2,
-            &env.tmp.path().join("perf-connect.data"),
-            "connect4",
-            &["bpf_sk_storage_free", "bpf_sk_storage_get"],
-        );
-        let _ = w.result(Duration::from_secs(60));
-        p
-    };
+    let connect_profile = profile_of(
+        "crr_client",
+        CRR_PORT,
+        "connect4",
+        &["bpf_sk_storage_free", "bpf_sk_storage_get"],
+    );
     // Where an established flow's packet time goes: `skb_egress` under the
     // request/response workload (one connection, its decision on its socket),
     // run in the client's context as it sends.
-    let established_profile = if env.quick {
-        json!("not profiled in a quick run")
-    } else {
-        let w = Worker::spawn(
-            &place("envguard-enforce"),
-            json!({"job": "rr_client", "addr": SERVER, "port": RR_PORT, "ms": 3_000}),
-        );
-        let p = crate::profile::callees(
-            w.pid(),
-            2,
-            &env.tmp.path().join("perf-established.data"),
-            "skb_egress",
-            &[],
-        );
-        let _ = w.result(Duration::from_secs(60));
-        p
-    };
+    let established_profile = profile_of("rr_client", RR_PORT, "skb_egress", &[]);
     let agent_lines = |a: &BenchAgent| {
         let (n, first) = a.events();
         json!({"count": n, "first": first})

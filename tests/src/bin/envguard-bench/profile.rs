@@ -46,16 +46,8 @@ fn run(mut cmd: Command, data: &Path) -> Value {
     if !available() {
         return json!(UNAVAILABLE);
     }
-    let rec = cmd.output();
-    match rec {
-        Ok(r) if r.status.success() => {}
-        Ok(r) => {
-            return json!(format!(
-                "perf record failed: {}",
-                String::from_utf8_lossy(&r.stderr).trim()
-            ));
-        }
-        Err(e) => return json!(format!("cannot run perf: {e}")),
+    if let Some(why) = failed(cmd.output()) {
+        return why;
     }
     let report = Command::new("perf")
         .args([
@@ -74,6 +66,18 @@ fn run(mut cmd: Command, data: &Path) -> Value {
     match report {
         Ok(o) if o.status.success() => parse_report(&String::from_utf8_lossy(&o.stdout)),
         _ => json!("perf report failed"),
+    }
+}
+
+/// Why a `perf record` run gave no profile, or `None` when it did.
+fn failed(rec: std::io::Result<std::process::Output>) -> Option<Value> {
+    match rec {
+        Ok(r) if r.status.success() => None,
+        Ok(r) => Some(json!(format!(
+            "perf record failed: {}",
+            String::from_utf8_lossy(&r.stderr).trim()
+        ))),
+        Err(e) => Some(json!(format!("cannot run perf: {e}"))),
     }
 }
 
@@ -133,15 +137,8 @@ pub fn callees(pid: u32, secs: u32, data: &Path, prog: &str, extra: &[&str]) -> 
         .arg(data)
         .args(["--", "sleep", &secs.to_string()])
         .output();
-    match rec {
-        Ok(r) if r.status.success() => {}
-        Ok(r) => {
-            return json!(format!(
-                "perf record failed: {}",
-                String::from_utf8_lossy(&r.stderr).trim()
-            ));
-        }
-        Err(e) => return json!(format!("cannot run perf: {e}")),
+    if let Some(why) = failed(rec) {
+        return why;
     }
     let script = Command::new("perf")
         .args(["script", "-F", "ip,sym", "-i"])

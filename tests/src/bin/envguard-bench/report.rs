@@ -1012,7 +1012,8 @@ pub fn notes(r: &Value) -> String {
         let prof = section(r, "e2e").map(|e| e["skb_egress_rr_profile"].clone());
         let shares = match prof.as_ref() {
             Some(p) if p.is_object() => format!(
-                " By the profile of section 2, the socket's storage read (`bpf_sk_storage_get`) is {:.0} % of `skb_egress` on that path and the program's own code {:.0} %.",
+                " By the profile of section 2 ({:.0} samples in `skb_egress`: a rough split), the socket's storage read (`bpf_sk_storage_get`) is {:.0} % of `skb_egress` on that path and the program's own code {:.0} %.",
+                f(&p["samples"]).unwrap_or(0.0) * f(&p["program_pct"]).unwrap_or(0.0) / 100.0,
                 callee_pct(p, "bpf_sk_storage_get").unwrap_or(0.0),
                 callee_pct(p, "(its own code)").unwrap_or(0.0),
             ),
@@ -1034,13 +1035,7 @@ pub fn notes(r: &Value) -> String {
         && let Some(e) = section(r, "e2e")
     {
         let b = &e["enforce_bpf_time_per_op"]["request-response"];
-        let floor = section(r, "bpf_stats")
-            .and_then(|b| b["programs"].as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .find(|p| p["program"] == "empty (egress)")
-            .and_then(|p| f(&p["ns_per_run"]))
-            .unwrap_or(f64::NAN);
+        let floor = empty_egress_ns(r);
         let net = f(&b["ns_per_op"]).unwrap_or(f64::NAN)
             - f(&b["runs_per_op"]).unwrap_or(f64::NAN) * floor;
         let cpu = f(&e["workloads"]["request-response"]["none"]["cpu_s_per_op_median"])
@@ -1067,13 +1062,7 @@ pub fn notes(r: &Value) -> String {
         && let Some(e) = section(r, "e2e")
     {
         let progs = &e["enforce_bpf_time_per_op"]["connections"]["programs"];
-        let empty = section(r, "bpf_stats")
-            .and_then(|b| b["programs"].as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .find(|p| p["program"] == "empty (egress)")
-            .and_then(|p| f(&p["ns_per_run"]))
-            .unwrap_or(f64::NAN);
+        let empty = empty_egress_ns(r);
         let connect = f(&progs["connect4"]["ns_per_op"]).unwrap_or(f64::NAN) - empty;
         let prof = &e["connect4_profile"];
         let storage = prof["callees"]
@@ -1238,9 +1227,10 @@ fn callee_profile_text(p: &Value, prog: &str, workload: &str) -> Option<String> 
         })
         .collect();
     Some(format!(
-        "Profile of `{prog}` in {workload} (enforce arm, `perf record -g -e cpu-clock` of the client for 2 s, {} samples): `{prog}` is {:.1} % of the client's samples; each of its samples goes to the function it called, or to its own code: {}.{}",
+        "Profile of `{prog}` in {workload} (enforce arm, `perf record -g -e cpu-clock` of the client for 2 s, {} samples): `{prog}` is {:.1} % of the client's samples ({:.0} samples); each of its samples goes to the function it called, or to its own code: {}.{}",
         p["samples"],
         f(&p["program_pct"])?,
+        f(&p["samples"])? * f(&p["program_pct"])? / 100.0,
         callees.join(", "),
         if extra.is_empty() {
             String::new()
@@ -1257,4 +1247,16 @@ fn callee_pct(p: &Value, symbol: &str) -> Option<f64> {
         .iter()
         .find(|c| c["symbol"] == symbol)
         .and_then(|c| f(&c["pct"]))
+}
+
+/// The empty egress program's cost per run under bpf_stats (the accounting's
+/// own cost), or NaN.
+fn empty_egress_ns(r: &Value) -> f64 {
+    section(r, "bpf_stats")
+        .and_then(|b| b["programs"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .find(|p| p["program"] == "empty (egress)")
+        .and_then(|p| f(&p["ns_per_run"]))
+        .unwrap_or(f64::NAN)
 }
