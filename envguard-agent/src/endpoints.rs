@@ -33,7 +33,7 @@ use std::{
 
 use envguard_common::policy::{ENV_CONFLICT, ENV_HOST};
 
-use crate::sys;
+use crate::{netlink, sys};
 
 /// One process of a namespace and its cgroup's ancestors' ids, root first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -482,80 +482,17 @@ fn own_userns() -> std::io::Result<u64> {
 
 const RTM_NEWADDR: u16 = 20;
 const RTM_GETADDR: u16 = 22;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
-const NLMSG_HDRLEN: usize = 16;
 const IFADDRMSG_LEN: usize = 8;
 
 /// Every address of the calling thread's network namespace (RTM_GETADDR).
 fn dump_addresses() -> std::io::Result<Vec<IpAddr>> {
-    // SAFETY: plain syscall; the result is a new fd we own.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = [0u8; NLMSG_HDRLEN + IFADDRMSG_LEN];
-    req[0..4].copy_from_slice(&((NLMSG_HDRLEN + IFADDRMSG_LEN) as u32).to_ne_bytes());
-    req[4..6].copy_from_slice(&RTM_GETADDR.to_ne_bytes());
-    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    // ifaddrmsg: family AF_UNSPEC, the rest zero.
-    // SAFETY: req is a valid buffer; the kernel is the default destination.
-    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
     let mut out = Vec::new();
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        // SAFETY: buf is a valid buffer of its length.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if parse_messages(&buf[..n as usize], &mut out)? {
-            return Ok(out);
-        }
-    }
-}
-
-/// Parses one datagram of a dump; true at its end.
-fn parse_messages(mut b: &[u8], out: &mut Vec<IpAddr>) -> std::io::Result<bool> {
-    while b.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")) as usize;
-        let kind = u16::from_ne_bytes(b[4..6].try_into().expect("2 bytes"));
-        if len < NLMSG_HDRLEN || len > b.len() {
-            return Err(std::io::Error::other("truncated netlink message"));
-        }
-        match kind {
-            NLMSG_DONE => return Ok(true),
-            NLMSG_ERROR => {
-                let errno = b
-                    .get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)
-                    .map_or(0, |e| i32::from_ne_bytes(e.try_into().expect("4 bytes")));
-                return Err(std::io::Error::from_raw_os_error(-errno));
-            }
-            RTM_NEWADDR => {
-                if let Some(a) = parse_addr(&b[NLMSG_HDRLEN..len]) {
-                    out.push(a);
-                }
-            }
-            _ => {}
-        }
-        b = &b[((len + 3) & !3).min(b.len())..];
-    }
-    Ok(false)
+    netlink::dump(RTM_GETADDR, IFADDRMSG_LEN, RTM_NEWADDR, |p| {
+        out.extend(parse_addr(p));
+    })?;
+    Ok(out)
 }
 
 /// The address of one RTM_NEWADDR payload: IFA_LOCAL (an IPv4 interface's
@@ -563,15 +500,8 @@ fn parse_messages(mut b: &[u8], out: &mut Vec<IpAddr>) -> std::io::Result<bool> 
 /// IFA_ADDRESS.
 fn parse_addr(p: &[u8]) -> Option<IpAddr> {
     let family = *p.first()?;
-    let mut attrs = p.get(IFADDRMSG_LEN..)?;
     let (mut local, mut address) = (None, None);
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let v = &attrs[4..len];
+    for (kind, v) in netlink::attrs(p, IFADDRMSG_LEN) {
         let ip = match (family as i32, v.len()) {
             (libc::AF_INET, 4) => Some(IpAddr::V4(Ipv4Addr::from(
                 <[u8; 4]>::try_from(v).expect("4 bytes"),
@@ -586,7 +516,6 @@ fn parse_addr(p: &[u8]) -> Option<IpAddr> {
             IFA_ADDRESS => address = ip,
             _ => {}
         }
-        attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
     }
     local.or(address)
 }

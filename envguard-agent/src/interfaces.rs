@@ -8,7 +8,10 @@ use std::{
     sync::Mutex,
 };
 
-use crate::policy::{compile::Compiled, interfaces::IfacePattern};
+use crate::{
+    netlink,
+    policy::{compile::Compiled, interfaces::IfacePattern},
+};
 
 /// One interface of the namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,92 +24,25 @@ pub struct Link {
 
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWLINK: u16 = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
+const IFINFOMSG_LEN: usize = 16;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MASTER: u16 = 10;
 
 /// Every interface of the agent's network namespace.
 pub fn list() -> io::Result<Vec<Link>> {
-    // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new fd nobody else owns.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    // nlmsghdr (16) + ifinfomsg (16), all zero but the header.
-    let mut req = [0u8; 32];
-    req[0..4].copy_from_slice(&32u32.to_ne_bytes());
-    req[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
-    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    // SAFETY: sending our buffer on our socket (to the kernel: no address needed).
-    if unsafe { libc::send(raw, req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
     let mut links = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        // SAFETY: receiving into our buffer.
-        let n = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        let mut msgs = &buf[..n as usize];
-        while msgs.len() >= 16 {
-            let len = u32::from_ne_bytes(msgs[0..4].try_into().unwrap()) as usize;
-            let ty = u16::from_ne_bytes(msgs[4..6].try_into().unwrap());
-            if len < 16 || len > msgs.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "truncated netlink message",
-                ));
-            }
-            match ty {
-                NLMSG_DONE => return Ok(links),
-                NLMSG_ERROR => {
-                    let errno = i32::from_ne_bytes(msgs[16..20].try_into().unwrap_or([0; 4]));
-                    return Err(io::Error::from_raw_os_error(-errno));
-                }
-                RTM_NEWLINK => {
-                    if let Some(l) = parse_link(&msgs[16..len]) {
-                        links.push(l);
-                    }
-                }
-                _ => {}
-            }
-            msgs = &msgs[len.next_multiple_of(4).min(msgs.len())..];
-        }
-    }
+    netlink::dump(RTM_GETLINK, IFINFOMSG_LEN, RTM_NEWLINK, |p| {
+        links.extend(parse_link(p));
+    })?;
+    Ok(links)
 }
 
 /// An RTM_NEWLINK payload: ifinfomsg, then attributes.
 fn parse_link(p: &[u8]) -> Option<Link> {
     let ifindex = i32::from_ne_bytes(p.get(4..8)?.try_into().ok()?) as u32;
-    let mut attrs = p.get(16..)?;
     let (mut name, mut master) = (None, 0);
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes(attrs[0..2].try_into().ok()?) as usize;
-        let ty = u16::from_ne_bytes(attrs[2..4].try_into().ok()?) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let data = &attrs[4..len];
-        match ty {
+    for (kind, data) in netlink::attrs(p, IFINFOMSG_LEN) {
+        match kind {
             IFLA_IFNAME => {
                 let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
                 name = Some(String::from_utf8_lossy(&data[..end]).into_owned());
@@ -116,7 +52,6 @@ fn parse_link(p: &[u8]) -> Option<Link> {
             }
             _ => {}
         }
-        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
     }
     Some(Link {
         ifindex,
@@ -151,19 +86,7 @@ pub struct LinkEvents(std::os::fd::OwnedFd);
 
 impl LinkEvents {
     pub fn open() -> io::Result<LinkEvents> {
-        // SAFETY: plain socket(2); the fd is owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new fd nobody else owns.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let fd = netlink::route_socket(libc::SOCK_NONBLOCK)?;
         // SAFETY: zeroed sockaddr_nl is valid; family and groups set below.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;

@@ -16,6 +16,7 @@ pub mod interfaces;
 pub mod loader;
 pub mod metrics;
 pub mod modes;
+pub mod netlink;
 pub mod pinroot;
 pub mod policy;
 pub mod ratelimit;

@@ -174,9 +174,10 @@ fn parses_an_address_dump() {
     v6.extend(attr(IFA_ADDRESS, &a6.octets()));
     let mut buf = msg(RTM_NEWADDR, &v4);
     buf.extend(msg(RTM_NEWADDR, &v6));
-    buf.extend(msg(NLMSG_DONE, &[0; 4]));
+    buf.extend(msg(crate::netlink::NLMSG_DONE, &[0; 4]));
     let mut out = Vec::new();
-    assert!(parse_messages(&buf, &mut out).unwrap());
+    let done = crate::netlink::messages(&buf, RTM_NEWADDR, &mut |p| out.extend(parse_addr(p)));
+    assert!(done.unwrap());
     assert_eq!(out, vec![ip("198.18.0.1"), IpAddr::V6(a6)]);
 }
 
