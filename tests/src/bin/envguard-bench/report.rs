@@ -1065,18 +1065,8 @@ pub fn notes(r: &Value) -> String {
         let empty = empty_egress_ns(r);
         let connect = f(&progs["connect4"]["ns_per_op"]).unwrap_or(f64::NAN) - empty;
         let prof = &e["connect4_profile"];
-        let storage = prof["callees"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["symbol"] == "bpf_sk_storage_get")
-            .and_then(|c| f(&c["pct"]));
-        let freeing = prof["extra_pct"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["symbol"] == "bpf_sk_storage_free")
-            .and_then(|c| f(&c["pct"]));
+        let storage = callee_pct(prof, "bpf_sk_storage_get");
+        let freeing = share_pct(&prof["extra_pct"], "bpf_sk_storage_free");
         let storage_text = match storage {
             Some(pct) => format!(
                 "By the profile above, {pct:.0} % of `connect4` is creating that storage (`bpf_sk_storage_get` with `F_CREATE`: two kernel allocations, charged to the map's memory cgroup, under two locks), about {:.0} ns; without it the connection would take about {:.0} ns of program time.{}",
@@ -1242,8 +1232,12 @@ fn callee_profile_text(p: &Value, prog: &str, workload: &str) -> Option<String> 
 
 /// The share `profile::callees` gave one callee of a program, if it has one.
 fn callee_pct(p: &Value, symbol: &str) -> Option<f64> {
-    p["callees"]
-        .as_array()?
+    share_pct(&p["callees"], symbol)
+}
+
+/// The `pct` of `symbol` in a list of `{"symbol", "pct"}`.
+fn share_pct(list: &Value, symbol: &str) -> Option<f64> {
+    list.as_array()?
         .iter()
         .find(|c| c["symbol"] == symbol)
         .and_then(|c| f(&c["pct"]))
