@@ -752,3 +752,38 @@ fn own_decoy_socket_does_not_make_a_remote_address_same_host() {
         lab.stop_agent();
     }
 }
+
+// The socket hooks keep decisions by (caller's env, remote address, port,
+// protocol) in DECIDE_CACHE, which every workload's connections fill. What
+// dev's connections put there must not decide for prod, and what any policy
+// put there must not outlive it: prod is refused where dev was just allowed
+// to the same destination, and dev is refused there once a reload takes the
+// rule away.
+#[test]
+fn a_cached_decision_is_the_callers_env_and_policys_only() {
+    let mut lab = Lab::with_policy(
+        EGPROBE,
+        Mode::Enforce,
+        &PolicyExtras {
+            allow: "[[allow]]\nfrom = \"dev\"\nto = \"shared\"\nports = [\"9000/tcp\"]\n".into(),
+            ..Default::default()
+        },
+    );
+    lab.serve_remote_sites();
+    lab.start_agent();
+    let dst = SocketAddr::new(Site::Shared.addr(Family::V4), 9000);
+    for round in 0..2 {
+        let r = lab.probe(Client::Dev, Proto::Tcp, dst, 3000);
+        assert!(
+            r.ok,
+            "dev -> shared:9000 is allowed (round {round}): {}",
+            r.raw
+        );
+    }
+    lab.check_violation(&lab.remote_case(Client::Prod, Site::Shared, Family::V4, Proto::Tcp, 9000));
+    lab.set_policy(&PolicyExtras::default());
+    lab.cli(&["reload"])
+        .assert_ok("reload without the dev -> shared:9000 rule");
+    lab.check_violation(&lab.remote_case(Client::Dev, Site::Shared, Family::V4, Proto::Tcp, 9000));
+    lab.stop_agent();
+}
