@@ -320,40 +320,51 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
             cgroup_id: s.cgroup_id,
         };
     }
-    let decision = match inbound {
-        Some(true) => decide(&p, remote.env, local.env, pkt.proto, local_port),
-        Some(false) => decide(&p, local.env, remote.env, pkt.proto, remote_port),
+    // The flow's own direction, not this packet's: a reply is judged, counted
+    // and reported as the flow it answers (who opened it is the source), and
+    // handled in that pair's mode. Judged by the packet's direction instead,
+    // a reply re-judged after a policy change fell under the reverse pair's
+    // mode: an audited flow's answers were dropped where only `dev -> prod`
+    // was audited and `prod -> dev` enforced.
+    let (decision, flow_inbound) = match inbound {
+        Some(true) => (
+            decide(&p, remote.env, local.env, pkt.proto, local_port),
+            true,
+        ),
+        Some(false) => (
+            decide(&p, local.env, remote.env, pkt.proto, remote_port),
+            false,
+        ),
         None => {
             // Either direction may have opened it: allowed if one is.
-            let (first, second) = if ingress {
-                (
-                    decide(&p, remote.env, local.env, pkt.proto, local_port),
-                    decide(&p, local.env, remote.env, pkt.proto, remote_port),
-                )
+            let this_way = if ingress {
+                decide(&p, remote.env, local.env, pkt.proto, local_port)
             } else {
-                (
-                    decide(&p, local.env, remote.env, pkt.proto, remote_port),
-                    decide(&p, remote.env, local.env, pkt.proto, local_port),
-                )
+                decide(&p, local.env, remote.env, pkt.proto, remote_port)
             };
-            if first.is_violation() && !second.is_violation() {
-                second
+            let other_way = if ingress {
+                decide(&p, local.env, remote.env, pkt.proto, remote_port)
             } else {
-                first
+                decide(&p, remote.env, local.env, pkt.proto, local_port)
+            };
+            if this_way.is_violation() && !other_way.is_violation() {
+                (other_way, !ingress)
+            } else {
+                (this_way, ingress)
             }
         }
     };
-    let (src, dst) = if ingress {
-        (remote.env, local.env)
+    let (src, dst, flow_direction, service_port) = if flow_inbound {
+        (remote.env, local.env, DIRECTION_INGRESS, local_port)
     } else {
-        (local.env, remote.env)
+        (local.env, remote.env, DIRECTION_EGRESS, remote_port)
     };
     let mode = mode_of(&cfg, src, dst);
     let v = FlowVerdict::new(
         cfg.generation,
         decision.decision,
         mode,
-        inbound.unwrap_or(ingress),
+        flow_inbound,
         src,
         dst,
     )
@@ -377,7 +388,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     if quiet {
         return Ok(verdict(&cfg, &v));
     }
-    count_decision(src, dst, decision.decision, mode, direction, pkt.proto);
+    count_decision(src, dst, decision.decision, mode, flow_direction, pkt.proto);
     if decision.is_violation() {
         let cgroup_id = unsafe { bpf_skb_cgroup_id(raw) };
         let dedup = DedupKey {
@@ -385,9 +396,9 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
             remote_addr: *remote_addr,
             src_env: src,
             dst_env: dst,
-            dst_port: if ingress { local_port } else { remote_port },
+            dst_port: service_port,
             proto: pkt.proto,
-            direction,
+            direction: flow_direction,
             verdict: verdict_of(decision.decision, mode),
             hook: if ingress {
                 HOOK_SKB_INGRESS
@@ -404,7 +415,7 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
             ev.uid = ctx.get_socket_uid();
             set_sides(
                 ev,
-                direction,
+                flow_direction,
                 &local,
                 local_addr,
                 local_port,

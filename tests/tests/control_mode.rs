@@ -14,6 +14,13 @@
 //!   enforce --from dev --to staging` at runtime, each pair's traffic,
 //!   records and `status` (`mode`, `mode_source`, matrix) following; an
 //!   unknown env is refused and changes nothing.
+//! - A flow's answers keep its pair's mode: with `dev -> prod` audited and
+//!   `prod -> dev` enforced, TCP flows dev -> prod in both ways (a local dev
+//!   client to a prod site, a dev site to a local prod server), IPv4 and
+//!   IPv6, are established; after a reload the server speaks first, so the
+//!   first packet judged under the new policy is an answer. It arrives, and
+//!   is reported as the flow it answers (dev -> prod, audited, the flow's
+//!   direction).
 //! - Break-glass: `mode audit --from dev --to prod --for 2s` shows as a
 //!   pending revert in `status` and reverts on time with a `mode_change`
 //!   `reason: "expired"`, after which dev→prod is refused again; a timed
@@ -22,15 +29,17 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use envguard_tests::attack::{Attacker, Interactive};
 use envguard_tests::control::{assert_fields, assert_header, matrix, pair};
 use envguard_tests::event::rfc3339_ns;
 use envguard_tests::process::{LoopAttempt, loop_attempts};
 use envguard_tests::{
-    AgentOptions, Client, ConnectLoop, Family, Lab, Mode, PolicyExtras, Proto, Site,
+    AgentOptions, Client, ConnectLoop, Family, Lab, Mode, PolicyExtras, Proto, Site, client_addr,
 };
 use serde_json::{Value, json};
 
 const EGPROBE: &str = env!("CARGO_BIN_EXE_egprobe");
+const EGATTACK: &str = env!("CARGO_BIN_EXE_egattack");
 const RATE: u32 = 200;
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -463,6 +472,150 @@ fn pair_modes_from_the_policy_and_at_runtime() {
         stray.is_empty(),
         "a refused mode command must emit no mode_change: {stray:?}"
     );
+}
+
+/// One TCP flow whose server speaks first on demand.
+struct PushedFlow {
+    what: String,
+    server: Interactive,
+    client: Interactive,
+    /// The flow's record after the reload: its hook, direction, source
+    /// and destination addresses, destination port.
+    hook: &'static str,
+    direction: &'static str,
+    source: SocketAddr,
+    destination: SocketAddr,
+}
+
+impl PushedFlow {
+    /// `server_at` listens at `dst`; `client_at` connects to it (from
+    /// `bind` if given). Returns once the server accepted it, with the
+    /// client's address: the flow's source.
+    fn establish(
+        attacker: &Attacker,
+        (server_at, client_at): (&envguard_tests::Place, &envguard_tests::Place),
+        dst: SocketAddr,
+        bind: Option<IpAddr>,
+        what: &str,
+    ) -> (Interactive, Interactive, SocketAddr) {
+        let (ip, port) = (dst.ip().to_string(), dst.port().to_string());
+        let server = attacker.interactive(server_at, None, &["tcp-push-serve", &ip, &port]);
+        assert_eq!(server.next()["ready"], json!(true), "{what}: server ready");
+        let src = bind.map(|b| b.to_string());
+        let mut args = vec!["tcp-await", ip.as_str(), port.as_str()];
+        args.extend(src.as_deref());
+        let client = attacker.interactive(client_at, None, &args);
+        let connected = client.next();
+        assert_eq!(
+            connected["connected"], "ok",
+            "{what}: dev -> prod is audited: {connected}"
+        );
+        let source = connected["local"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: no local address in {connected}"));
+        assert!(
+            server.next()["accepted"].is_string(),
+            "{what}: the server accepted it"
+        );
+        (server, client, source)
+    }
+}
+
+#[test]
+fn a_flows_answers_keep_its_pair_mode_after_a_reload() {
+    let extras = PolicyExtras {
+        tables: "[[pair_mode]]\nfrom = \"dev\"\nto = \"prod\"\nmode = \"audit\"\n".into(),
+        ..Default::default()
+    };
+    let mut lab = Lab::with_policy(EGPROBE, Mode::Enforce, &extras);
+    let attacker = Attacker::new(EGATTACK);
+    lab.start_agent();
+    let (remote, dev, prod) = (
+        lab.remote_place(),
+        lab.client_place(Client::Dev),
+        lab.client_place(Client::Prod),
+    );
+    let mut flows = Vec::new();
+    for (i, fam) in Family::ALL.into_iter().enumerate() {
+        let port = 9100 + 2 * i as u16;
+        // A local dev client to a prod site: the answer enters the client.
+        let to_site = SocketAddr::new(Site::Prod.addr(fam), port);
+        let what = format!("local dev client -> prod site {to_site}");
+        let (server, client, source) =
+            PushedFlow::establish(&attacker, (&remote, &dev), to_site, None, &what);
+        flows.push(PushedFlow {
+            what,
+            server,
+            client,
+            hook: "skb_ingress",
+            direction: "egress",
+            source,
+            destination: to_site,
+        });
+        // A dev site to a local prod server: the answer leaves the server.
+        let to_local = SocketAddr::new(client_addr(fam), port + 1);
+        let what = format!("dev site -> local prod server {to_local}");
+        let (server, client, source) = PushedFlow::establish(
+            &attacker,
+            (&prod, &remote),
+            to_local,
+            Some(Site::Dev.addr(fam)),
+            &what,
+        );
+        flows.push(PushedFlow {
+            what,
+            server,
+            client,
+            hook: "skb_egress",
+            direction: "ingress",
+            source,
+            destination: to_local,
+        });
+    }
+
+    // A new policy generation (the same policy): every flow is judged again
+    // at its next packet, here the server's.
+    let mark = lab.agent().len();
+    lab.cli(&["reload"]).assert_ok("reload");
+    for f in &mut flows {
+        f.client.send("wait");
+        f.server.send("push");
+        assert_eq!(f.server.next(), json!({"pushed": "sent"}), "{}", f.what);
+        assert_eq!(
+            f.client.next(),
+            json!({"received": "echo"}),
+            "{}: the answer of an audited flow, judged first after a reload, must arrive",
+            f.what
+        );
+    }
+    for f in &flows {
+        let (_, ev) = lab.agent().wait_for(&f.what, WAIT, |e| {
+            e["kind"] == "violation"
+                && e["seq"].as_u64().is_some_and(|s| s as usize >= mark)
+                && e["hook"] == f.hook
+                && e["destination"]["port"] == f.destination.port()
+        });
+        assert_fields(
+            &ev,
+            &format!("{}: the answer's record", f.what),
+            &[
+                ("verdict", "audited".into()),
+                ("mode", "audit".into()),
+                ("direction", f.direction.into()),
+                ("proto", "tcp".into()),
+                ("source.env", "dev".into()),
+                ("source.ip", f.source.ip().to_string().into()),
+                ("source.port", f.source.port().into()),
+                ("destination.env", "prod".into()),
+                ("destination.ip", f.destination.ip().to_string().into()),
+                (
+                    "rule",
+                    "default:cross-env (no allow rule for dev -> prod)".into(),
+                ),
+            ],
+        );
+    }
 }
 
 #[test]

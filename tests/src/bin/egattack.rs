@@ -22,6 +22,14 @@
 //!   it and resets the connection; prints `{"ready":true,"pid":P}`.
 //! - `tcp-hold DST_ADDR DST_PORT`: connects, prints `{"connected":O}`, then
 //!   for every line on stdin sends a line and prints `{"exchange":O}`.
+//! - `tcp-push-serve ADDR PORT`: listens, prints `{"ready":true,"pid":P}`,
+//!   accepts one connection and prints `{"accepted":PEER}`, then for every
+//!   line on stdin sends a line on it unasked and prints `{"pushed":O}`
+//!   (`"sent"`): the server speaks first.
+//! - `tcp-await DST_ADDR DST_PORT [SRC_ADDR]`: connects (from SRC_ADDR if
+//!   given), prints `{"connected":O,"local":ADDR}` (`"ok"`), then for every line on stdin
+//!   waits for one line from the peer, sending nothing, and prints
+//!   `{"received":O}` (`"echo"` when one came).
 //! - `listen-then-move ADDR PORT CGROUP_DIR`: binds and listens as where it
 //!   started, then moves itself into CGROUP_DIR; prints `{"ready":true,
 //!   "pid":P}` after the move and echoes lines on accepted connections.
@@ -118,6 +126,9 @@ fn main() {
         }
         ["tcp-serve-close", addr, port] => tcp_serve_close(sa(addr, port)),
         ["tcp-hold", addr, port] => tcp_hold(sa(addr, port)),
+        ["tcp-push-serve", addr, port] => tcp_push_serve(sa(addr, port)),
+        ["tcp-await", addr, port] => tcp_await(sa(addr, port), None),
+        ["tcp-await", addr, port, src] => tcp_await(sa(addr, port), Some(sa(src, "0"))),
         ["listen-then-move", addr, port, dir] => listen_then_move(sa(addr, port), dir),
         ["share-listener", addr, port, dir] => share_listener(sa(addr, port), dir),
         ["udp-serve-move", addr, port, dir] => udp_serve_move(sa(addr, port), dir),
@@ -480,6 +491,64 @@ fn tcp_hold(dst: SocketAddr) {
             break;
         }
         print(json!({"exchange": line_exchange(&mut stream)}));
+    }
+}
+
+/// Long enough for a line a loaded machine delays; only a lost one costs
+/// all of it.
+const AWAIT: Duration = Duration::from_secs(5);
+
+fn tcp_push_serve(addr: SocketAddr) {
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| die(format!("listen {addr}: {e}")));
+    print(json!({"ready": true, "pid": std::process::id()}));
+    let (mut s, peer) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
+    print(json!({"accepted": peer.to_string()}));
+    for line in io::stdin().lock().lines() {
+        if line.is_err() {
+            break;
+        }
+        let pushed = match s.write_all(b"push\n") {
+            Ok(()) => "sent".to_owned(),
+            Err(e) => outcome(&e),
+        };
+        print(json!({"pushed": pushed}));
+    }
+}
+
+fn tcp_await(dst: SocketAddr, src: Option<SocketAddr>) {
+    let connected = match src {
+        Some(src) => reuse_socket(src, libc::SOCK_STREAM).and_then(|fd| {
+            let (storage, len) = envguard_tests::sockaddr::to_sockaddr(dst);
+            // SAFETY: storage holds a valid address of `len` bytes.
+            if unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(TcpStream::from(fd))
+        }),
+        None => TcpStream::connect_timeout(&dst, AWAIT),
+    };
+    let stream = match connected {
+        Ok(s) => s,
+        Err(e) => {
+            print(json!({"connected": outcome(&e)}));
+            return;
+        }
+    };
+    let local = stream.local_addr().map(|a| a.to_string()).ok();
+    print(json!({"connected": "ok", "local": local}));
+    stream.set_read_timeout(Some(AWAIT)).ok();
+    let mut reader = io::BufReader::new(&stream);
+    for line in io::stdin().lock().lines() {
+        if line.is_err() {
+            break;
+        }
+        let mut got = String::new();
+        let received = match reader.read_line(&mut got) {
+            Ok(n) if n > 0 => "echo".to_owned(),
+            Ok(_) => "closed".to_owned(),
+            Err(e) => outcome(&e),
+        };
+        print(json!({"received": received}));
     }
 }
 
