@@ -8,18 +8,19 @@ use aya_ebpf::{
 use envguard_common::{
     config::{Counter, MODE_ENFORCE},
     event::{
-        AF_INET, AF_INET6, DIRECTION_EGRESS, DedupKey, ENV_FROM_SOCKET, HOOK_CONNECT4,
-        HOOK_CONNECT6,
+        AF_INET, AF_INET6, DIRECTION_EGRESS, DIRECTION_INGRESS, DedupKey, ENV_FROM_SOCKET,
+        HOOK_CONNECT4, HOOK_CONNECT6,
     },
     flow::{DECISION_ALLOW, FlowKey, FlowVerdict, SOCK_F_ACTIVE, SOCK_F_VERDICT, SockEnv},
 };
 
 use crate::{
     classify::{
-        Decision, Side, cached, config, count, count_decision, decide, local_env, local_peer_env,
-        mode_of, policy, remember, remote_decision, verdict_of,
+        Decision, Side, cidr_env, config, count, count_decision, decide, fresh, local_env,
+        local_peer_env, mode_of, policy, remember, remote_decision, verdict_of,
     },
     event::{emit, set_sides},
+    maps::FLOW_VERDICTS,
     net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4, read_v6_words, unmapped_v4},
     sockenv,
 };
@@ -33,6 +34,9 @@ pub const REFUSE: i32 = 0;
 /// A flow this socket already has an allowed verdict for passes at once: that
 /// is how a UDP server answers a client whose datagram the ingress hook
 /// allowed, without letting the server start flows the policy does not allow.
+/// An answer is judged as the flow it answers: one the ingress hook let in
+/// under audit passes while its pair stays audited (reported there), and
+/// one taken under an earlier policy is judged again that way first.
 #[inline(always)]
 pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let sa = ctx.sock_addr;
@@ -56,21 +60,94 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     } else {
         unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
     };
+    let key = FlowKey::new(cookie, remote_addr, remote_port, proto);
+    // Whether this datagram answers a peer that spoke first under an earlier
+    // policy: the flow is then judged again the way it goes, below.
+    let mut answers = false;
     if proto != IPPROTO_TCP
-        && let Some(v) = cached(&FlowKey::new(cookie, remote_addr, remote_port, proto), &cfg)
-        && v.allows()
+        && let Some(v) = unsafe { FLOW_VERDICTS.get(&key) }
     {
-        return ALLOW;
+        if fresh(v, &cfg) {
+            // Allowed, or an answer to a flow the packet hooks let in (an
+            // audited one: `fresh` says its pair's mode is still the one it
+            // was let in under). A flow they refused is answered by nothing:
+            // this datagram is judged as a flow of its own.
+            if v.allows() || (v.inbound != 0 && u32::from(v.mode) != MODE_ENFORCE) {
+                return ALLOW;
+            }
+        } else {
+            answers = v.inbound != 0;
+        }
     }
     let p = policy(cfg);
     let local = local_env(&p, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     });
-    let (remote, decision) =
-        match local_peer_env(ctx.sock_addr.cast(), None, &remote_addr, remote_port, proto) {
-            Some(peer) => (peer, decide(&p, local.env, peer.env, proto, remote_port)),
-            None => remote_decision(&p, local.env, &remote_addr, proto, remote_port),
+    let peer = local_peer_env(ctx.sock_addr.cast(), None, &remote_addr, remote_port, proto);
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    let local_port = if sk.is_null() {
+        0
+    } else {
+        (unsafe { (*sk).src_port }) as u16
+    };
+    if answers {
+        let remote = match peer {
+            Some(peer) => peer,
+            None => cidr_env(&p, &remote_addr),
         };
+        let decision = decide(&p, remote.env, local.env, proto, local_port);
+        let mode = mode_of(&cfg, remote.env, local.env);
+        if decision.decision == DECISION_ALLOW || mode != MODE_ENFORCE {
+            let v = FlowVerdict::new(
+                cfg.generation,
+                decision.decision,
+                mode,
+                true,
+                remote.env,
+                local.env,
+            )
+            .with_peer_local(remote.from == ENV_FROM_SOCKET);
+            remember(&key, &v);
+            count_decision(
+                remote.env,
+                local.env,
+                decision.decision,
+                mode,
+                DIRECTION_INGRESS,
+                proto,
+            );
+            if decision.decision != DECISION_ALLOW {
+                // A sending socket is bound: its address is known (unless
+                // it is a wildcard), unlike at a first connect().
+                let local_addr = if sk.is_null() {
+                    [0; 16]
+                } else if family == AF_INET {
+                    mapped_v4(unsafe { (*sk).src_ip4 }.to_ne_bytes())
+                } else {
+                    unsafe { read_v6_words(&raw const (*sk).src_ip6) }
+                };
+                report(
+                    mode,
+                    hook,
+                    family,
+                    proto,
+                    DIRECTION_INGRESS,
+                    &local,
+                    &local_addr,
+                    &remote,
+                    &remote_addr,
+                    remote_port,
+                    local_port,
+                    &decision,
+                );
+            }
+            return ALLOW;
+        }
+    }
+    let (remote, decision) = match peer {
+        Some(peer) => (peer, decide(&p, local.env, peer.env, proto, remote_port)),
+        None => remote_decision(&p, local.env, &remote_addr, proto, remote_port),
+    };
     let mode = mode_of(&cfg, local.env, remote.env);
     let verdict = FlowVerdict::new(
         cfg.generation,
@@ -82,15 +159,14 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     )
     .with_peer_local(remote.from == ENV_FROM_SOCKET);
     if !label(ctx, hook, proto, &local, &verdict) {
-        let cookie = if cookie == 0 {
-            unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
+        // A TCP socket's key was not needed until now.
+        let key = if cookie == 0 {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+            FlowKey::new(cookie, remote_addr, remote_port, proto)
         } else {
-            cookie
+            key
         };
-        remember(
-            &FlowKey::new(cookie, remote_addr, remote_port, proto),
-            &verdict,
-        );
+        remember(&key, &verdict);
     }
     count_decision(
         local.env,
@@ -103,18 +179,15 @@ pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     if decision.decision == DECISION_ALLOW {
         return ALLOW;
     }
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    let local_port = if sk.is_null() {
-        0
-    } else {
-        (unsafe { (*sk).src_port }) as u16
-    };
     report(
         mode,
         hook,
         family,
         proto,
+        DIRECTION_EGRESS,
         &local,
+        // The local address is not chosen yet when connect() runs.
+        &[0; 16],
         &remote,
         &remote_addr,
         remote_port,
@@ -161,7 +234,9 @@ fn report(
     hook: u8,
     family: u8,
     proto: u8,
+    direction: u8,
     local: &Side,
+    local_addr: &[u8; 16],
     remote: &Side,
     remote_addr: &[u8; 16],
     remote_port: u16,
@@ -172,11 +247,23 @@ fn report(
     let dedup = DedupKey {
         cgroup_id,
         remote_addr: *remote_addr,
-        src_env: local.env,
-        dst_env: remote.env,
-        dst_port: remote_port,
+        src_env: if direction == DIRECTION_EGRESS {
+            local.env
+        } else {
+            remote.env
+        },
+        dst_env: if direction == DIRECTION_EGRESS {
+            remote.env
+        } else {
+            local.env
+        },
+        dst_port: if direction == DIRECTION_EGRESS {
+            remote_port
+        } else {
+            local_port
+        },
         proto,
-        direction: DIRECTION_EGRESS,
+        direction,
         verdict: verdict_of(decision.decision, mode),
         hook,
         _pad: [0; 2],
@@ -190,12 +277,11 @@ fn report(
             family
         };
         ev.cgroup_id = cgroup_id;
-        // The local address is not chosen yet when connect() runs.
         set_sides(
             ev,
-            DIRECTION_EGRESS,
+            direction,
             local,
-            &[0; 16],
+            local_addr,
             local_port,
             remote,
             remote_addr,

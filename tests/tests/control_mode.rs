@@ -15,12 +15,15 @@
 //!   records and `status` (`mode`, `mode_source`, matrix) following; an
 //!   unknown env is refused and changes nothing.
 //! - A flow's answers keep its pair's mode: with `dev -> prod` audited and
-//!   `prod -> dev` enforced, TCP flows dev -> prod in both ways (a local dev
-//!   client to a prod site, a dev site to a local prod server), IPv4 and
-//!   IPv6, are established; after a reload the server speaks first, so the
-//!   first packet judged under the new policy is an answer. It arrives, and
-//!   is reported as the flow it answers (dev -> prod, audited, the flow's
-//!   direction).
+//!   `prod -> dev` enforced, TCP and UDP flows dev -> prod in both ways (a
+//!   local dev client to a prod site, a dev site to a local prod server),
+//!   IPv4 and IPv6, are established, and their servers answer (a UDP
+//!   server from an unconnected socket, which the sendmsg hook judges).
+//!   After a reload the server speaks first, so the first packet judged
+//!   under the new policy is an answer. It arrives, and is reported as the
+//!   flow it answers (dev -> prod, audited, the flow's direction). Once
+//!   `dev -> prod` is enforced, a UDP server's datagram to its dev peer is
+//!   judged as prod -> dev: refused and reported.
 //! - Break-glass: `mode audit --from dev --to prod --for 2s` shows as a
 //!   pending revert in `status` and reverts on time with a `mode_change`
 //!   `reason: "expired"`, after which dev→prod is refused again; a timed
@@ -474,13 +477,13 @@ fn pair_modes_from_the_policy_and_at_runtime() {
     );
 }
 
-/// One TCP flow whose server speaks first on demand.
+/// One flow whose server speaks first on demand.
 struct PushedFlow {
     what: String,
     server: Interactive,
     client: Interactive,
     /// The flow's record after the reload: its hook, direction, source
-    /// and destination addresses, destination port.
+    /// and destination addresses.
     hook: &'static str,
     direction: &'static str,
     source: SocketAddr,
@@ -488,21 +491,23 @@ struct PushedFlow {
 }
 
 impl PushedFlow {
-    /// `server_at` listens at `dst`; `client_at` connects to it (from
-    /// `bind` if given). Returns once the server accepted it, with the
-    /// client's address: the flow's source.
+    /// `server_at` listens at `dst`; `client_at` connects to it (UDP: sends
+    /// it a datagram) from `bind` if given. Returns once the server has its
+    /// peer, with the client's address: the flow's source.
     fn establish(
         attacker: &Attacker,
+        proto: Proto,
         (server_at, client_at): (&envguard_tests::Place, &envguard_tests::Place),
         dst: SocketAddr,
         bind: Option<IpAddr>,
         what: &str,
     ) -> (Interactive, Interactive, SocketAddr) {
         let (ip, port) = (dst.ip().to_string(), dst.port().to_string());
-        let server = attacker.interactive(server_at, None, &["tcp-push-serve", &ip, &port]);
+        let server =
+            attacker.interactive(server_at, None, &["push-serve", proto.name(), &ip, &port]);
         assert_eq!(server.next()["ready"], json!(true), "{what}: server ready");
         let src = bind.map(|b| b.to_string());
-        let mut args = vec!["tcp-await", ip.as_str(), port.as_str()];
+        let mut args = vec!["await", proto.name(), ip.as_str(), port.as_str()];
         args.extend(src.as_deref());
         let client = attacker.interactive(client_at, None, &args);
         let connected = client.next();
@@ -516,9 +521,27 @@ impl PushedFlow {
             .unwrap_or_else(|| panic!("{what}: no local address in {connected}"));
         assert!(
             server.next()["accepted"].is_string(),
-            "{what}: the server accepted it"
+            "{what}: the server has its peer"
         );
         (server, client, source)
+    }
+
+    /// The server speaks; the client must hear it.
+    fn push(&mut self, when: &str) {
+        self.client.send("wait");
+        self.server.send("push");
+        assert_eq!(
+            self.server.next(),
+            json!({"pushed": "sent"}),
+            "{} ({when}): the server answers an audited flow",
+            self.what
+        );
+        assert_eq!(
+            self.client.next(),
+            json!({"received": "echo"}),
+            "{} ({when}): the answer of an audited flow must arrive",
+            self.what
+        );
     }
 }
 
@@ -537,41 +560,59 @@ fn a_flows_answers_keep_its_pair_mode_after_a_reload() {
         lab.client_place(Client::Prod),
     );
     let mut flows = Vec::new();
-    for (i, fam) in Family::ALL.into_iter().enumerate() {
-        let port = 9100 + 2 * i as u16;
-        // A local dev client to a prod site: the answer enters the client.
-        let to_site = SocketAddr::new(Site::Prod.addr(fam), port);
-        let what = format!("local dev client -> prod site {to_site}");
-        let (server, client, source) =
-            PushedFlow::establish(&attacker, (&remote, &dev), to_site, None, &what);
-        flows.push(PushedFlow {
-            what,
-            server,
-            client,
-            hook: "skb_ingress",
-            direction: "egress",
-            source,
-            destination: to_site,
-        });
-        // A dev site to a local prod server: the answer leaves the server.
-        let to_local = SocketAddr::new(client_addr(fam), port + 1);
-        let what = format!("dev site -> local prod server {to_local}");
-        let (server, client, source) = PushedFlow::establish(
-            &attacker,
-            (&prod, &remote),
-            to_local,
-            Some(Site::Dev.addr(fam)),
-            &what,
-        );
-        flows.push(PushedFlow {
-            what,
-            server,
-            client,
-            hook: "skb_egress",
-            direction: "ingress",
-            source,
-            destination: to_local,
-        });
+    for (i, proto) in [Proto::Tcp, Proto::Udp].into_iter().enumerate() {
+        for (j, fam) in Family::ALL.into_iter().enumerate() {
+            let port = 9100 + 10 * i as u16 + 2 * j as u16;
+            let p = proto.name();
+            // A local dev client to a prod site: the answer enters the client.
+            let to_site = SocketAddr::new(Site::Prod.addr(fam), port);
+            let what = format!("local dev client -> prod site {p} {to_site}");
+            let (server, client, source) = PushedFlow::establish(
+                &attacker,
+                proto,
+                (&remote, &dev),
+                to_site,
+                Some(client_addr(fam)),
+                &what,
+            );
+            flows.push(PushedFlow {
+                what,
+                server,
+                client,
+                hook: "skb_ingress",
+                direction: "egress",
+                source,
+                destination: to_site,
+            });
+            // A dev site to a local prod server: the answer leaves the
+            // server, which (UDP) sends it from an unconnected socket.
+            let to_local = SocketAddr::new(client_addr(fam), port + 1);
+            let what = format!("dev site -> local prod server {p} {to_local}");
+            let (server, client, source) = PushedFlow::establish(
+                &attacker,
+                proto,
+                (&prod, &remote),
+                to_local,
+                Some(Site::Dev.addr(fam)),
+                &what,
+            );
+            flows.push(PushedFlow {
+                what,
+                server,
+                client,
+                hook: match (proto, fam) {
+                    (Proto::Tcp, _) => "skb_egress",
+                    (Proto::Udp, Family::V4) => "sendmsg4",
+                    (Proto::Udp, Family::V6) => "sendmsg6",
+                },
+                direction: "ingress",
+                source,
+                destination: to_local,
+            });
+        }
+    }
+    for f in &mut flows {
+        f.push("under the policy that let it in");
     }
 
     // A new policy generation (the same policy): every flow is judged again
@@ -579,15 +620,7 @@ fn a_flows_answers_keep_its_pair_mode_after_a_reload() {
     let mark = lab.agent().len();
     lab.cli(&["reload"]).assert_ok("reload");
     for f in &mut flows {
-        f.client.send("wait");
-        f.server.send("push");
-        assert_eq!(f.server.next(), json!({"pushed": "sent"}), "{}", f.what);
-        assert_eq!(
-            f.client.next(),
-            json!({"received": "echo"}),
-            "{}: the answer of an audited flow, judged first after a reload, must arrive",
-            f.what
-        );
+        f.push("first after a reload");
     }
     for f in &flows {
         let (_, ev) = lab.agent().wait_for(&f.what, WAIT, |e| {
@@ -598,12 +631,11 @@ fn a_flows_answers_keep_its_pair_mode_after_a_reload() {
         });
         assert_fields(
             &ev,
-            &format!("{}: the answer's record", f.what),
+            &format!("{}: the answer's record after the reload", f.what),
             &[
                 ("verdict", "audited".into()),
                 ("mode", "audit".into()),
                 ("direction", f.direction.into()),
-                ("proto", "tcp".into()),
                 ("source.env", "dev".into()),
                 ("source.ip", f.source.ip().to_string().into()),
                 ("source.port", f.source.port().into()),
@@ -613,6 +645,40 @@ fn a_flows_answers_keep_its_pair_mode_after_a_reload() {
                     "rule",
                     "default:cross-env (no allow rule for dev -> prod)".into(),
                 ),
+            ],
+        );
+    }
+
+    // The audit ends: an answer is no longer let out on the strength of
+    // the flow it answers. A UDP server sending to its dev peer is judged
+    // as prod -> dev, refused and reported.
+    lab.cli(&["mode", "enforce", "--from", "dev", "--to", "prod"])
+        .assert_ok("mode enforce --from dev --to prod");
+    let mark = lab.agent().len();
+    for f in flows.iter_mut().filter(|f| f.hook.starts_with("sendmsg")) {
+        f.server.send("push");
+        assert_eq!(
+            f.server.next(),
+            json!({"pushed": "refused"}),
+            "{}: once dev -> prod is enforced, prod may not send to dev",
+            f.what
+        );
+        let (_, ev) = lab.agent().wait_for(&f.what, WAIT, |e| {
+            e["kind"] == "violation"
+                && e["seq"].as_u64().is_some_and(|s| s as usize >= mark)
+                && e["hook"] == f.hook
+                && e["destination"]["port"] == f.source.port()
+        });
+        assert_fields(
+            &ev,
+            &format!("{}: the refused answer's record", f.what),
+            &[
+                ("verdict", "denied".into()),
+                ("mode", "enforce".into()),
+                ("direction", "egress".into()),
+                ("source.env", "prod".into()),
+                ("destination.env", "dev".into()),
+                ("destination.ip", f.source.ip().to_string().into()),
             ],
         );
     }

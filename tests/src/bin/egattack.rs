@@ -22,14 +22,17 @@
 //!   it and resets the connection; prints `{"ready":true,"pid":P}`.
 //! - `tcp-hold DST_ADDR DST_PORT`: connects, prints `{"connected":O}`, then
 //!   for every line on stdin sends a line and prints `{"exchange":O}`.
-//! - `tcp-push-serve ADDR PORT`: listens, prints `{"ready":true,"pid":P}`,
-//!   accepts one connection and prints `{"accepted":PEER}`, then for every
-//!   line on stdin sends a line on it unasked and prints `{"pushed":O}`
-//!   (`"sent"`): the server speaks first.
-//! - `tcp-await DST_ADDR DST_PORT [SRC_ADDR]`: connects (from SRC_ADDR if
-//!   given), prints `{"connected":O,"local":ADDR}` (`"ok"`), then for every line on stdin
-//!   waits for one line from the peer, sending nothing, and prints
-//!   `{"received":O}` (`"echo"` when one came).
+//! - `push-serve tcp|udp ADDR PORT`: listens (TCP) or binds (UDP), prints
+//!   `{"ready":true,"pid":P}`, takes one peer (accepts a connection, or
+//!   receives a datagram, which it does not answer) and prints
+//!   `{"accepted":PEER}`, then for every line on stdin sends that peer a
+//!   line unasked (UDP: `sendto` on the unconnected socket) and prints
+//!   `{"pushed":O}` (`"sent"`): the server speaks first.
+//! - `await tcp|udp DST_ADDR DST_PORT [SRC_ADDR]`: connects (UDP: sends one
+//!   datagram) from SRC_ADDR if given, prints `{"connected":O,"local":ADDR}`
+//!   (`"ok"`), then for every line on stdin waits for one line from the
+//!   peer, sending nothing, and prints `{"received":O}` (`"echo"` when one
+//!   came).
 //! - `listen-then-move ADDR PORT CGROUP_DIR`: binds and listens as where it
 //!   started, then moves itself into CGROUP_DIR; prints `{"ready":true,
 //!   "pid":P}` after the move and echoes lines on accepted connections.
@@ -126,9 +129,11 @@ fn main() {
         }
         ["tcp-serve-close", addr, port] => tcp_serve_close(sa(addr, port)),
         ["tcp-hold", addr, port] => tcp_hold(sa(addr, port)),
-        ["tcp-push-serve", addr, port] => tcp_push_serve(sa(addr, port)),
-        ["tcp-await", addr, port] => tcp_await(sa(addr, port), None),
-        ["tcp-await", addr, port, src] => tcp_await(sa(addr, port), Some(sa(src, "0"))),
+        ["push-serve", proto, addr, port] => push_serve(tcp(proto), sa(addr, port)),
+        ["await", proto, addr, port] => await_push(tcp(proto), sa(addr, port), None),
+        ["await", proto, addr, port, src] => {
+            await_push(tcp(proto), sa(addr, port), Some(sa(src, "0")));
+        }
         ["listen-then-move", addr, port, dir] => listen_then_move(sa(addr, port), dir),
         ["share-listener", addr, port, dir] => share_listener(sa(addr, port), dir),
         ["udp-serve-move", addr, port, dir] => udp_serve_move(sa(addr, port), dir),
@@ -498,16 +503,21 @@ fn tcp_hold(dst: SocketAddr) {
 /// all of it.
 const AWAIT: Duration = Duration::from_secs(5);
 
-fn tcp_push_serve(addr: SocketAddr) {
-    let l = TcpListener::bind(addr).unwrap_or_else(|e| die(format!("listen {addr}: {e}")));
-    print(json!({"ready": true, "pid": std::process::id()}));
-    let (mut s, peer) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
-    print(json!({"accepted": peer.to_string()}));
+fn tcp(proto: &str) -> bool {
+    match proto {
+        "tcp" => true,
+        "udp" => false,
+        _ => die(format!("protocol {proto}: tcp or udp")),
+    }
+}
+
+/// Prints `{"pushed":O}` for every line on stdin, `push` giving O.
+fn push_on_demand(mut push: impl FnMut() -> io::Result<()>) {
     for line in io::stdin().lock().lines() {
         if line.is_err() {
             break;
         }
-        let pushed = match s.write_all(b"push\n") {
+        let pushed = match push() {
             Ok(()) => "sent".to_owned(),
             Err(e) => outcome(&e),
         };
@@ -515,40 +525,93 @@ fn tcp_push_serve(addr: SocketAddr) {
     }
 }
 
-fn tcp_await(dst: SocketAddr, src: Option<SocketAddr>) {
-    let connected = match src {
-        Some(src) => reuse_socket(src, libc::SOCK_STREAM).and_then(|fd| {
-            let (storage, len) = envguard_tests::sockaddr::to_sockaddr(dst);
-            // SAFETY: storage holds a valid address of `len` bytes.
-            if unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(TcpStream::from(fd))
-        }),
-        None => TcpStream::connect_timeout(&dst, AWAIT),
-    };
-    let stream = match connected {
-        Ok(s) => s,
-        Err(e) => {
-            print(json!({"connected": outcome(&e)}));
-            return;
-        }
-    };
-    let local = stream.local_addr().map(|a| a.to_string()).ok();
-    print(json!({"connected": "ok", "local": local}));
-    stream.set_read_timeout(Some(AWAIT)).ok();
-    let mut reader = io::BufReader::new(&stream);
+fn push_serve(tcp: bool, addr: SocketAddr) {
+    if tcp {
+        let l = TcpListener::bind(addr).unwrap_or_else(|e| die(format!("listen {addr}: {e}")));
+        print(json!({"ready": true, "pid": std::process::id()}));
+        let (mut s, peer) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
+        print(json!({"accepted": peer.to_string()}));
+        push_on_demand(|| s.write_all(b"push\n"));
+    } else {
+        let s = UdpSocket::bind(addr).unwrap_or_else(|e| die(format!("bind {addr}: {e}")));
+        print(json!({"ready": true, "pid": std::process::id()}));
+        let mut buf = [0u8; 64];
+        let (_, peer) = s
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| die(format!("recv: {e}")));
+        print(json!({"accepted": peer.to_string()}));
+        push_on_demand(|| s.send_to(b"push\n", peer).map(drop));
+    }
+}
+
+/// Prints `{"received":O}` for every line on stdin, `recv` giving O.
+fn await_on_demand(mut recv: impl FnMut() -> io::Result<usize>) {
     for line in io::stdin().lock().lines() {
         if line.is_err() {
             break;
         }
-        let mut got = String::new();
-        let received = match reader.read_line(&mut got) {
+        let received = match recv() {
             Ok(n) if n > 0 => "echo".to_owned(),
             Ok(_) => "closed".to_owned(),
             Err(e) => outcome(&e),
         };
         print(json!({"received": received}));
+    }
+}
+
+fn await_push(tcp: bool, dst: SocketAddr, src: Option<SocketAddr>) {
+    let any = SocketAddr::new(
+        if dst.is_ipv4() {
+            IpAddr::from([0u8; 4])
+        } else {
+            IpAddr::from([0u16; 8])
+        },
+        0,
+    );
+    let ty = if tcp {
+        libc::SOCK_STREAM
+    } else {
+        libc::SOCK_DGRAM
+    };
+    let fd = reuse_socket(src.unwrap_or(any), ty).and_then(|fd| {
+        if tcp {
+            let (storage, len) = envguard_tests::sockaddr::to_sockaddr(dst);
+            // SAFETY: storage holds a valid address of `len` bytes.
+            if unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(fd)
+    });
+    let fd = match fd {
+        Ok(fd) => fd,
+        Err(e) => {
+            print(json!({"connected": outcome(&e)}));
+            return;
+        }
+    };
+    if tcp {
+        let stream = TcpStream::from(fd);
+        let local = stream.local_addr().map(|a| a.to_string()).ok();
+        print(json!({"connected": "ok", "local": local}));
+        stream.set_read_timeout(Some(AWAIT)).ok();
+        let mut reader = io::BufReader::new(&stream);
+        let mut got = String::new();
+        await_on_demand(|| {
+            got.clear();
+            reader.read_line(&mut got)
+        });
+    } else {
+        let s = UdpSocket::from(fd);
+        if let Err(e) = s.send_to(b"hello\n", dst) {
+            print(json!({"connected": outcome(&e)}));
+            return;
+        }
+        let local = s.local_addr().map(|a| a.to_string()).ok();
+        print(json!({"connected": "ok", "local": local}));
+        s.set_read_timeout(Some(AWAIT)).ok();
+        let mut buf = [0u8; 64];
+        await_on_demand(|| s.recv_from(&mut buf).map(|(n, _)| n));
     }
 }
 
