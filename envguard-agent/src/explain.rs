@@ -7,7 +7,7 @@
 //! deepest listed cgroup); the root suite's truth table checks that both
 //! give the same verdicts and rule labels. The agent-loss fail modes are left out: they only apply while no
 //! agent runs.
-use std::{fmt, net::IpAddr, str::FromStr};
+use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
 
 use envguard_common::{
     config::EnvLoss,
@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     cgroups,
+    endpoints::Owner,
     events::{rule_label, verdict_name},
     modes::Modes,
     policy::{
@@ -30,8 +31,9 @@ use crate::{
 /// One side of a flow, as given on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
-    /// An address: its env is the longest-prefix match over the envs' CIDRs
-    /// (an IPv4-mapped IPv6 address counts as IPv4), else `world`.
+    /// An address: its env is a learnt container endpoint's (asking the
+    /// agent), else the longest-prefix match over the envs' CIDRs (an
+    /// IPv4-mapped IPv6 address counts as IPv4), else `world`.
     Ip(IpAddr),
     /// A cgroup path below the cgroup2 mount (normalised): the env of its
     /// deepest listed ancestor, else `host`.
@@ -306,8 +308,27 @@ pub enum ExplainError {
     UnknownEnv { name: String, known: String },
 }
 
+/// What the decision depends on besides the policy file: the modes in
+/// force, and the container endpoints the agent learnt (address → owner),
+/// which the kernel consults before any CIDR. `endpoints` is `None`
+/// offline: no agent, so nothing learnt to know.
+pub struct State<'a> {
+    pub modes: &'a Modes,
+    pub endpoints: Option<&'a BTreeMap<IpAddr, Owner>>,
+}
+
+impl<'a> State<'a> {
+    /// Without an agent: the modes a policy file sets, no endpoints.
+    pub fn offline(modes: &'a Modes) -> Self {
+        State {
+            modes,
+            endpoints: None,
+        }
+    }
+}
+
 /// Explains the flow from `from` to `to` on `proto`/`port` under `compiled`
-/// (compiled from `policy`) with the modes in `modes`.
+/// (compiled from `policy`) in `state`.
 pub fn explain(
     policy: &Policy,
     compiled: &Compiled,
@@ -315,13 +336,20 @@ pub fn explain(
     to: &Endpoint,
     proto: u8,
     port: u16,
-    modes: &Modes,
+    state: &State<'_>,
 ) -> Result<Explanation, ExplainError> {
+    let modes = state.modes;
     let mut notes = Vec::new();
     // The kernel looks up same-host peers for TCP and UDP only.
     let socket_peer = proto_name(proto).is_some_and(|n| n == "tcp" || n == "udp");
-    let (src, from_side) = resolve(compiled, from, None, &mut notes)?;
-    let (dst, to_side) = resolve(compiled, to, Some(socket_peer), &mut notes)?;
+    let (src, from_side) = resolve(compiled, state, from, None, &mut notes)?;
+    let (dst, to_side) = resolve(compiled, state, to, Some(socket_peer), &mut notes)?;
+    if state.endpoints.is_none() && [from, to].iter().any(|e| matches!(e, Endpoint::Ip(_))) {
+        notes.push(
+            "offline: a container's address the agent learns as an endpoint takes its container's env before any CIDR; ask the running agent (no --policy) to see those"
+                .to_owned(),
+        );
+    }
     let modes_by_id = ModesById { modes, compiled };
     let outcome = shared::outcome(compiled, &modes_by_id, src, dst, proto, port);
     let decision = Decision {
@@ -401,6 +429,7 @@ pub fn explain(
 /// whether the kernel would look for a receiving socket on this host.
 fn resolve(
     compiled: &Compiled,
+    state: &State<'_>,
     endpoint: &Endpoint,
     destination: Option<bool>,
     notes: &mut Vec<String>,
@@ -491,6 +520,17 @@ fn resolve(
             if destination == Some(true) && (ip.is_loopback() || ip.is_unspecified()) {
                 notes.push(format!(
                     "{ip} is on this host: in the kernel the socket that receives it decides its env; explain that socket's cgroup instead"
+                ));
+            }
+            if let Some(owner) = state.endpoints.and_then(|e| e.get(&ip)) {
+                return Ok(side(
+                    owner.env,
+                    "endpoint",
+                    format!(
+                        "endpoint {ip}: an address of network namespace {} (learnt), whose processes are in {}",
+                        owner.netns,
+                        compiled.env_name(owner.env)
+                    ),
                 ));
             }
             match cidr_of(compiled, ip) {

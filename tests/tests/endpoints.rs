@@ -323,6 +323,33 @@ fn enforce_dev_to_prod_endpoint_is_refused_and_the_prod_listener_judges_dev_peer
         );
         assert!(line.chars().count() <= 80, "status line too wide: {line:?}");
     }
+    // `explain` asks the agent, which answers as the kernel judges: the
+    // learnt endpoint's env, not the CIDRs'.
+    for fam in Family::ALL {
+        let dst = addr(fam, pair.net, 1).to_string();
+        let dev_cgroup = lab.cg.rel("dev");
+        let port = format!("{PORT}/tcp");
+        let r = lab.cli(&[
+            "explain",
+            "--from",
+            &dev_cgroup,
+            "--to",
+            &dst,
+            "--port",
+            &port,
+            "--json",
+        ]);
+        r.assert_ok("envguard explain");
+        let e: Value = serde_json::from_str(r.stdout.trim())
+            .unwrap_or_else(|err| panic!("explain --json printed no JSON ({err}): {}", r.stdout));
+        assert_eq!(e["to"]["env"], "prod", "explain's destination: {e}");
+        assert_eq!(
+            e["to"]["env_from"], "endpoint",
+            "explain's destination: {e}"
+        );
+        assert_eq!(e["decision"], "violation", "{e}");
+        assert_eq!(e["mode"]["effect"], "refused", "{e}");
+    }
     for fam in Family::ALL {
         let dst = addr(fam, pair.net, 1);
         // A dev process's connect: refused at connect().

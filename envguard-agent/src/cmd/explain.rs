@@ -73,7 +73,7 @@ pub fn offline(path: &std::path::Path, args: &ExplainArgs) -> anyhow::Result<Exp
         &args.to,
         args.port.proto,
         args.port.port,
-        &modes,
+        &ex::State::offline(&modes),
     )?)
 }
 

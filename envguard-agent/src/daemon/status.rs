@@ -123,6 +123,12 @@ impl Daemon {
         let from: Endpoint = from.parse().map_err(anyhow::Error::msg)?;
         let to: Endpoint = to.parse().map_err(anyhow::Error::msg)?;
         let port: PortProto = port.parse().map_err(anyhow::Error::msg)?;
+        let owners = self
+            .endpoints
+            .known()
+            .iter()
+            .map(|(a, k)| (*a, k.owner))
+            .collect();
         let e = crate::explain::explain(
             &self.policy,
             &self.compiled,
@@ -130,7 +136,10 @@ impl Daemon {
             &to,
             port.proto,
             port.port,
-            &self.modes,
+            &crate::explain::State {
+                modes: &self.modes,
+                endpoints: Some(&owners),
+            },
         )?;
         Ok(serde_json::to_value(e)?)
     }

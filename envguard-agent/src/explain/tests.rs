@@ -49,6 +49,8 @@ struct Fixture {
     policy: Policy,
     compiled: Compiled,
     modes: Modes,
+    /// What a live agent learnt; `None` offline.
+    endpoints: Option<BTreeMap<IpAddr, Owner>>,
 }
 
 fn fixture(text: &str) -> Fixture {
@@ -59,6 +61,7 @@ fn fixture(text: &str) -> Fixture {
         policy,
         compiled,
         modes,
+        endpoints: Some(BTreeMap::new()),
     }
 }
 
@@ -72,7 +75,10 @@ impl Fixture {
             &to.parse().unwrap(),
             port.proto,
             port.port,
-            &self.modes,
+            &State {
+                modes: &self.modes,
+                endpoints: self.endpoints.as_ref(),
+            },
         )
         .unwrap()
     }
@@ -114,6 +120,60 @@ fn ports_parse() {
     for bad in ["53", "tcp", "1-2/tcp", "53/sctp", "0/tcp"] {
         assert!(p(bad).is_err(), "{bad:?} must not parse");
     }
+}
+
+#[test]
+fn a_learnt_endpoint_beats_every_cidr_and_offline_says_it_cannot_see_them() {
+    let mut f = fixture(POLICY);
+    let prod = f.compiled.env_id("prod").expect("prod");
+    // An address in dev's /24, learnt as a prod container's: the kernel
+    // takes the endpoint's env first, and so must explain.
+    let ip: IpAddr = "198.18.20.9".parse().unwrap();
+    f.endpoints = Some(BTreeMap::from([(
+        ip,
+        Owner {
+            env: prod,
+            netns: 4026532001,
+        },
+    )]));
+    for to in ["198.18.20.9", "::ffff:198.18.20.9"] {
+        let e = f.explain("/dev.slice", to, "22/tcp");
+        assert_eq!(e.to.env, "prod", "{to}");
+        assert_eq!(e.to.env_from, "endpoint", "{to}");
+        assert_eq!(
+            e.to.reason,
+            "endpoint 198.18.20.9: an address of network namespace 4026532001 (learnt), whose processes are in prod"
+        );
+        assert_eq!(e.decision, "violation");
+        assert!(
+            e.notes.iter().all(|n| !n.starts_with("offline")),
+            "{:?}",
+            e.notes
+        );
+    }
+    let e = f.explain("198.18.20.9", "/prod.slice", "5432/tcp");
+    assert_eq!(
+        (e.from.env.as_str(), e.from.env_from.as_str()),
+        ("prod", "endpoint")
+    );
+
+    // Offline: the CIDR, and a note that says what it cannot know.
+    f.endpoints = None;
+    let e = f.explain("/dev.slice", "198.18.20.9", "22/tcp");
+    assert_eq!((e.to.env.as_str(), e.to.env_from.as_str()), ("dev", "cidr"));
+    assert!(
+        e.notes
+            .iter()
+            .any(|n| n.starts_with("offline: a container's address")),
+        "{:?}",
+        e.notes
+    );
+    let e = f.explain("/dev.slice", "/prod.slice", "22/tcp");
+    assert!(
+        e.notes.iter().all(|n| !n.starts_with("offline")),
+        "no address, no note: {:?}",
+        e.notes
+    );
 }
 
 #[test]
@@ -198,7 +258,7 @@ fn env_names_and_same_env() {
         &Endpoint::Env("prod".into()),
         PROTO_TCP,
         1,
-        &f.modes,
+        &State::offline(&f.modes),
     )
     .unwrap_err()
     .to_string();
@@ -267,7 +327,7 @@ fn pair_mode_changes_what_the_mode_does() {
         &Endpoint::Env("staging".into()),
         PROTO_TCP,
         443,
-        &modes,
+        &State::offline(&modes),
     )
     .unwrap();
     assert_eq!(e.mode.effect, "refused");
@@ -279,7 +339,7 @@ fn pair_mode_changes_what_the_mode_does() {
         &Endpoint::Env("dev".into()),
         PROTO_TCP,
         443,
-        &modes,
+        &State::offline(&modes),
     )
     .unwrap();
     assert_eq!(e.mode.effect, "allowed and reported");
@@ -450,7 +510,7 @@ fn interfaces_resolve_to_their_env() {
         &Endpoint::Ip("198.18.10.5".parse().unwrap()),
         PROTO_TCP,
         5432,
-        &modes,
+        &State::offline(&modes),
     )
     .unwrap();
     assert_eq!(e.from.env, "dev");

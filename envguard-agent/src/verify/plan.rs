@@ -273,7 +273,16 @@ mode = "audit"
         let m = Modes::from_policy(&p);
         let targets = policy_targets(&p, |name, _| Err(format!("{name} not resolved (dry run)")));
         plan(&local_envs(&p), &targets, |f, t, port| {
-            explain::explain(&p, &c, f, t, port.proto, port.port, &m).map_err(|e| e.to_string())
+            explain::explain(
+                &p,
+                &c,
+                f,
+                t,
+                port.proto,
+                port.port,
+                &explain::State::offline(&m),
+            )
+            .map_err(|e| e.to_string())
         })
     }
 

@@ -91,7 +91,16 @@ fn offline_decider(
     let compiled = compile(policy)?;
     let modes = Modes::from_policy(policy);
     Ok(move |f: &Endpoint, t: &Endpoint, p: ex::PortProto| {
-        ex::explain(policy, &compiled, f, t, p.proto, p.port, &modes).map_err(|e| e.to_string())
+        ex::explain(
+            policy,
+            &compiled,
+            f,
+            t,
+            p.proto,
+            p.port,
+            &ex::State::offline(&modes),
+        )
+        .map_err(|e| e.to_string())
     })
 }
 
