@@ -43,6 +43,7 @@ use crate::{
 };
 
 mod attach;
+mod clsact;
 mod tc;
 
 pub use attach::detach;
@@ -74,6 +75,9 @@ pub struct Options {
     /// Repeats of a violation within this long of its last record are counted,
     /// not sent (zero sends every one).
     pub dedup_interval: std::time::Duration,
+    /// The tc hooks as clsact + cls_bpf filters even where the kernel has
+    /// tcx (the fallback of kernels before 6.6).
+    pub force_clsact: bool,
 }
 
 /// An error's message with its whole source chain: aya's errors keep the
@@ -163,6 +167,10 @@ pub struct Kernel {
     /// Interfaces (and direction: `true` ingress) this agent attached or
     /// adopted, and how: the poll leaves them alone.
     tc_attached: std::collections::BTreeMap<(u32, bool), TcMode>,
+    force_clsact: bool,
+    /// The maps pinned under the pin root when this agent opened it, in
+    /// every layout: whose programs' clsact filters are this pin root's.
+    own_maps: std::collections::BTreeSet<u32>,
 }
 
 impl Kernel {
@@ -225,6 +233,8 @@ impl Kernel {
                 opts.ringbuf_bytes.unwrap_or(maps::EVENTS_BYTES),
             )),
             tc_attached: Default::default(),
+            force_clsact: opts.force_clsact,
+            own_maps: clsact::own_maps(&opts.pin_root),
         })
     }
 

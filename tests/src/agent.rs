@@ -105,6 +105,8 @@ pub struct AgentOptions {
     pub state_dir: Option<PathBuf>,
     /// `--history-interval DURATION`.
     pub history_interval: Option<String>,
+    /// `--tc-attach HOW` (`clsact`: the fallback of kernels without tcx).
+    pub tc_attach: Option<String>,
     /// The program to run instead of `envguard` (the harness's own tests
     /// use a stand-in that prints chosen lines); `None`:
     /// [`sys::envguard_bin`].
@@ -260,6 +262,9 @@ impl AgentOptions {
         }
         if let Some(i) = &self.history_interval {
             a.extend(["--history-interval".into(), i.clone()]);
+        }
+        if let Some(t) = &self.tc_attach {
+            a.extend(["--tc-attach".into(), t.clone()]);
         }
         a
     }

@@ -297,7 +297,55 @@ impl Host {
     }
 }
 
+/// A cls_bpf filter's program: (name, id).
+pub type ClsBpf = (String, u64);
+
 impl Router {
+    /// The cls_bpf filters on `ifname`'s clsact hook, ingress then egress,
+    /// as (program name, program id), from `tc -j filter show`.
+    pub fn cls_bpf_filters(&self, ifname: &str) -> (Vec<ClsBpf>, Vec<ClsBpf>) {
+        let list = |dir: &str| -> Vec<ClsBpf> {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    self.ns.name(),
+                    "tc",
+                    "-j",
+                    "filter",
+                    "show",
+                ])
+                .args(["dev", ifname, dir])
+                .output()
+                .unwrap_or_else(|e| panic!("running tc (iproute2): {e}"));
+            assert!(
+                out.status.success(),
+                "tc filter show dev {ifname} {dir}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8_lossy(&out.stdout);
+            // No clsact qdisc: tc prints nothing at all.
+            if text.trim().is_empty() {
+                return Vec::new();
+            }
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("tc -j filter show printed no JSON ({e}): {text}"));
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter(|f| f["kind"] == "bpf" && f["options"]["handle"].is_string())
+                .map(|f| {
+                    let prog = &f["options"]["prog"];
+                    (
+                        prog["name"].as_str().unwrap_or("?").to_owned(),
+                        prog["id"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        };
+        (list("ingress"), list("egress"))
+    }
+
     /// The names of the programs on `ifname`'s tcx ingress and egress, as
     /// the kernel reports them (queried from a thread that joined the
     /// router's namespace).

@@ -458,6 +458,111 @@ fn restart_adopts_tcx_links() {
     assert!(tcx_pins(&pin).is_empty(), "detached on exit");
 }
 
+/// The fallback of kernels without tcx (`--tc-attach clsact`, forced here
+/// where tcx exists): one cls_bpf filter per direction, enforcing; they stay
+/// while no agent runs; the next agent's filters replace them (one per
+/// direction still, not one more per restart, and another pin root's
+/// filter on the same device is left alone); detaching removes them.
+#[test]
+fn clsact_fallback_replaces_its_filters_and_detach_removes_them() {
+    let scene = Scene::new(Mode::Enforce);
+    let pin = PinRoot::new();
+    let clsact = |opts: AgentOptions| AgentOptions {
+        tc_attach: Some("clsact".into()),
+        ..opts
+    };
+    let only_ours = |what: &str| -> (u64, u64) {
+        let (ingress, egress) = scene.router.cls_bpf_filters("tapdev0");
+        match (ingress.as_slice(), egress.as_slice()) {
+            ([(i, iid)], [(e, eid)]) if i == "tc_ingress" && e == "tc_egress" => (*iid, *eid),
+            _ => panic!(
+                "{what}: tapdev0 must carry one cls_bpf filter per direction, tc_ingress and tc_egress; tc shows ingress {ingress:?}, egress {egress:?}"
+            ),
+        }
+    };
+    let agent = scene.agent(Mode::Enforce, &pin, clsact(AgentOptions::pinned()));
+    let idx = scene.vm.ifindex();
+    assert_eq!(
+        status_interfaces(&agent),
+        [json!({"name": "tapdev0", "ifindex": idx, "env": "dev", "attach": "clsact"})],
+    );
+    assert!(
+        tcx_pins(&pin).is_empty(),
+        "no tcx links: {:?}",
+        tcx_pins(&pin)
+    );
+    assert_eq!(
+        scene.router.tcx_programs("tapdev0"),
+        (vec![], vec![]),
+        "nothing on tcx"
+    );
+    let first = only_ours("the first agent");
+    check_flows(&scene, &agent, Mode::Enforce, &scene.vm, "tapdev0");
+    agent.stop();
+
+    // No agent: the filters keep enforcing.
+    assert_eq!(only_ours("no agent"), first, "the filters stay");
+    let r = scene.probe(&scene.vm, Proto::Tcp, &scene.prod, Family::V4, PROD_PORT);
+    assert!(!r.ok, "dropped while no agent runs: {}", r.raw);
+
+    // Another agent of its own pin root on the same device: its filters
+    // are not ours to remove, nor ours its.
+    let other_pin = PinRoot::new();
+    let other = scene.agent(Mode::Enforce, &other_pin, clsact(AgentOptions::ephemeral()));
+    let (ingress, egress) = scene.router.cls_bpf_filters("tapdev0");
+    assert_eq!(
+        (ingress.len(), egress.len()),
+        (2, 2),
+        "two pin roots, two filters per direction: {ingress:?} {egress:?}"
+    );
+    other.stop();
+    assert_eq!(
+        only_ours("the other pin root's agent detached"),
+        first,
+        "detaching the other pin root removed only its own filters"
+    );
+
+    // The next agent of this pin root: its filters replace the first ones.
+    let agent = scene.agent(
+        Mode::Enforce,
+        &pin,
+        clsact(AgentOptions {
+            detach_on_exit: true,
+            ..AgentOptions::pinned().adopting()
+        }),
+    );
+    let second = only_ours("the restarted agent");
+    assert!(
+        second.0 != first.0 && second.1 != first.1,
+        "the restarted agent's own programs: {first:?} then {second:?}"
+    );
+    let r = scene.probe(&scene.vm, Proto::Udp, &scene.prod, Family::V6, PROD_PORT);
+    assert!(!r.ok, "still dropped after the restart: {}", r.raw);
+    let v = wait_violation(
+        &agent,
+        &scene.vm,
+        &scene.prod,
+        Family::V6,
+        Proto::Udp,
+        PROD_PORT,
+    );
+    assert_tc_violation(
+        &v,
+        Mode::Enforce,
+        "tapdev0",
+        (&scene.vm, &scene.prod, Family::V6, Proto::Udp),
+        r.local.map(|a| a.port()),
+    );
+    agent.stop();
+    assert_eq!(
+        scene.router.cls_bpf_filters("tapdev0"),
+        (vec![], vec![]),
+        "detached on exit: no filter left"
+    );
+    let r = scene.probe_ok(&scene.vm, Proto::Tcp, &scene.prod, Family::V4, PROD_PORT);
+    assert!(r.ok, "nothing enforces once detached: {}", r.raw);
+}
+
 /// An interface that appears while the agent runs and matches a listed
 /// prefix gets the hooks (within the agent's one-second poll) and is
 /// enforced; removing it removes its pins.

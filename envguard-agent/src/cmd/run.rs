@@ -59,6 +59,12 @@ pub struct RunArgs {
     /// from it is classified again). Changing it replaces the pinned maps.
     #[arg(long, value_name = "N")]
     pub flow_cache_entries: Option<u32>,
+    /// How the tc hooks go on the listed interfaces: `auto` (tcx links,
+    /// else, on kernels before 6.6, clsact + cls_bpf filters) or `clsact`
+    /// (the filters even where tcx exists: that fallback where tcx is
+    /// unwanted, or to test it).
+    #[arg(long, value_name = "HOW", default_value = "auto", value_parser = ["auto", "clsact"])]
+    pub tc_attach: String,
     /// Repeats of one violating flow within this long of its last record are
     /// counted in the kernel and reported as one `violation_rollup` per
     /// interval instead of one record each (0 sends every one).
@@ -126,6 +132,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             ringbuf_bytes: args.ringbuf_bytes,
             flow_cache_entries: args.flow_cache_entries,
             dedup_interval: args.dedup_interval,
+            force_clsact: args.tc_attach == "clsact",
         },
         control_socket: args
             .control_socket

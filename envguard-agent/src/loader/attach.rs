@@ -274,6 +274,12 @@ pub fn detach(pin_root: &Path) -> Result<usize> {
         return Ok(0);
     }
     let lock = sys::lock_dir(pin_root, "detaching")?;
+    // Before the pins go: they say which cls_bpf filters are this pin root's.
+    let filters = super::clsact::remove_all_own(&super::clsact::own_maps(pin_root))
+        .map_err(io_err("removing envguard's cls_bpf filters (RTM_GETLINK)"))?;
+    if filters > 0 {
+        log::info!("removed {filters} cls_bpf filter(s) of the tc hooks");
+    }
     let mut removed = 0;
     let entries =
         fs::read_dir(pin_root).map_err(io_err(format!("listing {}", pin_root.display())))?;

@@ -22,7 +22,7 @@ use aya::{
 };
 use envguard_common::{maps, policy::IfaceEnv, programs};
 
-use super::{Kernel, bpf_err, bpf_msg, error_chain, io_err, map};
+use super::{Kernel, bpf_err, bpf_msg, clsact, error_chain, io_err, map};
 use crate::{bpf_sys, error::Result, interfaces, policy::compile::Compiled};
 
 /// `BPF_LINK_TYPE_TCX`.
@@ -225,34 +225,57 @@ impl Kernel {
         } else {
             TcAttachType::Egress
         };
+        let force_clsact = self.force_clsact;
         let prog = self.load_program(prog_name)?;
         let Program::SchedClassifier(p) = prog else {
             return Err(bpf_msg(context(), "not a tc program"));
         };
-        match p.attach_with_options(
-            ifname,
-            attach_type,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        ) {
-            Ok(id) => {
+        let tcx = if force_clsact {
+            None
+        } else {
+            Some(p.attach_with_options(
+                ifname,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            ))
+        };
+        let (mode, keep) = match tcx {
+            Some(Ok(id)) => {
                 let link = p.take_link(id).map_err(|e| bpf_err(context(), e))?;
                 let link = FdLink::try_from(link).map_err(|e| bpf_err(context(), e))?;
                 link.pin(&pin)
                     .map_err(|e| bpf_err(format!("pinning {}", pin.display()), e))?;
-                self.tc_attached.insert((ifindex, ingress), TcMode::Tcx);
-                Ok(TcMode::Tcx)
+                (TcMode::Tcx, None)
             }
-            Err(e) if no_tcx(&e) => {
-                log::warn!(
-                    "no tcx in this kernel ({}): {ifname} gets clsact + cls_bpf filters, which the next agent attaches again",
-                    error_chain(&e)
-                );
-                attach_clsact(p, ifname, attach_type).map_err(|m| bpf_msg(context(), m))?;
-                self.tc_attached.insert((ifindex, ingress), TcMode::Clsact);
-                Ok(TcMode::Clsact)
+            Some(Err(e)) if !no_tcx(&e) => return Err(bpf_err(context(), e)),
+            other => {
+                if let Some(Err(e)) = other {
+                    log::warn!(
+                        "no tcx in this kernel ({}): {ifname} gets clsact + cls_bpf filters",
+                        error_chain(&e)
+                    );
+                }
+                let keep =
+                    attach_clsact(p, ifname, attach_type).map_err(|m| bpf_msg(context(), m))?;
+                // A tcx link an earlier agent pinned for this device (it ran
+                // with tcx): this filter replaces it.
+                if pin.exists() {
+                    fs::remove_file(&pin).map_err(io_err(format!("removing {}", pin.display())))?;
+                }
+                (TcMode::Clsact, Some(keep))
             }
-            Err(e) => Err(bpf_err(context(), e)),
+        };
+        // The new hook is in: earlier agents' filters of this pin root go
+        // (whatever their build, they would keep running before or after it).
+        let removed =
+            clsact::remove_own(ifindex, ingress, &self.own_maps, keep).map_err(io_err(format!(
+                "removing earlier envguard cls_bpf filters of {ifname}"
+            )))?;
+        if removed > 0 {
+            log::info!("{ifname}: removed {removed} cls_bpf filter(s) of an earlier agent");
         }
+        self.tc_attached.insert((ifindex, ingress), mode);
+        Ok(mode)
     }
 }
 
@@ -271,12 +294,13 @@ fn no_tcx(e: &aya::programs::ProgramError) -> bool {
 }
 
 /// clsact (kept if it exists: other filters may hang off it) and one more
-/// cls_bpf filter; the filter outlives the agent (it is not a link).
+/// cls_bpf filter, which outlives the agent (it is not a link); returns its
+/// (priority, handle).
 fn attach_clsact(
     p: &mut SchedClassifier,
     ifname: &str,
     attach_type: TcAttachType,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(u16, u32), String> {
     if let Err(e) = qdisc_add_clsact(ifname)
         && !error_chain(&e).contains(&std::io::Error::from_raw_os_error(libc::EEXIST).to_string())
     {
@@ -289,8 +313,12 @@ fn attach_clsact(
             TcAttachOptions::Netlink(NlOptions::default()),
         )
         .map_err(|e| error_chain(&e))?;
-    // Dropping the link would remove the filter: it stays with the device.
     let link = p.take_link(id).map_err(|e| error_chain(&e))?;
+    let at = (
+        link.priority().map_err(|e| error_chain(&e))?,
+        u32::from(link.handle().map_err(|e| error_chain(&e))?),
+    );
+    // Dropping the link would remove the filter: it stays with the device.
     std::mem::forget(link);
-    Ok(())
+    Ok(at)
 }
