@@ -33,6 +33,9 @@
 //!   (`"ok"`), then for every line on stdin waits for one line from the
 //!   peer, sending nothing, and prints `{"received":O}` (`"echo"` when one
 //!   came).
+//! - `tfo DST_ADDR DST_PORT`: TCP Fast Open, a connection opened by
+//!   `sendto(MSG_FASTOPEN)` with its first line (no `connect()` call):
+//!   prints `{"outcome":O}` (`"echo"` when the peer answered).
 //! - `listen-then-move ADDR PORT CGROUP_DIR`: binds and listens as where it
 //!   started, then moves itself into CGROUP_DIR; prints `{"ready":true,
 //!   "pid":P}` after the move and echoes lines on accepted connections.
@@ -129,6 +132,7 @@ fn main() {
         }
         ["tcp-serve-close", addr, port] => tcp_serve_close(sa(addr, port)),
         ["tcp-hold", addr, port] => tcp_hold(sa(addr, port)),
+        ["tfo", addr, port] => print(json!({"outcome": tfo(sa(addr, port))})),
         ["push-serve", proto, addr, port] => push_serve(tcp(proto), sa(addr, port)),
         ["await", proto, addr, port] => await_push(tcp(proto), sa(addr, port), None),
         ["await", proto, addr, port, src] => {
@@ -467,6 +471,58 @@ fn tcp_from(src: SocketAddr, dst: SocketAddr) -> String {
     let o = line_exchange(&mut stream);
     reset(stream);
     o
+}
+
+fn tfo(dst: SocketAddr) -> String {
+    let family = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall; the fd is owned at once.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return outcome(&io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: TIMEOUT.as_micros() as libc::suseconds_t,
+    };
+    // SAFETY: valid fd and option buffer.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    let (storage, len) = envguard_tests::sockaddr::to_sockaddr(dst);
+    let line = b"ping\n";
+    // SAFETY: our buffer and a valid address of `len` bytes.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            line.as_ptr().cast(),
+            line.len(),
+            libc::MSG_FASTOPEN,
+            (&raw const storage).cast(),
+            len,
+        )
+    };
+    if sent < 0 {
+        return outcome(&io::Error::last_os_error());
+    }
+    let mut stream = TcpStream::from(fd);
+    stream.set_read_timeout(Some(TIMEOUT)).ok();
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => "closed".into(),
+        Ok(_) => "echo".into(),
+        Err(e) => outcome(&e),
+    }
 }
 
 fn tcp_serve_close(addr: SocketAddr) {
