@@ -788,66 +788,71 @@ fn a_cached_decision_is_the_callers_env_and_policys_only() {
     lab.stop_agent();
 }
 
-// TCP Fast Open opens a connection with `sendto(MSG_FASTOPEN)`, its first
-// data in the SYN, and no `connect()` call: the connection is judged all the
-// same, refused with EPERM in enforce mode and let through in audit mode,
-// and reported once either way.
-fn tcp_fast_open(mode: Mode) {
+// Two ways to open a TCP connection that are not a plain TCP socket's
+// `connect()`: TCP Fast Open (`sendto(MSG_FASTOPEN)`, its first data in the
+// SYN, no `connect()` call) and a Multipath TCP socket (`IPPROTO_MPTCP`,
+// which needs no privilege). Each is judged all the same: refused with
+// EPERM in enforce mode, let through in audit mode, and reported once by the
+// connect hook either way.
+fn tcp_variants(mode: Mode) {
     let mut lab = lab(mode);
     let attacker = Attacker::new(EGATTACK);
     lab.serve_remote_sites();
     lab.start_agent();
-    for fam in Family::ALL {
-        let dst = Site::Prod.addr(fam);
-        let mark = lab.agent().len();
-        let r = attacker.run(
-            &lab.client_place(Client::Dev),
-            Some(NOBODY),
-            &["tfo", &dst.to_string(), "9000"],
-        );
-        assert_eq!(
-            r,
-            json!({"outcome": refused_or_through(mode, "echo")}),
-            "{fam:?}: dev -> prod by TCP Fast Open"
-        );
-        let (_, v) = violation_after(&lab, mark, "the TCP Fast Open connection", |v| {
-            v["destination"]["ip"] == dst.to_string()
-        });
-        assert_fields(
-            &v,
-            "TCP Fast Open dev -> prod",
-            &[
-                (
-                    "hook",
-                    json!(if fam == Family::V4 {
-                        "connect4"
-                    } else {
-                        "connect6"
-                    }),
-                ),
-                ("proto", json!("tcp")),
-                ("verdict", json!(mode.verdict())),
-                ("direction", json!("egress")),
-                ("source.env", json!("dev")),
-                ("destination.env", json!("prod")),
-                ("destination.port", json!(9000)),
-            ],
-        );
-        assert_eq!(
-            count_violations(&lab, mark, |v| v["destination"]["ip"] == dst.to_string()),
-            1,
-            "{fam:?}: one connection, one record"
-        );
+    for how in ["tfo", "mptcp"] {
+        for fam in Family::ALL {
+            let what = format!("{how} {fam:?} dev -> prod");
+            let dst = Site::Prod.addr(fam);
+            let mark = lab.agent().len();
+            let r = attacker.run(
+                &lab.client_place(Client::Dev),
+                Some(NOBODY),
+                &[how, &dst.to_string(), "9000"],
+            );
+            assert_eq!(
+                r,
+                json!({"outcome": refused_or_through(mode, "echo")}),
+                "{what}"
+            );
+            let (_, v) = violation_after(&lab, mark, &what, |v| {
+                v["destination"]["ip"] == dst.to_string()
+            });
+            assert_fields(
+                &v,
+                &what,
+                &[
+                    (
+                        "hook",
+                        json!(if fam == Family::V4 {
+                            "connect4"
+                        } else {
+                            "connect6"
+                        }),
+                    ),
+                    ("proto", json!("tcp")),
+                    ("verdict", json!(mode.verdict())),
+                    ("direction", json!("egress")),
+                    ("source.env", json!("dev")),
+                    ("destination.env", json!("prod")),
+                    ("destination.port", json!(9000)),
+                ],
+            );
+            assert_eq!(
+                count_violations(&lab, mark, |v| v["destination"]["ip"] == dst.to_string()),
+                1,
+                "{what}: one connection, one record"
+            );
+        }
     }
     lab.stop_agent();
 }
 
 #[test]
-fn tcp_fast_open_enforce() {
-    tcp_fast_open(Mode::Enforce);
+fn tcp_fast_open_and_multipath_tcp_enforce() {
+    tcp_variants(Mode::Enforce);
 }
 
 #[test]
-fn tcp_fast_open_audit() {
-    tcp_fast_open(Mode::Audit);
+fn tcp_fast_open_and_multipath_tcp_audit() {
+    tcp_variants(Mode::Audit);
 }

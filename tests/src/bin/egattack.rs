@@ -36,6 +36,9 @@
 //! - `tfo DST_ADDR DST_PORT`: TCP Fast Open, a connection opened by
 //!   `sendto(MSG_FASTOPEN)` with its first line (no `connect()` call):
 //!   prints `{"outcome":O}` (`"echo"` when the peer answered).
+//! - `mptcp DST_ADDR DST_PORT`: a Multipath TCP socket (`IPPROTO_MPTCP`,
+//!   no privilege needed) connects and exchanges a line: prints
+//!   `{"outcome":O}`.
 //! - `listen-then-move ADDR PORT CGROUP_DIR`: binds and listens as where it
 //!   started, then moves itself into CGROUP_DIR; prints `{"ready":true,
 //!   "pid":P}` after the move and echoes lines on accepted connections.
@@ -133,6 +136,7 @@ fn main() {
         ["tcp-serve-close", addr, port] => tcp_serve_close(sa(addr, port)),
         ["tcp-hold", addr, port] => tcp_hold(sa(addr, port)),
         ["tfo", addr, port] => print(json!({"outcome": tfo(sa(addr, port))})),
+        ["mptcp", addr, port] => print(json!({"outcome": mptcp(sa(addr, port))})),
         ["push-serve", proto, addr, port] => push_serve(tcp(proto), sa(addr, port)),
         ["await", proto, addr, port] => await_push(tcp(proto), sa(addr, port), None),
         ["await", proto, addr, port, src] => {
@@ -403,6 +407,25 @@ fn udp_from(src: SocketAddr, dst: SocketAddr) -> String {
     }
 }
 
+/// Bounds a blocking connect (and send) by SO_SNDTIMEO: a dropped SYN
+/// costs `TIMEOUT`, not the kernel's two minutes of retries.
+fn send_timeout(fd: &OwnedFd) {
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: TIMEOUT.as_micros() as libc::suseconds_t,
+    };
+    // SAFETY: valid fd and option buffer.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+}
+
 fn connect_fd(fd: &OwnedFd, dst: SocketAddr) -> io::Result<()> {
     let (storage, len) = envguard_tests::sockaddr::to_sockaddr(dst);
     // SAFETY: storage holds a valid address of `len` bytes.
@@ -449,21 +472,7 @@ fn tcp_from(src: SocketAddr, dst: SocketAddr) -> String {
         Ok(fd) => fd,
         Err(e) => return format!("bind:{}", outcome(&e)),
     };
-    // A blocking connect bounded by SO_SNDTIMEO.
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: TIMEOUT.as_micros() as libc::suseconds_t,
-    };
-    // SAFETY: valid fd and option buffer.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&raw const tv).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
+    send_timeout(&fd);
     if let Err(e) = connect_fd(&fd, dst) {
         return outcome(&e);
     }
@@ -471,6 +480,34 @@ fn tcp_from(src: SocketAddr, dst: SocketAddr) -> String {
     let o = line_exchange(&mut stream);
     reset(stream);
     o
+}
+
+/// `IPPROTO_MPTCP` (not in every libc crate release).
+const IPPROTO_MPTCP: libc::c_int = 262;
+
+fn mptcp(dst: SocketAddr) -> String {
+    let family = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall; the fd is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            IPPROTO_MPTCP,
+        )
+    };
+    if fd < 0 {
+        return format!("socket:{}", outcome(&io::Error::last_os_error()));
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    send_timeout(&fd);
+    if let Err(e) = connect_fd(&fd, dst) {
+        return outcome(&e);
+    }
+    line_exchange(&mut TcpStream::from(fd))
 }
 
 fn tfo(dst: SocketAddr) -> String {
@@ -485,20 +522,7 @@ fn tfo(dst: SocketAddr) -> String {
         return outcome(&io::Error::last_os_error());
     }
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: TIMEOUT.as_micros() as libc::suseconds_t,
-    };
-    // SAFETY: valid fd and option buffer.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&raw const tv).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
+    send_timeout(&fd);
     let (storage, len) = envguard_tests::sockaddr::to_sockaddr(dst);
     let line = b"ping\n";
     // SAFETY: our buffer and a valid address of `len` bytes.
