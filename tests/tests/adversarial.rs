@@ -856,3 +856,43 @@ fn tcp_fast_open_and_multipath_tcp_enforce() {
 fn tcp_fast_open_and_multipath_tcp_audit() {
     tcp_variants(Mode::Audit);
 }
+
+// A protocol the socket hooks do not judge (UDP-Lite: any user may open
+// one) is judged at the packet hook, by its envs alone (no port rule names
+// it): refused in enforce mode, with one record.
+#[test]
+fn a_udplite_datagram_is_judged_at_the_packet_hook() {
+    let mut lab = lab(Mode::Enforce);
+    let attacker = Attacker::new(EGATTACK);
+    lab.start_agent();
+    for fam in Family::ALL {
+        let what = format!("UDP-Lite {fam:?} dev -> prod");
+        let dst = Site::Prod.addr(fam).to_string();
+        let mark = lab.agent().len();
+        let r = attacker.run(
+            &lab.client_place(Client::Dev),
+            Some(NOBODY),
+            &["udplite", &dst, "9000"],
+        );
+        assert_eq!(r, json!({"outcome": "refused"}), "{what}");
+        let (_, v) = violation_after(&lab, mark, &what, |v| v["destination"]["ip"] == dst);
+        assert_fields(
+            &v,
+            &what,
+            &[
+                ("hook", json!("skb_egress")),
+                ("proto", json!("136")),
+                ("verdict", json!("denied")),
+                ("direction", json!("egress")),
+                ("source.env", json!("dev")),
+                ("destination.env", json!("prod")),
+            ],
+        );
+        assert_eq!(
+            count_violations(&lab, mark, |v| v["destination"]["ip"] == dst),
+            1,
+            "{what}: one datagram, one record"
+        );
+    }
+    lab.stop_agent();
+}

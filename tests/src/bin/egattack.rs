@@ -39,6 +39,9 @@
 //! - `mptcp DST_ADDR DST_PORT`: a Multipath TCP socket (`IPPROTO_MPTCP`,
 //!   no privilege needed) connects and exchanges a line: prints
 //!   `{"outcome":O}`.
+//! - `udplite DST_ADDR DST_PORT`: one UDP-Lite datagram (`IPPROTO_UDPLITE`,
+//!   a protocol the socket hooks leave to the packet hooks; no privilege
+//!   needed): prints `{"outcome":O}` (`"sent"` when the kernel took it).
 //! - `listen-then-move ADDR PORT CGROUP_DIR`: binds and listens as where it
 //!   started, then moves itself into CGROUP_DIR; prints `{"ready":true,
 //!   "pid":P}` after the move and echoes lines on accepted connections.
@@ -137,6 +140,7 @@ fn main() {
         ["tcp-hold", addr, port] => tcp_hold(sa(addr, port)),
         ["tfo", addr, port] => print(json!({"outcome": tfo(sa(addr, port))})),
         ["mptcp", addr, port] => print(json!({"outcome": mptcp(sa(addr, port))})),
+        ["udplite", addr, port] => print(json!({"outcome": udplite(sa(addr, port))})),
         ["push-serve", proto, addr, port] => push_serve(tcp(proto), sa(addr, port)),
         ["await", proto, addr, port] => await_push(tcp(proto), sa(addr, port), None),
         ["await", proto, addr, port, src] => {
@@ -508,6 +512,43 @@ fn mptcp(dst: SocketAddr) -> String {
         return outcome(&e);
     }
     line_exchange(&mut TcpStream::from(fd))
+}
+
+fn udplite(dst: SocketAddr) -> String {
+    let family = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall; the fd is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_UDPLITE,
+        )
+    };
+    if fd < 0 {
+        return format!("socket:{}", outcome(&io::Error::last_os_error()));
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (storage, len) = envguard_tests::sockaddr::to_sockaddr(dst);
+    let line = b"ping\n";
+    // SAFETY: our buffer and a valid address of `len` bytes.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            line.as_ptr().cast(),
+            line.len(),
+            0,
+            (&raw const storage).cast(),
+            len,
+        )
+    };
+    if sent < 0 {
+        return outcome(&io::Error::last_os_error());
+    }
+    "sent".into()
 }
 
 fn tfo(dst: SocketAddr) -> String {
