@@ -857,42 +857,80 @@ fn tcp_fast_open_and_multipath_tcp_audit() {
     tcp_variants(Mode::Audit);
 }
 
-// A protocol the socket hooks do not judge (UDP-Lite: any user may open
-// one) is judged at the packet hook, by its envs alone (no port rule names
-// it): refused in enforce mode, with one record.
-#[test]
-fn a_udplite_datagram_is_judged_at_the_packet_hook() {
-    let mut lab = lab(Mode::Enforce);
+// Protocols the socket hooks do not judge, which any user may send: UDP-Lite,
+// and ICMP echo from a ping socket (allowed here by the test's own
+// namespace's `ping_group_range`; the prod site's kernel answers an echo
+// request that reaches it). They are judged at the packet hook, by their
+// envs alone (no port rule names them): dropped in enforce mode, let
+// through in audit mode (the echo comes back), with one record each.
+fn packet_hook_protocols(mode: Mode) {
+    let mut lab = lab(mode);
     let attacker = Attacker::new(EGATTACK);
+    let ns = lab.topo.client.name().to_owned();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "sysctl", "-qw"])
+        .arg(format!("net.ipv4.ping_group_range=0 {NOBODY}"))
+        .output()
+        .unwrap_or_else(|e| panic!("running sysctl in {ns}: {e}"));
+    assert!(
+        out.status.success(),
+        "allowing ping sockets in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     lab.start_agent();
     for fam in Family::ALL {
-        let what = format!("UDP-Lite {fam:?} dev -> prod");
         let dst = Site::Prod.addr(fam).to_string();
-        let mark = lab.agent().len();
-        let r = attacker.run(
-            &lab.client_place(Client::Dev),
-            Some(NOBODY),
-            &["udplite", &dst, "9000"],
-        );
-        assert_eq!(r, json!({"outcome": "refused"}), "{what}");
-        let (_, v) = violation_after(&lab, mark, &what, |v| v["destination"]["ip"] == dst);
-        assert_fields(
-            &v,
-            &what,
-            &[
-                ("hook", json!("skb_egress")),
-                ("proto", json!("136")),
-                ("verdict", json!("denied")),
-                ("direction", json!("egress")),
-                ("source.env", json!("dev")),
-                ("destination.env", json!("prod")),
-            ],
-        );
-        assert_eq!(
-            count_violations(&lab, mark, |v| v["destination"]["ip"] == dst),
-            1,
-            "{what}: one datagram, one record"
-        );
+        let icmp = if fam == Family::V4 { "icmp" } else { "icmpv6" };
+        // What the sender sees of the drop: EPERM, except from an ICMPv6
+        // ping socket, whose `sendto` does not pass the drop on: its request
+        // just never gets a reply.
+        let ping_refused = if fam == Family::V4 {
+            "refused"
+        } else {
+            "timeout"
+        };
+        let cases = match mode {
+            Mode::Enforce => [("udplite", "136", "refused"), ("ping", icmp, ping_refused)],
+            Mode::Audit => [("udplite", "136", "sent"), ("ping", icmp, "echo")],
+        };
+        for (how, proto, outcome) in cases {
+            let what = format!("{how} {fam:?} dev -> prod");
+            let mark = lab.agent().len();
+            let mut args = vec![how, dst.as_str()];
+            if how == "udplite" {
+                args.push("9000");
+            }
+            let r = attacker.run(&lab.client_place(Client::Dev), Some(NOBODY), &args);
+            assert_eq!(r, json!({"outcome": outcome}), "{what}");
+            let (_, v) = violation_after(&lab, mark, &what, |v| v["destination"]["ip"] == dst);
+            assert_fields(
+                &v,
+                &what,
+                &[
+                    ("hook", json!("skb_egress")),
+                    ("proto", json!(proto)),
+                    ("verdict", json!(mode.verdict())),
+                    ("direction", json!("egress")),
+                    ("source.env", json!("dev")),
+                    ("destination.env", json!("prod")),
+                ],
+            );
+            assert_eq!(
+                count_violations(&lab, mark, |v| v["destination"]["ip"] == dst),
+                1,
+                "{what}: one datagram, one record"
+            );
+        }
     }
     lab.stop_agent();
+}
+
+#[test]
+fn udplite_and_ping_sockets_are_judged_at_the_packet_hook_enforce() {
+    packet_hook_protocols(Mode::Enforce);
+}
+
+#[test]
+fn udplite_and_ping_sockets_are_judged_at_the_packet_hook_audit() {
+    packet_hook_protocols(Mode::Audit);
 }

@@ -42,6 +42,9 @@
 //! - `udplite DST_ADDR DST_PORT`: one UDP-Lite datagram (`IPPROTO_UDPLITE`,
 //!   a protocol the socket hooks leave to the packet hooks; no privilege
 //!   needed): prints `{"outcome":O}` (`"sent"` when the kernel took it).
+//! - `ping DST_ADDR`: one ICMP (ICMPv6) echo request from a ping socket
+//!   (`SOCK_DGRAM`, unprivileged where `net.ipv4.ping_group_range` allows),
+//!   and its reply: prints `{"outcome":O}` (`"echo"` when it came).
 //! - `listen-then-move ADDR PORT CGROUP_DIR`: binds and listens as where it
 //!   started, then moves itself into CGROUP_DIR; prints `{"ready":true,
 //!   "pid":P}` after the move and echoes lines on accepted connections.
@@ -141,6 +144,7 @@ fn main() {
         ["tfo", addr, port] => print(json!({"outcome": tfo(sa(addr, port))})),
         ["mptcp", addr, port] => print(json!({"outcome": mptcp(sa(addr, port))})),
         ["udplite", addr, port] => print(json!({"outcome": udplite(sa(addr, port))})),
+        ["ping", addr] => print(json!({"outcome": ping(sa(addr, "0"))})),
         ["push-serve", proto, addr, port] => push_serve(tcp(proto), sa(addr, port)),
         ["await", proto, addr, port] => await_push(tcp(proto), sa(addr, port), None),
         ["await", proto, addr, port, src] => {
@@ -515,40 +519,65 @@ fn mptcp(dst: SocketAddr) -> String {
 }
 
 fn udplite(dst: SocketAddr) -> String {
+    match datagram(dst, libc::IPPROTO_UDPLITE, b"ping\n") {
+        Ok(_) => "sent".into(),
+        Err(o) => o,
+    }
+}
+
+fn ping(dst: SocketAddr) -> String {
+    // An echo request: type, code, checksum, id and sequence (the kernel
+    // fills in the checksum and id of a ping socket), then a payload.
+    let (proto, kind) = if dst.is_ipv4() {
+        (libc::IPPROTO_ICMP, 8)
+    } else {
+        (libc::IPPROTO_ICMPV6, 128)
+    };
+    let request = [kind, 0, 0, 0, 0, 0, 0, 1, b'p', b'i', b'n', b'g'];
+    let fd = match datagram(dst, proto, &request) {
+        Ok(fd) => fd,
+        Err(o) => return o,
+    };
+    // The peer's kernel answers an echo request by itself.
+    let s = UdpSocket::from(fd);
+    s.set_read_timeout(Some(TIMEOUT)).ok();
+    let mut buf = [0u8; 64];
+    match s.recv(&mut buf) {
+        Ok(_) => "echo".into(),
+        Err(e) => outcome(&e),
+    }
+}
+
+/// One datagram from a `SOCK_DGRAM` socket of `proto`; the socket, or the
+/// outcome of a failure.
+fn datagram(dst: SocketAddr, proto: libc::c_int, payload: &[u8]) -> Result<OwnedFd, String> {
     let family = if dst.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     };
     // SAFETY: plain syscall; the fd is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_UDPLITE,
-        )
-    };
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, proto) };
     if fd < 0 {
-        return format!("socket:{}", outcome(&io::Error::last_os_error()));
+        return Err(format!("socket:{}", outcome(&io::Error::last_os_error())));
     }
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let (storage, len) = envguard_tests::sockaddr::to_sockaddr(dst);
-    let line = b"ping\n";
     // SAFETY: our buffer and a valid address of `len` bytes.
     let sent = unsafe {
         libc::sendto(
             fd.as_raw_fd(),
-            line.as_ptr().cast(),
-            line.len(),
+            payload.as_ptr().cast(),
+            payload.len(),
             0,
             (&raw const storage).cast(),
             len,
         )
     };
     if sent < 0 {
-        return outcome(&io::Error::last_os_error());
+        return Err(outcome(&io::Error::last_os_error()));
     }
-    "sent".into()
+    Ok(fd)
 }
 
 fn tfo(dst: SocketAddr) -> String {
