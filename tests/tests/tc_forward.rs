@@ -296,6 +296,28 @@ fn check_flows(scene: &Scene, agent: &Agent, mode: Mode, vm: &Host, ifname: &str
     );
 }
 
+/// The VM's UDP/IPv6 datagram to prod is dropped at tc and reported by the
+/// restarted `agent`.
+fn assert_dropped_and_reported_after_restart(scene: &Scene, agent: &Agent) {
+    let r = scene.probe(&scene.vm, Proto::Udp, &scene.prod, Family::V6, PROD_PORT);
+    assert!(!r.ok, "still dropped after the restart: {}", r.raw);
+    let v = wait_violation(
+        agent,
+        &scene.vm,
+        &scene.prod,
+        Family::V6,
+        Proto::Udp,
+        PROD_PORT,
+    );
+    assert_tc_violation(
+        &v,
+        Mode::Enforce,
+        "tapdev0",
+        (&scene.vm, &scene.prod, Family::V6, Proto::Udp),
+        r.local.map(|a| a.port()),
+    );
+}
+
 fn tcx_pins(pin: &PinRoot) -> Vec<String> {
     let mut out: Vec<String> = pin
         .pins()
@@ -429,23 +451,7 @@ fn restart_adopts_tcx_links() {
         ids, after,
         "the restarted agent must adopt the same tcx links"
     );
-    let r = scene.probe(&scene.vm, Proto::Udp, &scene.prod, Family::V6, PROD_PORT);
-    assert!(!r.ok, "still dropped after the restart: {}", r.raw);
-    let v = wait_violation(
-        &agent,
-        &scene.vm,
-        &scene.prod,
-        Family::V6,
-        Proto::Udp,
-        PROD_PORT,
-    );
-    assert_tc_violation(
-        &v,
-        Mode::Enforce,
-        "tapdev0",
-        (&scene.vm, &scene.prod, Family::V6, Proto::Udp),
-        r.local.map(|a| a.port()),
-    );
+    assert_dropped_and_reported_after_restart(&scene, &agent);
     let r = scene.probe(
         &scene.vm,
         Proto::Tcp,
@@ -536,23 +542,7 @@ fn clsact_fallback_replaces_its_filters_and_detach_removes_them() {
         second.0 != first.0 && second.1 != first.1,
         "the restarted agent's own programs: {first:?} then {second:?}"
     );
-    let r = scene.probe(&scene.vm, Proto::Udp, &scene.prod, Family::V6, PROD_PORT);
-    assert!(!r.ok, "still dropped after the restart: {}", r.raw);
-    let v = wait_violation(
-        &agent,
-        &scene.vm,
-        &scene.prod,
-        Family::V6,
-        Proto::Udp,
-        PROD_PORT,
-    );
-    assert_tc_violation(
-        &v,
-        Mode::Enforce,
-        "tapdev0",
-        (&scene.vm, &scene.prod, Family::V6, Proto::Udp),
-        r.local.map(|a| a.port()),
-    );
+    assert_dropped_and_reported_after_restart(&scene, &agent);
     agent.stop();
     assert_eq!(
         scene.router.cls_bpf_filters("tapdev0"),

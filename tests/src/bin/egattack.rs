@@ -415,6 +415,42 @@ fn udp_from(src: SocketAddr, dst: SocketAddr) -> String {
     }
 }
 
+/// A socket of `ty` and `proto` for `dst`'s family.
+fn socket_for(dst: SocketAddr, ty: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
+    let family = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall; the fd is owned at once.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, proto) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `sendto(2)` of `buf` to `dst` with `flags`.
+fn send_to(fd: &OwnedFd, buf: &[u8], flags: libc::c_int, dst: SocketAddr) -> io::Result<()> {
+    let (storage, len) = envguard_tests::sockaddr::to_sockaddr(dst);
+    // SAFETY: our buffer and a valid address of `len` bytes.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            flags,
+            (&raw const storage).cast(),
+            len,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Bounds a blocking connect (and send) by SO_SNDTIMEO: a dropped SYN
 /// costs `TIMEOUT`, not the kernel's two minutes of retries.
 fn send_timeout(fd: &OwnedFd) {
@@ -494,23 +530,10 @@ fn tcp_from(src: SocketAddr, dst: SocketAddr) -> String {
 const IPPROTO_MPTCP: libc::c_int = 262;
 
 fn mptcp(dst: SocketAddr) -> String {
-    let family = if dst.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
+    let fd = match socket_for(dst, libc::SOCK_STREAM, IPPROTO_MPTCP) {
+        Ok(fd) => fd,
+        Err(e) => return format!("socket:{}", outcome(&e)),
     };
-    // SAFETY: plain syscall; the fd is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            IPPROTO_MPTCP,
-        )
-    };
-    if fd < 0 {
-        return format!("socket:{}", outcome(&io::Error::last_os_error()));
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     send_timeout(&fd);
     if let Err(e) = connect_fd(&fd, dst) {
         return outcome(&e);
@@ -551,63 +574,20 @@ fn ping(dst: SocketAddr) -> String {
 /// One datagram from a `SOCK_DGRAM` socket of `proto`; the socket, or the
 /// outcome of a failure.
 fn datagram(dst: SocketAddr, proto: libc::c_int, payload: &[u8]) -> Result<OwnedFd, String> {
-    let family = if dst.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain syscall; the fd is owned at once.
-    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, proto) };
-    if fd < 0 {
-        return Err(format!("socket:{}", outcome(&io::Error::last_os_error())));
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let (storage, len) = envguard_tests::sockaddr::to_sockaddr(dst);
-    // SAFETY: our buffer and a valid address of `len` bytes.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            payload.as_ptr().cast(),
-            payload.len(),
-            0,
-            (&raw const storage).cast(),
-            len,
-        )
-    };
-    if sent < 0 {
-        return Err(outcome(&io::Error::last_os_error()));
-    }
+    let fd =
+        socket_for(dst, libc::SOCK_DGRAM, proto).map_err(|e| format!("socket:{}", outcome(&e)))?;
+    send_to(&fd, payload, 0, dst).map_err(|e| outcome(&e))?;
     Ok(fd)
 }
 
 fn tfo(dst: SocketAddr) -> String {
-    let family = if dst.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
+    let fd = match socket_for(dst, libc::SOCK_STREAM, 0) {
+        Ok(fd) => fd,
+        Err(e) => return outcome(&e),
     };
-    // SAFETY: plain syscall; the fd is owned at once.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return outcome(&io::Error::last_os_error());
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     send_timeout(&fd);
-    let (storage, len) = envguard_tests::sockaddr::to_sockaddr(dst);
-    let line = b"ping\n";
-    // SAFETY: our buffer and a valid address of `len` bytes.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            line.as_ptr().cast(),
-            line.len(),
-            libc::MSG_FASTOPEN,
-            (&raw const storage).cast(),
-            len,
-        )
-    };
-    if sent < 0 {
-        return outcome(&io::Error::last_os_error());
+    if let Err(e) = send_to(&fd, b"ping\n", libc::MSG_FASTOPEN, dst) {
+        return outcome(&e);
     }
     let mut stream = TcpStream::from(fd);
     stream.set_read_timeout(Some(TIMEOUT)).ok();
@@ -829,22 +809,9 @@ fn raw_udp(dst: SocketAddr) -> String {
     dgram.extend(((8 + 5) as u16).to_be_bytes());
     dgram.extend([0, 0]);
     dgram.extend(b"ping\n");
-    let (storage, len) = envguard_tests::sockaddr::to_sockaddr(SocketAddr::new(dst.ip(), 0));
-    // SAFETY: valid fd, buffer and address.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            dgram.as_ptr().cast(),
-            dgram.len(),
-            0,
-            (&raw const storage).cast(),
-            len,
-        )
-    };
-    if n < 0 {
-        outcome(&io::Error::last_os_error())
-    } else {
-        "sent".into()
+    match send_to(&fd, &dgram, 0, SocketAddr::new(dst.ip(), 0)) {
+        Ok(()) => "sent".into(),
+        Err(e) => outcome(&e),
     }
 }
 
