@@ -322,10 +322,10 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
     }
     // The flow's own direction, not this packet's: a reply is judged, counted
     // and reported as the flow it answers (who opened it is the source), and
-    // handled in that pair's mode. Judged by the packet's direction instead,
-    // a reply re-judged after a policy change fell under the reverse pair's
-    // mode: an audited flow's answers were dropped where only `dev -> prod`
-    // was audited and `prod -> dev` enforced.
+    // handled in that pair's mode. By the packet's direction, an answer
+    // judged again after a policy change would fall under the reverse pair's
+    // mode, and an audited `dev -> prod` flow's answers would be dropped
+    // wherever `prod -> dev` is enforced.
     let (decision, flow_inbound) = match inbound {
         Some(true) => (
             decide(&p, remote.env, local.env, pkt.proto, local_port),
