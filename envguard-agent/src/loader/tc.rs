@@ -267,12 +267,14 @@ impl Kernel {
         };
         // The new hook is in: earlier agents' filters of this pin root go
         // (whatever their build, they would keep running before or after it).
-        let removed =
-            clsact::remove_own(ifindex, ingress, &self.own_maps, keep).map_err(io_err(format!(
-                "removing earlier envguard cls_bpf filters of {ifname}"
-            )))?;
-        if removed > 0 {
-            log::info!("{ifname}: removed {removed} cls_bpf filter(s) of an earlier agent");
+        // Failing that leaves an extra filter, which is said, not a device
+        // without its hook: the attach stands.
+        match clsact::remove_own(ifindex, ingress, &self.own_maps, keep) {
+            Ok(0) => {}
+            Ok(n) => log::info!("{ifname}: removed {n} cls_bpf filter(s) of an earlier agent"),
+            Err(e) => log::warn!(
+                "{ifname}: cannot remove earlier envguard cls_bpf filters ({e}); `tc filter show dev {ifname}` lists them"
+            ),
         }
         self.tc_attached.insert((ifindex, ingress), mode);
         Ok(mode)
