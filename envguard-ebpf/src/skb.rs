@@ -37,6 +37,8 @@ const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 /// Not a `FlowVerdict::inbound` value (0 or 1).
 const NO_DECISION: u8 = 2;
+/// `SOCK_RAW`.
+const SOCK_RAW: u32 = 3;
 
 // On an unreadable header: drop in enforce mode, pass in audit mode. Enforce
 // promises that nothing unjudged crosses envs; audit promises never to break
@@ -225,6 +227,11 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
                     quiet = true;
                     true
                 }
+                // A raw socket's packet: no socket hook saw it (they judge
+                // TCP and UDP sockets), and its receiver cannot tell it from
+                // a datagram of whatever socket its source names. Judged
+                // here, by the sender's own env, and reported.
+                None if !ingress && raw_socket(sk) => false,
                 None => return Ok(PASS),
             }
         };
@@ -427,6 +434,16 @@ fn try_skb(ctx: &SkBuffContext, direction: u8) -> Result<i32, ()> {
         });
     }
     Ok(verdict(&cfg, &v))
+}
+
+/// Whether the packet's socket is a raw one (`SOCK_RAW`).
+#[inline(always)]
+fn raw_socket(sk: *mut bpf_sock) -> bool {
+    if sk.is_null() {
+        return false;
+    }
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    !full.is_null() && unsafe { (*full).type_ } == SOCK_RAW
 }
 
 /// Keeps a TCP socket's decision on the socket, where its next packets find

@@ -120,6 +120,18 @@ impl Interactive {
         })
     }
 
+    /// The next JSON line it prints within `wait`, if any: for a test that
+    /// must see that nothing came.
+    pub fn next_within(&self, wait: Duration) -> Option<Value> {
+        let line = self.rx.recv_timeout(wait).ok()?;
+        Some(serde_json::from_str(&line).unwrap_or_else(|e| {
+            panic!(
+                "{} printed a line that is not JSON ({e}): {line}",
+                self.desc
+            )
+        }))
+    }
+
     /// Sends one line to its stdin.
     pub fn send(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");

@@ -934,3 +934,78 @@ fn udplite_and_ping_sockets_are_judged_at_the_packet_hook_enforce() {
 fn udplite_and_ping_sockets_are_judged_at_the_packet_hook_audit() {
     packet_hook_protocols(Mode::Audit);
 }
+
+// A raw socket (CAP_NET_RAW) sends a hand-made UDP datagram over loopback to
+// a prod UDP server: no socket hook sees it, and its source port (40000)
+// names another prod socket, so the receiving side would take it for that
+// socket's datagram. It is judged at the sender's packet hook by the
+// sender's env: refused (never delivered) in enforce mode, delivered in
+// audit mode, reported once either way.
+fn raw_loopback(mode: Mode) {
+    let mut lab = lab(mode);
+    let attacker = Attacker::new(EGATTACK);
+    lab.start_agent();
+    let prod = lab.client_place(Client::Prod);
+    let server = attacker.interactive(&prod, None, &["push-serve", "udp", "127.0.0.1", "7420"]);
+    assert_eq!(server.next()["ready"], json!(true), "prod server ready");
+    let decoy = attacker.interactive(&prod, None, &["push-serve", "udp", "127.0.0.1", "40000"]);
+    assert_eq!(
+        decoy.next()["ready"],
+        json!(true),
+        "prod socket at the source ready"
+    );
+    let mark = lab.agent().len();
+    let r = attacker.run(
+        &lab.client_place(Client::Dev),
+        None,
+        &["raw-udp", "127.0.0.1", "7420"],
+    );
+    let (outcome, delivered) = match mode {
+        Mode::Enforce => ("refused", None),
+        Mode::Audit => ("sent", Some(json!({"accepted": "127.0.0.1:40000"}))),
+    };
+    assert_eq!(
+        r,
+        json!({"outcome": outcome}),
+        "raw dev -> prod over loopback"
+    );
+    assert_eq!(
+        server.next_within(Duration::from_secs(1)),
+        delivered,
+        "what the prod server received"
+    );
+    let what = "raw dev -> prod over loopback";
+    let (_, v) = violation_after(&lab, mark, what, |v| v["destination"]["port"] == 7420);
+    assert_fields(
+        &v,
+        what,
+        &[
+            ("hook", json!("skb_egress")),
+            ("proto", json!("udp")),
+            ("verdict", json!(mode.verdict())),
+            ("direction", json!("egress")),
+            ("source.env", json!("dev")),
+            ("source.env_from", json!("cgroup")),
+            ("source.port", json!(40000)),
+            ("destination.env", json!("prod")),
+            ("destination.env_from", json!("socket")),
+            ("destination.ip", json!("127.0.0.1")),
+        ],
+    );
+    assert_eq!(
+        count_violations(&lab, mark, |v| v["destination"]["port"] == 7420),
+        1,
+        "one datagram, one record"
+    );
+    lab.stop_agent();
+}
+
+#[test]
+fn raw_socket_datagram_over_loopback_enforce() {
+    raw_loopback(Mode::Enforce);
+}
+
+#[test]
+fn raw_socket_datagram_over_loopback_audit() {
+    raw_loopback(Mode::Audit);
+}
