@@ -15,7 +15,7 @@ use envguard_common::{
 
 use crate::{
     classify::{config, count, local_env, policy},
-    net::{IPPROTO_TCP, IPPROTO_UDP},
+    net::sock_proto,
     sockenv,
 };
 
@@ -38,8 +38,7 @@ pub fn post_bind6(ctx: SockContext) -> i32 {
 #[inline(always)]
 fn record(ctx: &SockContext) {
     let sk = ctx.sock;
-    let proto = unsafe { (*sk).protocol } as u8;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if sock_proto(unsafe { (*sk).protocol }).is_none() {
         return;
     }
     let p = policy(config());

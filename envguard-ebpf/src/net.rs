@@ -3,6 +3,20 @@
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// Multipath TCP: its socket's protocol; what it carries is TCP.
+const IPPROTO_MPTCP: u32 = 262;
+
+/// The protocol a socket's flows are judged as, from its `protocol`: TCP
+/// (also for a Multipath TCP socket, whose number does not fit a byte) or
+/// UDP; `None` for what the socket hooks leave to the packet hooks.
+#[inline(always)]
+pub fn sock_proto(protocol: u32) -> Option<u8> {
+    match protocol {
+        6 | IPPROTO_MPTCP => Some(IPPROTO_TCP),
+        17 => Some(IPPROTO_UDP),
+        _ => None,
+    }
+}
 
 pub use envguard_common::flow::mapped_v4;
 

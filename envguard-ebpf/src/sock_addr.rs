@@ -21,7 +21,7 @@ use crate::{
     },
     event::{emit, set_sides},
     maps::FLOW_VERDICTS,
-    net::{IPPROTO_TCP, IPPROTO_UDP, mapped_v4, read_v6_words, unmapped_v4},
+    net::{IPPROTO_TCP, mapped_v4, read_v6_words, sock_proto, unmapped_v4},
     sockenv,
 };
 
@@ -40,10 +40,9 @@ pub const REFUSE: i32 = 0;
 #[inline(always)]
 pub fn judge(ctx: &SockAddrContext, hook: u8, family: u8) -> i32 {
     let sa = ctx.sock_addr;
-    let proto = unsafe { (*sa).protocol } as u8;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    let Some(proto) = sock_proto(unsafe { (*sa).protocol }) else {
         return ALLOW;
-    }
+    };
     let remote_addr = if family == AF_INET {
         mapped_v4(unsafe { core::ptr::read_volatile(&(*sa).user_ip4) }.to_ne_bytes())
     } else {
