@@ -1009,3 +1009,84 @@ fn raw_socket_datagram_over_loopback_enforce() {
 fn raw_socket_datagram_over_loopback_audit() {
     raw_loopback(Mode::Audit);
 }
+
+// A prod UDP socket may answer a peer the packet hooks let in, never one
+// they refused: a dev site's datagram to a local prod server is dropped in
+// enforce mode (its refusal recorded against the server's socket, fresh),
+// and the server's own datagram to that dev peer is then judged as
+// prod -> dev: refused and reported, under that policy and, with the
+// refusal stale, after a reload.
+#[test]
+fn a_refused_peer_is_not_answered() {
+    let mut lab = lab(Mode::Enforce);
+    let attacker = Attacker::new(EGATTACK);
+    lab.start_agent();
+    let server_at = envguard_tests::client_addr(Family::V4).to_string();
+    let peer_at = Site::Dev.addr(Family::V4).to_string();
+    let mut server = attacker.interactive(
+        &lab.client_place(Client::Prod),
+        None,
+        &["push-serve", "udp", &server_at, "7431", &peer_at, "7432"],
+    );
+    assert_eq!(server.next()["ready"], json!(true), "prod server ready");
+    // With only prod processes in it, the client namespace's addresses become
+    // prod endpoints at the agent's next pass, which makes every cached
+    // decision stale. Once that has happened, nothing else changes the
+    // policy generation until the reload below, so the first answer meets
+    // the refusal still fresh.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = lab.status();
+        let learnt = st["endpoints"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|e| e["address"] == server_at.as_str() && e["env"] == "prod")
+        });
+        if learnt {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{server_at} never became a prod endpoint: {}",
+            st["endpoints"]
+        );
+    }
+    let mark = lab.agent().len();
+    let r = attacker.run(
+        &lab.remote_place(),
+        None,
+        &["udp-from", &peer_at, "7432", &server_at, "7431"],
+    );
+    assert_eq!(r, json!({"outcome": "timeout"}), "dev site -> prod server");
+    let (_, v) = violation_after(&lab, mark, "the dev datagram", |v| {
+        v["hook"] == "skb_ingress" && v["destination"]["port"] == 7431
+    });
+    assert_fields(&v, "the dev datagram", &[("verdict", json!("denied"))]);
+    for when in ["under the policy that refused it", "after a reload"] {
+        if when == "after a reload" {
+            lab.cli(&["reload"]).assert_ok("reload");
+        }
+        let mark = lab.agent().len();
+        server.send("push");
+        assert_eq!(
+            server.next(),
+            json!({"pushed": "refused"}),
+            "prod -> the refused dev peer ({when})"
+        );
+        let what = format!("the prod server's datagram to dev ({when})");
+        let (_, v) = violation_after(&lab, mark, &what, |v| {
+            v["hook"] == "sendmsg4" && v["destination"]["port"] == 7432
+        });
+        assert_fields(
+            &v,
+            &what,
+            &[
+                ("verdict", json!("denied")),
+                ("direction", json!("egress")),
+                ("source.env", json!("prod")),
+                ("destination.env", json!("dev")),
+                ("destination.ip", json!(peer_at)),
+            ],
+        );
+    }
+    lab.stop_agent();
+}

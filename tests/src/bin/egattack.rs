@@ -27,7 +27,8 @@
 //!   receives a datagram, which it does not answer) and prints
 //!   `{"accepted":PEER}`, then for every line on stdin sends that peer a
 //!   line unasked (UDP: `sendto` on the unconnected socket) and prints
-//!   `{"pushed":O}` (`"sent"`): the server speaks first.
+//!   `{"pushed":O}` (`"sent"`): the server speaks first. `push-serve udp
+//!   ADDR PORT PEER_ADDR PEER_PORT` takes that peer without waiting for it.
 //! - `await tcp|udp DST_ADDR DST_PORT [SRC_ADDR]`: connects (UDP: sends one
 //!   datagram) from SRC_ADDR if given, prints `{"connected":O,"local":ADDR}`
 //!   (`"ok"`), then for every line on stdin waits for one line from the
@@ -145,7 +146,10 @@ fn main() {
         ["mptcp", addr, port] => print(json!({"outcome": mptcp(sa(addr, port))})),
         ["udplite", addr, port] => print(json!({"outcome": udplite(sa(addr, port))})),
         ["ping", addr] => print(json!({"outcome": ping(sa(addr, "0"))})),
-        ["push-serve", proto, addr, port] => push_serve(tcp(proto), sa(addr, port)),
+        ["push-serve", proto, addr, port] => push_serve(tcp(proto), sa(addr, port), None),
+        ["push-serve", "udp", addr, port, peer, peer_port] => {
+            push_serve(false, sa(addr, port), Some(sa(peer, peer_port)));
+        }
         ["await", proto, addr, port] => await_push(tcp(proto), sa(addr, port), None),
         ["await", proto, addr, port, src] => {
             await_push(tcp(proto), sa(addr, port), Some(sa(src, "0")));
@@ -655,7 +659,7 @@ fn push_on_demand(mut push: impl FnMut() -> io::Result<()>) {
     }
 }
 
-fn push_serve(tcp: bool, addr: SocketAddr) {
+fn push_serve(tcp: bool, addr: SocketAddr, peer: Option<SocketAddr>) {
     if tcp {
         let l = TcpListener::bind(addr).unwrap_or_else(|e| die(format!("listen {addr}: {e}")));
         print(json!({"ready": true, "pid": std::process::id()}));
@@ -665,11 +669,14 @@ fn push_serve(tcp: bool, addr: SocketAddr) {
     } else {
         let s = UdpSocket::bind(addr).unwrap_or_else(|e| die(format!("bind {addr}: {e}")));
         print(json!({"ready": true, "pid": std::process::id()}));
-        let mut buf = [0u8; 64];
-        let (_, peer) = s
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| die(format!("recv: {e}")));
-        print(json!({"accepted": peer.to_string()}));
+        let peer = peer.unwrap_or_else(|| {
+            let mut buf = [0u8; 64];
+            let (_, peer) = s
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| die(format!("recv: {e}")));
+            print(json!({"accepted": peer.to_string()}));
+            peer
+        });
         push_on_demand(|| s.send_to(b"push\n", peer).map(drop));
     }
 }
