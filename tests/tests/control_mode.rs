@@ -526,6 +526,19 @@ impl PushedFlow {
         (server, client, source)
     }
 
+    /// The first violation record at or after line `mark` from this flow's
+    /// hook to `port`.
+    fn record(&self, lab: &Lab, mark: usize, port: u16) -> Value {
+        lab.agent()
+            .wait_for(&self.what, WAIT, |e| {
+                e["kind"] == "violation"
+                    && e["seq"].as_u64().is_some_and(|s| s as usize >= mark)
+                    && e["hook"] == self.hook
+                    && e["destination"]["port"] == port
+            })
+            .1
+    }
+
     /// The server speaks; the client must hear it.
     fn push(&mut self, when: &str) {
         self.client.send("wait");
@@ -623,12 +636,7 @@ fn a_flows_answers_keep_its_pair_mode_after_a_reload() {
         f.push("first after a reload");
     }
     for f in &flows {
-        let (_, ev) = lab.agent().wait_for(&f.what, WAIT, |e| {
-            e["kind"] == "violation"
-                && e["seq"].as_u64().is_some_and(|s| s as usize >= mark)
-                && e["hook"] == f.hook
-                && e["destination"]["port"] == f.destination.port()
-        });
+        let ev = f.record(&lab, mark, f.destination.port());
         assert_fields(
             &ev,
             &format!("{}: the answer's record after the reload", f.what),
@@ -663,12 +671,7 @@ fn a_flows_answers_keep_its_pair_mode_after_a_reload() {
             "{}: once dev -> prod is enforced, prod may not send to dev",
             f.what
         );
-        let (_, ev) = lab.agent().wait_for(&f.what, WAIT, |e| {
-            e["kind"] == "violation"
-                && e["seq"].as_u64().is_some_and(|s| s as usize >= mark)
-                && e["hook"] == f.hook
-                && e["destination"]["port"] == f.source.port()
-        });
+        let ev = f.record(&lab, mark, f.source.port());
         assert_fields(
             &ev,
             &format!("{}: the refused answer's record", f.what),
